@@ -1,0 +1,3 @@
+from alexnet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""`alexnet bench`: training images/s of three ways to feed the same model, measured in one
+process and interleaved (A B C A B C ...) so that drift of a shared machine cancels.
+
+  (1) model   : the training step alone on one synthetic batch already in memory;
+  (2) project : the project's full training path: index gather from the in-memory uint8
+                cache, batched augmentation with the variant's recipe, the same train_step;
+  (3) typical : a per-image pipeline of the kind typical code uses: torchvision ImageFolder
+                over JPEG files, PIL transforms, DataLoader with 2 workers, at the published
+                defaults (batch 64, fp32) unless told otherwise.
+
+Each figure is the median over rounds of images / wall seconds for `--steps` steps after
+warm-up. Ratios (2)/(1) and (2)/(3) are printed per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alexnet.augment import RECIPES, BatchAugment, Recipe
+from alexnet.config import TrainConfig
+from alexnet.errors import UserError
+from alexnet.loader import to_memory, FastBatches, epoch_order, seed_step
+from alexnet.distributed import Dist
+from alexnet.models import VARIANTS, create_model
+from alexnet.train import build_optimizer, pick_device, train_step
+
+PUBLISHED = dict(bs=64, amp=False, channels_last=False)
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", nargs="+", default=["baseline"], help=f"variants, or 'all' ({', '.join(VARIANTS)})")
+    p.add_argument("--bs", type=int, default=256, help="batch size of the project's path (1) and (2)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for (1) and (2)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--data", help="a prepared cache for (2) (default: a synthetic in-memory cache)")
+    p.add_argument("--jpeg-zip", help="TinyImageNet zip whose train JPEGs feed (3) (default: synthetic JPEGs)")
+    p.add_argument("--reference-bs", type=int, default=PUBLISHED["bs"], help="batch size of (3)")
+    p.add_argument("--no-reference", action="store_true", help="skip (3) (e.g. on a GPU machine)")
+    p.add_argument("--recipe", help="augmentation recipe for (2) (default: each variant's own)")
+
+
+def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train x NHWC uint8, labels, stats) from a cache, or a random stand-in of the same shape."""
+    if data:
+        from alexnet.data import open_cache
+
+        c = open_cache(Path(data))
+        return to_memory(c.train.x, torch.device("cpu")), torch.from_numpy(np.array(c.train.y)), c.stats
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 200, (n,), generator=g)
+    eig = {"eigval": [0.2, 0.02, 0.005], "eigvec": torch.linalg.qr(torch.randn(3, 3, generator=g))[0].tolist()}
+    return x, y, {"mean": [0.48, 0.45, 0.40], "std": [0.27, 0.26, 0.27], **eig}
+
+
+def _jpeg_folder(zip_path: str | None, root: Path, per_class: int = 20, classes: int = 200) -> Path:
+    """An ImageFolder tree of JPEGs: the real train JPEGs (a per-class subset) extracted from the
+    zip, or synthetic 64x64 JPEGs of the same size."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    if zip_path:
+        with zipfile.ZipFile(zip_path) as z:
+            names = sorted(n for n in z.namelist() if "/train/" in n and n.endswith(".JPEG"))
+            by_class: dict[str, list[str]] = {}
+            for n in names:
+                by_class.setdefault(n.split("/train/")[1].split("/")[0], []).append(n)
+            for wnid, files in list(by_class.items())[:classes]:
+                (root / wnid).mkdir(exist_ok=True)
+                for n in files[:per_class]:
+                    (root / wnid / Path(n).name).write_bytes(z.read(n))
+        return root
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"c{c:03d}"
+        d.mkdir(exist_ok=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{k}.JPEG", quality=90)
+    return root
+
+
+def _reference_loader(folder: Path, recipe: Recipe, bs: int, stats: dict):
+    """torchvision's classic pipeline with the recipe's augmentations as PIL transforms."""
+    from torchvision import datasets, transforms as T
+
+    tf = []
+    if recipe.crop_pad:
+        tf.append(T.RandomCrop(64, padding=recipe.crop_pad, padding_mode="reflect"))
+    if recipe.flip:
+        tf.append(T.RandomHorizontalFlip())
+    if recipe.brightness or recipe.contrast or recipe.saturation:
+        tf.append(T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation))
+    tf += [T.ToTensor(), T.Normalize(stats["mean"], stats["std"])]
+    ds = datasets.ImageFolder(str(folder), transform=T.Compose(tf))
+    dl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=2, drop_last=True,
+                                     persistent_workers=True)
+
+    def forever():
+        while True:
+            yield from dl
+
+    return forever()
+
+
+def _timed(step, steps: int, bs: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * bs / (time.perf_counter() - t)
+
+
+def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print) -> dict:
+    dev = pick_device(a.device)
+    torch.manual_seed(0)
+    recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
+    cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last)
+    ref_cfg = replace(cfg, **{**PUBLISHED, "bs": a.reference_bs})
+    model = create_model(name, 200).to(dev)
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg, model, fused=True)
+    gen = torch.Generator(device=dev)
+    aug = BatchAugment(recipe, 64, stats["mean"], stats["std"], stats.get("eigval"), stats.get("eigvec"), device=dev, generator=gen)
+    xs = aug(x[:a.bs], train=True)
+    ys = y[:a.bs].to(dev)
+    batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs)
+    state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def model_only():
+        train_step(model, opt, xs, ys, cfg, dev)
+
+    def project():
+        seed_step(0, 0, state["step"], gen)
+        state["step"] += 1
+        try:
+            xb, yb = next(state["it"])
+        except StopIteration:
+            state["epoch"] += 1
+            state["it"] = batches(epoch_order(len(x), 0, state["epoch"], Dist(), a.bs), 0)
+            xb, yb = next(state["it"])
+        train_step(model, opt, xb, yb, cfg, dev)
+
+    modes = {"model": (model_only, a.bs), "project": (project, a.bs)}
+    if folder is not None:
+        ref_model = create_model(name, 200).to(dev)
+        # Typical code: the default (foreach) SGD, no channels_last, no autocast.
+        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        it = _reference_loader(folder, recipe, a.reference_bs, stats)
+
+        def reference():
+            xb, yb = next(it)
+            train_step(ref_model, ref_opt, xb.to(dev), yb.to(dev), ref_cfg, dev)
+
+        modes["typical"] = (reference, a.reference_bs)
+    figures: dict[str, list[float]] = {k: [] for k in modes}
+    for fn, _ in modes.values():  # warm-up: allocator, kernels, DataLoader workers
+        fn(), fn()
+    sync()
+    for _ in range(a.rounds):
+        for k, (fn, bs) in modes.items():
+            sync()
+            figures[k].append(_timed(lambda: (fn(), sync()), a.steps, bs))
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    row = {"variant": name, **{k: round(v, 1) for k, v in med.items()},
+           "project/model": med["project"] / med["model"]}
+    if "typical" in med:
+        row["project/typical"] = med["project"] / med["typical"]
+    log(f"{name:<15} " + "  ".join(f"({i}) {k} {med[k]:8.1f}" for i, k in enumerate(modes, 1) if k in med)
+        + f"  | (2)/(1) {row['project/model']:.3f}" + (f"  (2)/(3) {row['project/typical']:.2f}" if "typical" in row else ""))
+    return row
+
+
+def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
+    names = list(VARIANTS) if a.variants == ["all"] else a.variants
+    for n in names:
+        if n not in VARIANTS:
+            raise UserError(f"unknown variant {n!r}; known variants: {', '.join(VARIANTS)}")
+    if a.bs < 1 or a.steps < 1 or a.rounds < 1:
+        raise UserError("--bs, --steps and --rounds must be at least 1")
+    x, y, stats = _source(a.data)
+    dev = pick_device(a.device)
+    log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
+        f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}; "
+        f"(3): batch {a.reference_bs}, fp32, ImageFolder+PIL+DataLoader(2 workers); "
+        f"data: {a.data or 'synthetic'}; median of {a.rounds} interleaved rounds of {a.steps} steps")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
+        for n in names:
+            rows.append(bench_variant(n, a, x, y, stats, folder, log))
+    return rows

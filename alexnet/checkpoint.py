@@ -1,0 +1,92 @@
+"""Checkpoints: atomic writes, validated reads, and the RNG state needed for exact resume.
+
+A checkpoint is one dict holding everything a run needs to continue or to be evaluated on
+its own: model, optimizer and scheduler state, position (epoch, step, batch within the
+epoch), best metric, metric history, every RNG state, the resolved config, the model's
+variant and settings, the augmentation recipe, normalisation statistics and class ids.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alexnet.errors import CheckpointError
+
+FORMAT = 1
+
+
+def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename into place: a
+    crash at any moment leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU; unreadable or foreign files raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, wrong file type
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], path: str | Path, variant: str | None, num_classes: int) -> None:
+    """A checkpoint from another variant or class count is refused with both names."""
+    if ckpt["num_classes"] != num_classes:
+        raise CheckpointError(f"{path}: trained for {ckpt['num_classes']} classes, "
+                              f"but the model here has {num_classes}")
+    if variant is not None and ckpt.get("variant") not in (None, variant):
+        raise CheckpointError(f"{path}: trained as variant {ckpt['variant']!r}, "
+                              f"but the model here is {variant!r}")
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """load_state_dict with a one-line error instead of PyTorch's page of key lists."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)[:200]]
+        raise CheckpointError(f"{path}: weights do not fit this model ({first[0].strip()})") from None
+
+
+def rng_state(aug_generator: torch.Generator | None) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "aug": aug_generator.get_state() if aug_generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], aug_generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if aug_generator is not None and state.get("aug") is not None:
+        aug_generator.set_state(state["aug"])

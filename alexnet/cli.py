@@ -1,0 +1,156 @@
+"""`alexnet` subcommands. Parsing only; each command calls into its module.
+
+Every `UserError` (bad file, option, data or checkpoint) ends as one line on stderr and exit
+status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _prepare(a: argparse.Namespace) -> int:
+    from alexnet.data import default_data_dir, prepare
+
+    counts = None if a.counts == "any" else tuple(int(c) for c in a.counts.split(","))
+    prepare(a.source, Path(a.data) if a.data else default_data_dir(), counts=counts, img_size=a.img_size,
+            md5=a.md5, workers=a.workers, force=a.force)
+    return 0
+
+
+def _train(a: argparse.Namespace) -> int:
+    from alexnet.config import resolve
+    from alexnet.train import fit
+
+    fit(resolve(a))
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from alexnet.inference import run_evaluate
+
+    model, ckpt = (a.paths[0], a.paths[1]) if len(a.paths) == 2 else (None, a.paths[0])
+    run_evaluate(model, ckpt, data=a.data, device=a.device, bs=a.bs, tta=a.tta, per_class=a.per_class, amp=a.amp)
+    return 0
+
+
+def _predict(a: argparse.Namespace) -> int:
+    from alexnet.inference import run_predict
+
+    run_predict(a.checkpoint, a.images, model_file=a.model, device=a.device, topk=a.topk)
+    return 0
+
+
+def _summary(a: argparse.Namespace) -> int:
+    from alexnet.summary import print_summary
+
+    print_summary(a.target, img_size=a.img_size, num_classes=a.num_classes)
+    return 0
+
+
+def _ablate(a: argparse.Namespace) -> int:
+    from alexnet.ablate import run_ablation
+
+    run_ablation(a)
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from alexnet.report import build_report
+
+    build_report(Path(a.runs))
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from alexnet.bench import run_bench
+
+    run_bench(a)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from alexnet.config import add_train_args
+
+    p = argparse.ArgumentParser(prog="alexnet", description="AlexNet and its variants on TinyImageNet-200")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="download/validate TinyImageNet-200 (or an image folder) into a uint8 cache")
+    s.add_argument("--source", help="official URL (default), a local .zip, an extracted tiny-imagenet-200/ "
+                                    "folder, or an image-folder root (root/train/<class>/*, root/val/<class>/*)")
+    s.add_argument("--data", help="cache directory (default ./data or $ALEXNET_DATA)")
+    s.add_argument("--md5", help="expected MD5 of a downloaded archive (known for the official URL)")
+    s.add_argument("--counts", default="200,500,50",
+                   help="expected CLASSES,TRAIN_PER_CLASS,VAL_PER_CLASS for the TinyImageNet layout, or 'any' "
+                        "(default 200,500,50: the official data set)")
+    s.add_argument("--img-size", type=int, default=64, help="image size of the cache (image folders are resized)")
+    s.add_argument("--workers", type=int, default=2, help="decoding processes")
+    s.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    s.set_defaults(func=_prepare)
+
+    s = sub.add_parser("train", help="train a model file or a registered variant")
+    add_train_args(s)
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("evaluate", help="top-1/top-5/loss of a checkpoint on the val split")
+    s.add_argument("paths", nargs="+", metavar="[MODEL_FILE] CHECKPOINT")
+    s.add_argument("--data", help="cache directory (default ./data or $ALEXNET_DATA)")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--bs", type=int, default=500)
+    s.add_argument("--tta", default="none", choices=("none", "flip", "10crop"),
+                   help="test-time augmentation: mirror images, or the paper's ten crops")
+    s.add_argument("--per-class", metavar="FILE", help="write per-class accuracy and most-confused pairs (CSV)")
+    s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: as the checkpoint was trained)")
+    s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("predict", help="top-5 classes of image files")
+    s.add_argument("checkpoint")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--model", help="model file, for checkpoints of custom (non-registry) models")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--topk", type=int, default=5)
+    s.set_defaults(func=_predict)
+
+    s = sub.add_parser("summary", help="layer shapes, parameters and MFLOPs of a variant (or all)")
+    s.add_argument("target", nargs="?", help="a variant name or a model file (default: table of all variants)")
+    s.add_argument("--img-size", type=int, default=64)
+    s.add_argument("--num-classes", type=int, default=200)
+    s.set_defaults(func=_summary)
+
+    s = sub.add_parser("ablate", help="train every variant under one budget and write the results table")
+    from alexnet.ablate import add_ablate_args
+
+    add_ablate_args(s)
+    s.set_defaults(func=_ablate)
+
+    s = sub.add_parser("report", help="rebuild the results table and plots from finished runs")
+    s.add_argument("runs", nargs="?", default="runs")
+    s.set_defaults(func=_report)
+
+    s = sub.add_parser("bench", help="training throughput: model alone, full path, per-image reference")
+    from alexnet.bench import add_bench_args
+
+    add_bench_args(s)
+    s.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from alexnet.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

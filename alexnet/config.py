@@ -1,0 +1,151 @@
+"""The typed training configuration: defaults in code, a JSON file may override them, the
+command line overrides the file. Unknown keys and out-of-range values raise `ConfigError`
+naming the option. The resolved config is saved beside the outputs and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from alexnet.errors import ConfigError
+
+SCHEDULES = ("plateau", "cosine", "onecycle", "step", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
+    """A config field that also describes its command-line option."""
+    meta = {"help": help, "flag": flag, **kw}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = opt(None, "model file defining build_model(num_classes) (positional in train.py)", positional=True)
+    variant: str | None = opt(None, "a registered variant name instead of a model file")
+    transforms: str | None = opt(None, "transforms file (default: the variant's recipe, utils/transforms_baseline.py for the seed variants)")
+    recipe: str | None = opt(None, "a built-in augmentation recipe by name (baseline, randomcrop, pixel, combined, paper) instead of a transforms file")
+    data: str | None = opt(None, "cache directory (default ./data or $ALEXNET_DATA; prepared on first use)")
+    out: str = opt("results", "output directory for checkpoints, metrics and plots")
+    epochs: int = opt(30, "number of epochs")
+    bs: int = opt(64, "batch size per process")
+    lr: float = opt(0.01, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    wd: float = opt(0.0005, "weight decay")
+    nesterov: bool = opt(False, "Nesterov momentum")
+    num_classes: int = opt(200, "number of classes (must match the data)")
+    workers: int = opt(2, "DataLoader workers, used only by per-image (torchvision) transforms files")
+    device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
+    seed: int = opt(0, "random seed (data order, augmentation, initialisation)")
+    deterministic: bool = opt(False, "deterministic algorithms: identical metrics for identical runs")
+    schedule: str = opt("plateau", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (cosine, step, constant)")
+    label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy loss")
+    amp: bool = opt(False, "bf16 autocast on CPU and CUDA")
+    channels_last: bool = opt(True, "channels_last memory format (faster on CPU and CUDA, same maths)")
+    compile: bool = opt(False, "torch.compile the model")
+    img_size: int = opt(64, "training resolution; 224 or 227 upsample on the device (paper geometry)")
+    resume: str | None = opt(None, "checkpoint to resume from; 'auto' takes OUT/last.pth", nargs="?", const="auto")
+    save_every: int = opt(0, "also save last.pth every N steps inside an epoch (0: only at epoch ends)")
+    sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes (torchrun)")
+    max_steps: int = opt(0, "stop each epoch after N steps (0: full epochs); for smoke tests")
+    progress: bool = opt(True, "progress bar when the output is a terminal")
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        need(self.bs >= 1, f"--bs must be at least 1, got {self.bs}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.wd >= 0, f"--wd must be >= 0, got {self.wd}")
+        need(self.num_classes >= 2, f"--num_classes must be at least 2, got {self.num_classes}")
+        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.img_size >= 63, f"--img-size must be at least 63 (AlexNet's pooling needs it), got {self.img_size}")
+        need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.save_every >= 0 and self.max_steps >= 0, "--save-every and --max-steps must be >= 0")
+        from alexnet.augment import RECIPES
+
+        need(self.recipe is None or self.recipe in RECIPES,
+             f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        need(self.recipe is None or self.transforms is None, "give --recipe or --transforms, not both")
+        need((self.model is None) != (self.variant is None),
+             "give exactly one of a model file (positional) or --variant NAME")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Options generated from `TrainConfig`, so the CLI and the config cannot drift apart.
+
+    The seed's spellings (--bs, --wd, --num_classes) are kept; underscores and dashes are both
+    accepted for multi-word options.
+    """
+    p.add_argument("--config", help="JSON file of config keys; command-line options override it")
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        kw: dict[str, Any] = {"help": meta["help"], "default": argparse.SUPPRESS}
+        if meta.get("positional"):
+            p.add_argument(f.name, nargs="?", metavar="MODEL_FILE", **kw)
+            continue
+        names = [_flag(f)]
+        if "_" in f.name:
+            names.append("--" + f.name)
+        ftype = str(f.type)  # a string under `from __future__ import annotations`
+        if ftype == "bool":
+            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        conv = {"int": int, "float": float}.get(ftype, str)
+        for k in ("choices", "nargs", "const"):
+            if k in meta:
+                kw[k] = meta[k]
+        p.add_argument(*names, dest=f.name, type=conv, **kw)
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- --config file <- command line, then validate."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            values.update(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        TrainConfig.from_dict(values, source=str(path))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and k in _names()})
+    return TrainConfig.from_dict(values).validate()
+
+
+def _names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def defaults() -> dict[str, Any]:
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(TrainConfig)}

@@ -1,0 +1,666 @@
+"""TinyImageNet-200 (or any image folder) -> a validated uint8 cache that is memory-mapped.
+
+`prepare` reads a source once (a URL, the official zip, an extracted folder or an image
+folder), checks it against the expected layout and counts, decodes every image in worker
+processes straight into .npy memmaps, and records checksums and colour statistics in
+`manifest.json`. `open_cache` maps the arrays without copying and checks they are the files
+the manifest describes. Every problem is a one-line `DataError` naming the file.
+
+Cache files in data_dir: train_x.npy (N, H, W, 3) uint8 RGB, train_y.npy (N,) int64,
+val_x.npy, val_y.npy, classes.json and manifest.json. Everything is written under a
+temporary name and moved into place; the manifest comes last, so a directory without one
+holds no cache, and a failed rebuild leaves the previous cache as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import time
+import zipfile
+import zlib
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from numpy.lib.format import open_memmap
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5
+from alexnet.errors import DataError
+
+FORMAT_VERSION = 1
+DEFAULT_DATA_DIR = "data"
+DEFAULT_COUNTS = (200, 500, 50)
+ARRAYS = ("train_x.npy", "train_y.npy", "val_x.npy", "val_y.npy")
+FILES = ARRAYS + ("classes.json",)
+# sha256 with SHA-NI hashes ~1.7 GB/s here (sha1 1.9, blake2b 0.9, md5 0.7 GB/s): as fast
+# as sha1 and stronger, so the 1.35 GB cache costs under a second to verify.
+HASH = "sha256"
+TASK_IMAGES = 1000  # images per worker task: small enough to balance two workers
+STATS_IMAGES = 10_000  # the colour statistics use a fixed strided subset of this size
+
+Log = Callable[[str], object]
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # (N, H, W, 3) uint8, RGB
+    y: np.ndarray  # (N,) int64 class indices
+
+
+@dataclass
+class Cache:
+    root: Path
+    train: Split
+    val: Split
+    wnids: list[str]
+    names: list[str]
+    img_size: int
+    stats: dict  # mean, std (RGB, 0..1), eigval (3,), eigvec (3x3, columns = eigenvectors)
+    manifest: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.wnids)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ALEXNET_DATA") or DEFAULT_DATA_DIR)
+
+
+def default_source() -> str:
+    return os.environ.get("ALEXNET_SOURCE") or OFFICIAL_URL
+
+
+def _is_url(source: str | Path) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
+# -- prepare ---------------------------------------------------------------------------
+
+def prepare(source: str | Path | None, data_dir: Path,
+            counts: tuple[int, int, int] | None = DEFAULT_COUNTS, img_size: int = 64,
+            md5: str | None = None, workers: int = 2, force: bool = False, log: Log = print) -> Path:
+    """Build the cache in `data_dir` from `source` (skipped when a valid one exists)."""
+    data_dir = Path(data_dir)
+    source = default_source() if source is None else source
+    url = str(source) if _is_url(source) else None
+    if url == OFFICIAL_URL and md5 is None:
+        md5 = OFFICIAL_MD5
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{data_dir}: cannot create the cache directory ({e.strerror})") from None
+    with _lock(data_dir):
+        fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
+        stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
+        if stale is None:
+            log(f"cache up to date: {data_dir}")
+            return data_dir
+        log(f"preparing the cache in {data_dir} from {source} ({stale})")
+        if url:
+            name = url.rstrip("/").rsplit("/", 1)[-1] or "download.zip"
+            path = download(url, data_dir / "downloads" / name, md5, log=log)
+        else:
+            path = Path(source)
+            if md5 and path.is_file() and (got := file_md5(path)) != md5.lower():
+                raise DataError(f"{path}: MD5 mismatch: expected {md5.lower()}, got {got}")
+        _build(path, str(source), fingerprint, data_dir, counts, img_size, workers, log)
+    return data_dir
+
+
+def _fingerprint(path: Path) -> dict:
+    """Cheap identity of a local source: stat of a file, or totals over a folder's files."""
+    try:
+        if path.is_file():
+            st = path.stat()
+            return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if path.is_dir():
+            n = size = mtime = 0
+            for dirpath, _, files in os.walk(path):
+                for f in files:
+                    st = os.stat(os.path.join(dirpath, f))
+                    n, size, mtime = n + 1, size + st.st_size, max(mtime, st.st_mtime_ns)
+            return {"path": str(path.resolve()), "files": n, "size": size, "mtime_ns": mtime}
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    raise DataError(f"{path}: no such file or folder; expected tiny-imagenet-200.zip, its "
+                    f"extracted folder, an image folder (train/<class>/*) or an http(s) URL")
+
+
+def _stale_reason(data_dir: Path, fingerprint: dict, counts: tuple[int, int, int] | None,
+                  img_size: int) -> str | None:
+    """Why the cache in data_dir must be (re)built, or None when it is up to date."""
+    try:
+        manifest = _read_manifest(data_dir)
+        _check_files(data_dir, manifest, "fast")
+    except DataError:
+        return "no valid cache there yet" if not (data_dir / "manifest.json").exists() else "cache invalid"
+    if manifest["source"]["fingerprint"] != fingerprint:
+        return "the source differs from the one the cache was built from"
+    if manifest["img_size"] != img_size:
+        return f"img_size {img_size} differs from the cache's {manifest['img_size']}"
+    c = manifest["counts"]
+    if (counts is not None and manifest["source"]["layout"] == "tinyimagenet"
+            and [c["classes"], c["train_per_class"], c["val_per_class"]] != list(counts)):
+        return f"counts {tuple(counts)} differ from the cache's"
+    return None
+
+
+@contextmanager
+def _lock(data_dir: Path) -> Iterator[None]:
+    """Serialise prepares of one directory (e.g. several training processes starting at once)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(data_dir / ".prepare.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(path: Path, description: str, fingerprint: dict, data_dir: Path,
+           counts: tuple[int, int, int] | None, img_size: int, workers: int, log: Log) -> None:
+    t0 = time.perf_counter()
+    reader, layout = _open_source(path)
+    tmp = {name: data_dir / f"{name}.tmp" for name in FILES}
+    try:
+        plan = _plan_tiny(reader, counts, log) if layout == "tinyimagenet" else _plan_folder(reader)
+        shapes = {"train": len(plan.train), "val": len(plan.val)}
+        for split, n in shapes.items():
+            _allocate(tmp[f"{split}_x.npy"], (n, img_size, img_size, 3), data_dir)
+        s1, s2, pixels = _decode_all(reader, plan, tmp, img_size, layout == "tinyimagenet", workers, log)
+        for split, y in (("train", plan.train_y), ("val", plan.val_y)):
+            with open(tmp[f"{split}_y.npy"], "wb") as f:
+                np.save(f, np.asarray(y, dtype=np.int64))
+        _write_json(tmp["classes.json"], {"wnids": plan.wnids, "names": plan.names})
+        digests = _hash_files([tmp[name] for name in FILES])
+        # From here on the old cache is gone: without a manifest the directory holds no cache.
+        (data_dir / "manifest.json").unlink(missing_ok=True)
+        files = {}
+        for name in FILES:
+            os.replace(tmp[name], data_dir / name)
+            st = (data_dir / name).stat()
+            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, HASH: digests[tmp[name]]}
+    finally:
+        reader.close()
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+    train_count = np.bincount(plan.train_y, minlength=len(plan.wnids))
+    val_count = np.bincount(plan.val_y, minlength=len(plan.wnids))
+    uniform = lambda c: int(c[0]) if c.min() == c.max() else [int(k) for k in c]  # noqa: E731
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": {"description": description, "path": str(path), "layout": layout,
+                   "fingerprint": fingerprint},
+        "counts": {"classes": len(plan.wnids), "train": shapes["train"], "val": shapes["val"],
+                   "train_per_class": uniform(train_count), "val_per_class": uniform(val_count)},
+        "img_size": img_size,
+        "order": plan.order,
+        "hash": HASH,
+        "files": files,
+        "stats": _stats(s1, s2, pixels, shapes["train"]),
+    }
+    _write_json(data_dir / "manifest.json", manifest)
+    log(f"cache ready in {data_dir}: {shapes['train']} train and {shapes['val']} val images, "
+        f"{len(plan.wnids)} classes, {img_size}x{img_size} ({time.perf_counter() - t0:.1f} s)")
+
+
+def _allocate(path: Path, shape: tuple[int, ...], data_dir: Path) -> None:
+    """Create the .npy with its blocks reserved: a full disk is an error now, not a crash
+    (SIGBUS) of a worker writing into a sparse memmap later."""
+    open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)._mmap.close()
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise DataError(f"{data_dir}: not enough free disk space for the cache") from None
+
+
+# -- reading a source ------------------------------------------------------------------
+
+TINY = "tiny-imagenet-200"
+LAYOUT = "expected the official TinyImageNet-200 layout"
+
+
+class _Reader:
+    """Files of a zip archive or a folder by '/'-separated name relative to the data root
+    (`prefix` is that root inside a zip: 'tiny-imagenet-200/' or '')."""
+
+    def __init__(self, kind: str, path: str, prefix: str = "") -> None:
+        self.kind, self.path, self.prefix = kind, str(path), prefix
+        self._zip: zipfile.ZipFile | None = None
+        if kind == "zip":
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+                raise DataError(f"{self.path}: not a readable zip archive ({e}); the file is "
+                                f"truncated or not a zip: download it again") from None
+
+    def spec(self) -> tuple[str, str, str]:
+        return self.kind, self.path, self.prefix
+
+    def names(self) -> list[str]:
+        if self._zip is not None:
+            k = len(self.prefix)
+            return [n[k:] for n in self._zip.namelist() if n.startswith(self.prefix) and not n.endswith("/")]
+        root = Path(self.path)
+        return [Path(d, f).relative_to(root).as_posix() for d, _, fs in os.walk(root) for f in fs]
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(self.prefix + name)
+        return Path(self.path, name).read_bytes()
+
+    def show(self, name: str) -> str:
+        """How messages name a file."""
+        return f"{self.prefix}{name} in {self.path}" if self._zip is not None else str(Path(self.path, name))
+
+    def missing(self, name: str) -> str:
+        return f"{self.prefix}{name}: missing from {self.path}" if self._zip is not None else f"{Path(self.path, name)}: missing"
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def _open_source(path: Path) -> tuple[_Reader, str]:
+    """A reader at the data root and the layout: 'tinyimagenet' or 'imagefolder'."""
+    if path.is_dir():
+        for root in (path, path / TINY):
+            if (root / "wnids.txt").is_file():
+                return _Reader("dir", str(root)), "tinyimagenet"
+        if (path / "train").is_dir():
+            return _Reader("dir", str(path)), "imagefolder"
+        raise DataError(f"{path}: neither a TinyImageNet-200 folder (wnids.txt, train/, "
+                        f"val/val_annotations.txt) nor an image folder (train/<class>/*, val/<class>/*)")
+    reader = _Reader("zip", str(path))
+    names = reader.names()
+    roots = [""] + sorted({n.split("/", 1)[0] + "/" for n in names if "/" in n})
+    for layout, marker in (("tinyimagenet", "wnids.txt"), ("imagefolder", "train/")):
+        for root in roots:
+            if any(n.startswith(root + marker) for n in names):
+                reader.prefix = root
+                return reader, layout
+    reader.close()
+    raise DataError(f"{TINY}/wnids.txt: missing from {path}; {LAYOUT} (or an image folder: "
+                    f"train/<class>/*, val/<class>/*)")
+
+
+@dataclass
+class _Plan:
+    """What to decode, in cache order, and the labels."""
+
+    wnids: list[str]
+    names: list[str]
+    train: list[str]
+    train_y: np.ndarray
+    val: list[str]
+    val_y: np.ndarray
+    order: dict[str, str]
+
+
+def _natural(name: str) -> list:
+    """Sort key putting val_2 before val_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _text(reader: _Reader, name: str) -> str:
+    try:
+        return reader.read(name).decode("utf-8")
+    except (KeyError, FileNotFoundError):
+        raise DataError(f"{reader.missing(name)}; {LAYOUT}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{reader.show(name)}: unreadable ({e}); {LAYOUT}") from None
+
+
+def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -> _Plan:
+    """Validate the official layout. Val labels come only from val_annotations.txt."""
+    wnids = _text(reader, "wnids.txt").split()
+    if len(set(wnids)) != len(wnids) or not wnids or (counts and len(wnids) != counts[0]):
+        expected = f"{counts[0]} distinct" if counts else "distinct"
+        raise DataError(f"{reader.show('wnids.txt')}: {len(wnids)} class ids ({len(set(wnids))} "
+                        f"distinct), expected {expected} WordNet ids, one a line")
+    files = reader.names()
+    words = {}
+    if "words.txt" in files:
+        for line in _text(reader, "words.txt").splitlines():
+            wnid, _, name = line.partition("\t")
+            words[wnid.strip()] = name.strip()
+    by_class: dict[str, list[str]] = {w: [] for w in wnids}
+    val_files = set()
+    for n in files:
+        parts = n.split("/")
+        if len(parts) == 4 and parts[0] == "train" and parts[2] == "images":
+            if parts[1] not in by_class:
+                raise DataError(f"{reader.show('train/' + parts[1] + '/')}: class folder not listed in wnids.txt")
+            by_class[parts[1]].append(n)
+        elif len(parts) == 3 and parts[:2] == ["val", "images"]:
+            val_files.add(parts[2])
+    expected = counts[1] if counts else max(len(v) for v in by_class.values())
+    why = f"counts={tuple(counts)}" if counts else "as many as the largest class"
+    for w, images in by_class.items():
+        if len(images) != expected or not images:
+            raise DataError(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
+                            f"expected {expected} per class ({why})")
+    ann = "val/val_annotations.txt"
+    index = {w: i for i, w in enumerate(wnids)}
+    labels: dict[str, int] = {}
+    for lineno, line in enumerate(_text(reader, ann).splitlines(), 1):
+        fields = [f.strip() for f in line.split("\t")]
+        if not line.strip():
+            continue
+        if len(fields) < 2:
+            raise DataError(f"{reader.show(ann)}: line {lineno} is not 'file<TAB>wnid<TAB>box'")
+        file, wnid = fields[:2]
+        if wnid not in index:
+            raise DataError(f"{reader.show(ann)}: line {lineno} labels {file} {wnid}, which is not in wnids.txt")
+        if file not in val_files:
+            raise DataError(f"{reader.show(ann)}: line {lineno} names {file}, which is missing from val/images/")
+        if file in labels:
+            raise DataError(f"{reader.show(ann)}: line {lineno} labels {file} a second time")
+        labels[file] = index[wnid]
+    if len(labels) < len(val_files):
+        log(f"warning: {len(val_files) - len(labels)} images in val/images/ have no row in {ann}: skipped")
+    val = sorted(labels, key=_natural)
+    val_y = np.array([labels[f] for f in val], dtype=np.int64)
+    per_class = np.bincount(val_y, minlength=len(wnids))
+    for c, k in enumerate(per_class):
+        if (counts and k != counts[2]) or k == 0:
+            raise DataError(f"{reader.show(ann)}: class {wnids[c]} has {k} val images, expected "
+                            f"{counts[2] if counts else 'at least 1'}")
+    train = [n for w in wnids for n in sorted(by_class[w], key=_natural)]
+    return _Plan(wnids, [words.get(w) or w for w in wnids], train,
+                 np.repeat(np.arange(len(wnids), dtype=np.int64), expected),
+                 [f"val/images/{f}" for f in val], val_y,
+                 {"train": "classes in wnids.txt order; within a class, file names in natural order",
+                  "val": "val/images/ file names in natural (numeric) order: val index i is "
+                         "val_i.JPEG (val_0 ... val_9999); labels only from val/val_annotations.txt"})
+
+
+def _plan_folder(reader: _Reader) -> _Plan:
+    """root/train/<class>/**, root/val/<class>/**: classes are the sorted train folder names."""
+    extensions = set(Image.registered_extensions())
+    splits: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
+    for n in reader.names():
+        parts = n.split("/")
+        if (len(parts) >= 3 and parts[0] in splits and not any(p.startswith(".") for p in parts)
+                and os.path.splitext(n)[1].lower() in extensions):
+            splits[parts[0]].setdefault(parts[1], []).append(n)
+    classes = sorted(splits["train"])
+    if not classes:
+        raise DataError(f"{reader.show('train/')}: no images in train/<class>/ folders; expected an "
+                        f"image folder (train/<class>/*, val/<class>/*) or {TINY}")
+    if unknown := sorted(set(splits["val"]) - set(classes)):
+        raise DataError(f"{reader.show('val/' + unknown[0] + '/')}: class folder missing from train/; "
+                        f"every val class must be a train class")
+    if not splits["val"]:
+        raise DataError(f"{reader.show('val/')}: no images in val/<class>/ folders; expected the val split there")
+    order = "class folders in sorted order; within a class, file names in natural order"
+    lists = {}
+    for split, by_class in splits.items():
+        pairs = [(n, c) for c, w in enumerate(classes) for n in sorted(by_class.get(w, []), key=_natural)]
+        lists[split] = ([n for n, _ in pairs], np.array([c for _, c in pairs], dtype=np.int64))
+    return _Plan(classes, classes, *lists["train"], *lists["val"], {"train": order, "val": order})
+
+
+def _decode(reader: _Reader, name: str, size: int, strict: bool) -> tuple[np.ndarray | None, str | None]:
+    """(size, size, 3) uint8 RGB, or an error message. strict: the image must already be
+    size x size (TinyImageNet); otherwise shorter side to `size`, then a centre crop."""
+    try:
+        with Image.open(io.BytesIO(reader.read(name))) as im:
+            if strict and im.size != (size, size):
+                return None, (f"{reader.show(name)}: image is {im.size[0]}x{im.size[1]}, expected "
+                              f"{size}x{size} like every TinyImageNet-200 image")
+            if not strict:
+                im = ImageOps.exif_transpose(im)
+            # Palette images may carry transparency: through RGBA, which RGB then drops.
+            rgb = (im.convert("RGBA") if im.mode == "P" else im).convert("RGB")
+            if not strict:
+                rgb = _resize_crop(rgb, size)
+            return np.asarray(rgb), None
+    except UnidentifiedImageError:
+        return None, f"{reader.show(name)}: not in an image format PIL can read; expected an image file"
+    except Exception as e:  # noqa: BLE001 - any failure to read or decode is this file's problem
+        detail = " ".join(f"{e.__class__.__name__}: {e}".split())
+        return None, f"{reader.show(name)}: cannot decode the image ({detail}); expected a readable image"
+
+
+def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bilinear; PIL antialiases when shrinking), centre crop."""
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = int(round((nw - size) / 2)), int(round((nh - size) / 2))
+    return im.crop((left, top, left + size, top + size))
+
+
+# -- decoding in worker processes ------------------------------------------------------
+
+_WORKER: dict = {}  # per-process state: the opened source, the output memmaps, options
+
+
+def _init_worker(spec: tuple[str, str, str], outputs: dict[str, str], img_size: int,
+                 strict: bool, stride: int) -> None:
+    _WORKER.update(reader=_Reader(*spec), size=img_size, strict=strict, stride=stride,
+                   out={split: np.load(p, mmap_mode="r+") for split, p in outputs.items()})
+
+
+def _decode_task(split: str, start: int, names: list[str]) -> tuple[int, np.ndarray, np.ndarray, int, str | None]:
+    """Decode names into out[split][start:]; returns (count, sum, sum of outer products,
+    pixels, error) where the sums run over this task's train images in the stats subset."""
+    w = _WORKER
+    out, reader = w["out"][split], w["reader"]
+    for i, name in enumerate(names):
+        image, error = _decode(reader, name, w["size"], w["strict"])
+        if error:
+            return i, np.zeros(3), np.zeros((3, 3)), 0, error
+        out[start + i] = image
+    s1, s2, pixels = np.zeros(3), np.zeros((3, 3)), 0
+    if split == "train":
+        # Float64 sums of uint8 values and their products are exact integers (< 2**53), so
+        # the statistics do not depend on how the images are split among workers.
+        picked = [i for i in range(start, start + len(names)) if i % w["stride"] == 0]
+        for k in range(0, len(picked), 16):
+            x = np.asarray(out[picked[k:k + 16]], dtype=np.float64).reshape(-1, 3)
+            s1 += x.sum(0)
+            s2 += np.einsum("ni,nj->ij", x, x)
+            pixels += len(x)
+    return len(names), s1, s2, pixels, None
+
+
+def _decode_all(reader: _Reader, plan: _Plan, tmp: dict[str, Path], img_size: int, strict: bool,
+                workers: int, log: Log) -> tuple[np.ndarray, np.ndarray, int]:
+    tasks = [(split, start, names[start:start + TASK_IMAGES])
+             for split, names in (("train", plan.train), ("val", plan.val))
+             for start in range(0, len(names), TASK_IMAGES)]
+    stride = max(1, len(plan.train) // STATS_IMAGES)
+    init = (reader.spec(), {s: str(tmp[f"{s}_x.npy"]) for s in ("train", "val")}, img_size, strict, stride)
+    total = len(plan.train) + len(plan.val)
+    workers = max(1, min(workers, len(tasks)))
+    log(f"decoding {total} images with {workers} worker{'s' if workers > 1 else ''}")
+    s1, s2, pixels = np.zeros(3), np.zeros((3, 3)), 0
+    with tqdm(total=total, unit="img", desc="decoding", disable=None) as bar:
+        def collect(result: tuple) -> None:
+            nonlocal s1, s2, pixels
+            n, a, b, p, error = result
+            if error:
+                raise DataError(error)
+            s1, s2, pixels = s1 + a, s2 + b, pixels + p
+            bar.update(n)
+
+        if workers == 1:
+            _init_worker(*init)
+            try:
+                for task in tasks:
+                    collect(_decode_task(*task))
+            finally:
+                _WORKER["reader"].close()
+                _WORKER.clear()
+            return s1, s2, pixels
+        # spawn: safe whatever threads (torch, CUDA) the parent already runs.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=init) as pool:
+            futures = [pool.submit(_decode_task, *task) for task in tasks]
+            try:
+                for future in as_completed(futures):
+                    collect(future.result())
+            except BrokenProcessPool:
+                raise DataError(f"{reader.path}: a decoding worker died (out of memory?); "
+                                f"try prepare with fewer workers") from None
+            finally:
+                for future in futures:
+                    future.cancel()
+    return s1, s2, pixels
+
+
+def _stats(s1: np.ndarray, s2: np.ndarray, pixels: int, images: int) -> dict:
+    """Mean, std and the PCA of the RGB covariance (0..1 scale) from the exact sums."""
+    mean = s1 / pixels
+    cov = s2 / pixels - np.outer(mean, mean)
+    eigval, eigvec = np.linalg.eigh(cov / 255.0**2)
+    eigval, eigvec = eigval[::-1].clip(min=0), eigvec[:, ::-1]
+    eigvec = eigvec * np.where(eigvec.sum(0) < 0, -1.0, 1.0)  # a fixed sign per eigenvector
+    return {"mean": (mean / 255).tolist(), "std": (np.sqrt(np.diag(cov).clip(min=0)) / 255).tolist(),
+            "eigval": eigval.tolist(), "eigvec": eigvec.tolist(),
+            "subset": f"every {max(1, images // STATS_IMAGES)}th train image, all pixels "
+                      f"({pixels} pixels)"}
+
+
+# -- files, checksums, manifest --------------------------------------------------------
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: several readers may rewrite it
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _hash_file(path: Path, algorithm: str = HASH) -> str:
+    h = hashlib.new(algorithm)
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _hash_files(paths: list[Path], algorithm: str = HASH) -> dict[Path, str]:
+    # hashlib releases the GIL on large updates: threads hash the files in parallel.
+    with ThreadPoolExecutor(min(4, len(paths))) as pool:
+        return dict(zip(paths, pool.map(lambda p: _hash_file(p, algorithm), paths)))
+
+
+def _read_manifest(data_dir: Path) -> dict:
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{data_dir}: no prepared data cache here (no manifest.json); "
+                        f"run `alexnet prepare --data {data_dir}` first")
+    try:
+        manifest = json.loads(path.read_text())
+        algorithm = manifest["hash"]
+        ok = (manifest["format_version"] == FORMAT_VERSION and algorithm in hashlib.algorithms_available
+              and set(manifest["files"]) == set(FILES)
+              and all({"size", "mtime_ns", algorithm} <= set(r) for r in manifest["files"].values())
+              and {"source", "counts", "img_size", "stats"} <= set(manifest))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise DataError(f"{path}: unreadable or from another version of this program; "
+                        f"run `alexnet prepare --data {data_dir} --force`")
+    return manifest
+
+
+def _check_files(data_dir: Path, manifest: dict, verify: str) -> None:
+    rebuild = f"run `alexnet prepare --data {data_dir} --force`"
+    changed, to_hash = False, []
+    for name, rec in manifest["files"].items():
+        path = data_dir / name
+        try:
+            st = path.stat()
+        except OSError:
+            raise DataError(f"{path}: missing, though manifest.json lists it; {rebuild}") from None
+        if st.st_size != rec["size"]:
+            raise DataError(f"{path}: {st.st_size} bytes, manifest.json says {rec['size']} "
+                            f"(cache changed or truncated); {rebuild}")
+        if verify == "full" or st.st_mtime_ns != rec["mtime_ns"]:
+            to_hash.append((path, rec, st.st_mtime_ns))
+    algorithm = manifest["hash"]  # the cache's own choice, should HASH change later
+    digests = _hash_files([p for p, _, _ in to_hash], algorithm) if to_hash else {}
+    for path, rec, mtime_ns in to_hash:
+        if digests[path] != rec[algorithm]:
+            raise DataError(f"{path}: checksum does not match manifest.json (cache changed or "
+                            f"corrupted); {rebuild}")
+        if rec["mtime_ns"] != mtime_ns:  # same bytes, new times: a copied cache
+            rec["mtime_ns"], changed = mtime_ns, True
+    if changed:
+        try:
+            _write_json(data_dir / "manifest.json", manifest)
+        except OSError:  # a read-only copy: it stays valid, only checked by checksum each time
+            pass
+
+
+# -- open ------------------------------------------------------------------------------
+
+def open_cache(data_dir: Path, verify: str = "fast") -> Cache:
+    """Map a prepared cache. verify: "fast" (size and mtime; checksum only for files whose
+    mtime changed) or "full" (always checksum)."""
+    if verify not in ("fast", "full"):
+        raise ValueError(f"verify must be 'fast' or 'full', got {verify!r}")
+    data_dir = Path(data_dir)
+    manifest = _read_manifest(data_dir)
+    _check_files(data_dir, manifest, verify)
+    rebuild = f"run `alexnet prepare --data {data_dir} --force`"
+    arrays = {}
+    for name in ARRAYS:
+        try:
+            arrays[name] = np.load(data_dir / name, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{data_dir / name}: not a readable .npy array ({e}); {rebuild}") from None
+    try:
+        classes = json.loads((data_dir / "classes.json").read_text())
+        wnids, names = list(classes["wnids"]), list(classes["names"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{data_dir / 'classes.json'}: unreadable; {rebuild}") from None
+    s, c = manifest["img_size"], manifest["counts"]
+    for split in ("train", "val"):
+        x, y = arrays[f"{split}_x.npy"], arrays[f"{split}_y.npy"]
+        if (x.shape != (c[split], s, s, 3) or x.dtype != np.uint8 or y.shape != (c[split],)
+                or y.dtype != np.int64 or len(wnids) != c["classes"]):
+            raise DataError(f"{data_dir / (split + '_x.npy')}: shape {x.shape} or labels do not "
+                            f"match manifest.json; {rebuild}")
+    return Cache(root=data_dir, train=Split(arrays["train_x.npy"], arrays["train_y.npy"]),
+                 val=Split(arrays["val_x.npy"], arrays["val_y.npy"]), wnids=wnids, names=names,
+                 img_size=s, stats=manifest["stats"], manifest=manifest)
+
+
+def ensure_cache(data_dir: Path | None, log: Log = print,
+                 counts: tuple[int, int, int] | None = DEFAULT_COUNTS) -> Cache:
+    """Open the cache in data_dir (default: $ALEXNET_DATA or ./data), preparing it first
+    from $ALEXNET_SOURCE (default: the official URL) when there is none."""
+    data_dir = default_data_dir() if data_dir is None else Path(data_dir)
+    if not (data_dir / "manifest.json").is_file():
+        source = default_source()
+        log(f"no cache in {data_dir}: preparing it from {source} first")
+        prepare(source, data_dir, counts=counts, log=log)
+    return open_cache(data_dir)

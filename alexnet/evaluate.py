@@ -1,0 +1,95 @@
+"""Evaluation: top-1, top-5 and loss over the validation split, batched on the device, with
+optional test-time augmentation (flip, or the paper's ten crops), per-class accuracy and
+the most-confused class pairs. Used by training every epoch and by `evaluate.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alexnet.augment import BatchAugment
+from alexnet.distributed import Dist, all_reduce_sum
+from alexnet.loader import eval_batches
+
+TTA = ("none", "flip", "10crop")
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+@torch.no_grad()
+def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bool, channels_last: bool) -> torch.Tensor:
+    """Class scores for one uint8 batch, averaging softmax-free logits over TTA views."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if tta == "10crop":
+        views = augment.ten_crop(xb)  # (10, N, 3, S, S)
+    else:
+        views = augment(xb, train=False).unsqueeze(0)
+        if tta == "flip":
+            views = torch.cat([views, views.flip(-1)])
+    with autocast(augment.device, amp):
+        out = torch.stack([model(v.contiguous(memory_format=fmt)) for v in views])
+    return out.float().mean(0)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, d: Dist = Dist(),
+             bs: int = 500, tta: str = "none", amp: bool = False, channels_last: bool = True,
+             num_classes: int | None = None) -> dict:
+    """Returns {'loss', 'top1', 'top5', 'n'} (accuracies in percent) and, when num_classes is
+    given, a confusion matrix under 'confusion' (rows: true class)."""
+    was_training = model.training
+    model.eval()
+    dev = augment.device
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top1, top5, count
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev) if num_classes else None
+    for xb, yb in eval_batches(x, y, bs, d):
+        yb = yb.to(dev)
+        logits = logits_for(model, xb, augment, tta, amp, channels_last)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == yb[:, None]
+        sums += torch.stack([
+            F.cross_entropy(logits, yb, reduction="sum").double(),
+            hit[:, 0].sum().double(), hit.any(1).sum().double(), torch.tensor(float(len(yb)), device=dev, dtype=torch.float64),
+        ])
+        if conf is not None:
+            conf.index_put_((yb, top[:, 0]), torch.ones_like(yb), accumulate=True)
+    all_reduce_sum(sums, d)
+    if conf is not None:
+        all_reduce_sum(conf, d)
+    model.train(was_training)
+    loss, c1, c5, n = sums.tolist()
+    res = {"loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n, "n": int(n)}
+    if conf is not None:
+        res["confusion"] = conf.cpu()
+    return res
+
+
+def write_per_class(path: str | Path, confusion: torch.Tensor, wnids: list[str], names: list[str], top_pairs: int = 20) -> None:
+    """CSV of per-class accuracy, then the most-confused (true, predicted) pairs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    totals = confusion.sum(1).clamp(min=1)
+    acc = confusion.diag().double() / totals * 100
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    flat = off.flatten().topk(min(top_pairs, off.numel())).indices.tolist()
+    c = confusion.shape[0]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "wnid", "name", "top1", "n"])
+        for i in acc.argsort().tolist():
+            w.writerow([i, wnids[i], names[i], f"{acc[i]:.2f}", int(totals[i])])
+        w.writerow([])
+        w.writerow(["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"])
+        for k in flat:
+            t, p = divmod(k, c)
+            if off[t, p] > 0:
+                w.writerow([wnids[t], names[t], wnids[p], names[p], int(off[t, p])])

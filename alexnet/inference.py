@@ -1,0 +1,112 @@
+"""Using a trained checkpoint: evaluate it on the val split, or predict classes of images.
+
+A checkpoint carries its variant, model settings, class ids and names, normalisation
+statistics and recipe, so both commands need nothing else (a custom model from a user's file
+also needs that file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from alexnet import checkpoint as ckpt_io
+from alexnet.augment import BatchAugment, Recipe
+from alexnet.data import ensure_cache
+from alexnet.errors import CheckpointError, UserError
+from alexnet.loader import to_memory
+from alexnet.evaluate import TTA, evaluate, logits_for, write_per_class
+from alexnet.models import AlexNet, AlexNetConfig
+from alexnet.train import pick_device
+from alexnet.userfiles import load_model_file
+
+
+def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: torch.device):
+    """(model in eval mode, checkpoint dict, BatchAugment for its eval view)."""
+    c = ckpt_io.load(ckpt_path)
+    if model_file is not None:
+        model = load_model_file(model_file, c["num_classes"])
+        ckpt_io.check_compatible(c, ckpt_path, getattr(model, "variant", None), c["num_classes"])
+    elif c.get("model_cfg") is not None:
+        cfg = dict(c["model_cfg"])
+        model = AlexNet(AlexNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}),
+                        c["num_classes"])
+    else:
+        raise CheckpointError(f"{ckpt_path}: holds a custom model; pass its model file too")
+    ckpt_io.load_weights(model, c["model"], ckpt_path)
+    model = model.to(device).eval()
+    channels_last = c["config"].get("channels_last", True)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    st = c["stats"]
+    recipe = Recipe(**c["recipe"]) if c.get("recipe") else Recipe()
+    augment = BatchAugment(recipe, c["img_size"], st["mean"], st["std"], st.get("eigval"), st.get("eigvec"), device=device)
+    return model, c, augment
+
+
+def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="none", per_class=None,
+                 amp=None, log=print) -> dict:
+    if tta not in TTA:
+        raise UserError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
+    if bs < 1:
+        raise UserError(f"--bs must be at least 1, got {bs}")
+    dev = pick_device(device)
+    model, c, augment = load_trained(ckpt_path, model_file, dev)
+    cache = ensure_cache(Path(data) if data else None, log=log)
+    if cache.wnids != c["wnids"]:
+        raise CheckpointError(f"{ckpt_path}: trained on other classes than the data in {cache.root} "
+                              f"({len(c['wnids'])} vs {len(cache.wnids)} classes, or a different order)")
+    amp = c["config"].get("amp", False) if amp is None else amp
+    x = to_memory(cache.val.x, dev)
+    y = torch.from_numpy(np.array(cache.val.y)).to(dev)
+    res = evaluate(model, x, y, augment, bs=bs, tta=tta, amp=amp, channels_last=c["config"].get("channels_last", True),
+                   num_classes=c["num_classes"] if per_class else None)
+    log(f"{ckpt_path} (epoch {c['epoch']}, variant {c.get('variant') or 'custom'}), tta={tta}: "
+        f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['n']:,} val images")
+    if per_class:
+        write_per_class(per_class, res.pop("confusion"), c["wnids"], c["names"])
+        log(f"per-class accuracy and most-confused pairs written to {per_class}")
+    return res
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Any image PIL reads -> (size, size, 3) uint8: shorter side to `size`, centre crop,
+    the same geometry `prepare` uses for image folders."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not an image PIL can read ({e.__class__.__name__}); expected JPEG, PNG or similar") from None
+
+
+@torch.no_grad()
+def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, log=print) -> list[list[tuple[str, str, float]]]:
+    dev = pick_device(device)
+    model, c, augment = load_trained(ckpt_path, model_file, dev)
+    size = c.get("cache_img_size", 64)
+    batch = torch.stack([load_image(p, size) for p in images])
+    logits = logits_for(model, batch, augment, "none", c["config"].get("amp", False), c["config"].get("channels_last", True))
+    probs = logits.softmax(1).cpu()
+    k = min(topk, probs.shape[1])
+    results = []
+    for path, pr in zip(images, probs):
+        p, i = pr.topk(k)
+        rows = [(c["wnids"][j], c["names"][j], float(q)) for q, j in zip(p.tolist(), i.tolist())]
+        results.append(rows)
+        log(f"{path}:")
+        for wnid, name, q in rows:
+            log(f"  {100 * q:6.2f}%  {wnid}  {name}")
+    return results

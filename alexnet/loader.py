@@ -1,0 +1,116 @@
+"""Batches for training and evaluation, straight from the in-memory uint8 cache.
+
+The fast path (a built-in `Recipe`): the split is one uint8 tensor in memory (on the GPU when
+training on CUDA); each batch is an index gather followed by `BatchAugment` on the device.
+The per-image path (a torchvision transform from a user's file) runs that transform in
+DataLoader workers, then normalises on the device. Both are deterministic functions of
+(seed, epoch, batch), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from alexnet.augment import BatchAugment, as_nchw_uint8
+from alexnet.distributed import Dist
+from alexnet.errors import UserError
+
+
+def to_memory(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N,H,W,3) uint8 array, memory-mapped from the cache -> a tensor over the same pages
+    (CPU: no copy; the page cache holds the data once) or one copy on the GPU."""
+    with warnings.catch_warnings():
+        # The mapping is read-only; batches are always gathered into new tensors, never written.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(x)
+    return t.to(device) if device.type == "cuda" else t
+
+
+def epoch_order(n: int, seed: int, epoch: int, d: Dist, bs: int) -> torch.Tensor:
+    """This rank's sample indices for an epoch: one permutation shared by all ranks
+    (seeded by seed and epoch), cut to whole batches on every rank, then dealt rank::world."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = (n // d.world) // bs * bs
+    return perm[d.rank::d.world][:per_rank]
+
+
+def seed_step(seed: int, rank: int, step: int, aug_gen: torch.Generator) -> None:
+    """Seed every random stream a step uses from (seed, rank, step): augmentation and dropout
+    then depend only on where the run is, which makes resume exact without replaying."""
+    s = (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+    aug_gen.manual_seed(s)
+    torch.manual_seed(s)
+
+
+class FastBatches:
+    """Training batches for a built-in recipe: gather + batched augmentation on the device."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, bs: int) -> None:
+        self.x, self.y, self.augment, self.bs = x, y, augment, bs
+
+    def __call__(self, order: torch.Tensor, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dev = self.augment.device
+        order = order.to(self.x.device)
+        for b in range(start, len(order) // self.bs):
+            idx = order[b * self.bs:(b + 1) * self.bs]
+            yield self.augment(self.x[idx], train=True), self.y[idx].to(dev, non_blocking=True)
+
+
+class _PerImage(Dataset):
+    """Cache rows through a user's torchvision transform; each item seeded by its position so
+    the result does not depend on the number of workers."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable, order: torch.Tensor, seed: int) -> None:
+        self.x, self.y, self.transform, self.order, self.seed = x, y, transform, order, seed
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        j = int(self.order[i])
+        torch.manual_seed(self.seed + i)
+        img = torch.from_numpy(np.array(self.x[j])).permute(2, 0, 1)  # (3,H,W) uint8
+        return self.transform(img), int(self.y[j])
+
+
+class PerImageBatches:
+    """Training batches for a torchvision transform, run per image in DataLoader workers."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable, augment: BatchAugment,
+                 bs: int, workers: int, seed: int, source: str) -> None:
+        self.x, self.y, self.transform, self.augment = x, y, transform, augment
+        self.bs, self.workers, self.seed, self.source = bs, workers, seed, source
+
+    def __call__(self, order: torch.Tensor, start: int, epoch: int = 0):
+        order = order[start * self.bs:]
+        ds = _PerImage(self.x, self.y, self.transform, order, (self.seed * 1_000_003 + epoch) * 10_000_019 + start * self.bs)
+        dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True,
+                        persistent_workers=False, pin_memory=self.augment.device.type == "cuda")
+        for xb, yb in dl:
+            yield self.finish(xb), yb.to(self.augment.device, non_blocking=True)
+
+    def finish(self, xb) -> torch.Tensor:
+        """Check the transform's output, then resize/normalise on the device."""
+        if not isinstance(xb, torch.Tensor) or xb.dim() != 4 or xb.shape[1] != 3:
+            shape = tuple(xb.shape[1:]) if isinstance(xb, torch.Tensor) else type(xb).__name__
+            raise UserError(f"{self.source}: the transform must return a (3, H, W) tensor, got {shape}")
+        xb = xb.to(self.augment.device, non_blocking=True)
+        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+        if xb.shape[-1] != self.augment.size or xb.shape[-2] != self.augment.size:
+            xb = F.interpolate(xb, size=(self.augment.size,) * 2, mode="bilinear", align_corners=False)
+        return self.augment.normalize(xb).contiguous(memory_format=torch.channels_last)
+
+
+def eval_batches(x: torch.Tensor, y: torch.Tensor, bs: int, d: Dist) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation in order, dealt rank::world so every image is counted exactly once."""
+    idx = torch.arange(d.rank, len(x), d.world)
+    for i in range(0, len(idx), bs):
+        j = idx[i:i + bs].to(x.device)
+        yield as_nchw_uint8(x[j]), y[j]

@@ -1,0 +1,69 @@
+"""Per-epoch metrics written beside the checkpoints: metrics.csv and curves.png.
+
+The history lives in the checkpoint; these files are rewritten from it after every epoch,
+so a resumed run never duplicates or loses a row.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_n", "lr",
+           "epoch_seconds", "train_seconds", "images_per_s"]
+
+
+def write_csv(path: Path, history: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [{k: (int(v) if k in ("epoch", "val_n") else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
+    """Loss and accuracy against epochs, train and val, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
+    a.plot(ep, [r["val_loss"] for r in history], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    b.plot(ep, [r["train_top1"] for r in history], "o-", label="train top-1")
+    b.plot(ep, [r["val_top1"] for r in history], "o-", label="val top-1")
+    b.plot(ep, [r["val_top5"] for r in history], "o--", label="val top-5")
+    b.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Writes metrics.csv and curves.png under `out` (rank 0 only: `enabled`)."""
+
+    def __init__(self, out: Path, enabled: bool = True) -> None:
+        self.out, self.enabled = Path(out), enabled
+
+    def write(self, history: list[dict]) -> None:
+        if not self.enabled or not history:
+            return
+        write_csv(self.out / "metrics.csv", history)
+        plot_curves(self.out / "curves.png", history, title=str(self.out))

@@ -1,0 +1,200 @@
+"""The AlexNet family: one configurable module, a table of variants, a registry.
+
+Layer geometry follows torchvision's `alexnet` (the AlexNet people use today: channels
+64-192-384-256-256, conv1 11x11 stride 4, overlapping 3x3/2 max pooling, adaptive average
+pooling to 6x6, FC 4096-4096-classes). The 2012 paper model changes channels, adds local
+response normalisation and uses the paper's initialisation. Every variant is a row of
+`VARIANTS`; `create_model(name)` builds one.
+
+At 64x64 input the feature map after the last pooling is 1x1, so `AdaptiveAvgPool2d(6)`
+copies one 256-vector 36 times and FC1 (9216 -> 4096) multiplies those copies. The model
+keeps exactly that computation (and torchvision's parameter layout) so that results and
+checkpoints stay comparable with the usual implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+from alexnet.errors import ConfigError
+
+Norm = Literal["none", "batchnorm", "lrn"]
+Head = Literal["large", "small", "gap"]
+Init = Literal["pytorch", "paper"]
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """Everything that distinguishes one AlexNet variant from another."""
+
+    widths: tuple[int, int, int, int, int] = (64, 192, 384, 256, 256)
+    norm: Norm = "none"
+    # Which convs (0-based) are followed by the normalisation; the paper put LRN after
+    # conv1 and conv2 only, BatchNorm is usually after every conv.
+    norm_layers: tuple[int, ...] = (0, 1, 2, 3, 4)
+    dropout: float = 0.0
+    head: Head = "large"
+    hidden: int = 4096
+    # "standard": conv1 11x11 stride 4 (15x15 map at 64x64 input, 1x1 after the last pool).
+    # "small": conv1 5x5 stride 2, a 32x32 map, 3x3 after the last pool: more resolution
+    # for 64x64 images at about 5x the compute (an extra, not used by the seed variants).
+    stem: Literal["standard", "small"] = "standard"
+    init: Init = "pytorch"
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != 5 or min(self.widths) < 1:
+            raise ConfigError(f"widths must be 5 positive channel counts, got {self.widths}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("none", "batchnorm", "lrn"):
+            raise ConfigError(f"norm must be none, batchnorm or lrn, got {self.norm!r}")
+        if self.head not in ("large", "small", "gap"):
+            raise ConfigError(f"head must be large, small or gap, got {self.head!r}")
+        if self.stem not in ("standard", "small"):
+            raise ConfigError(f"stem must be standard or small, got {self.stem!r}")
+        if self.init not in ("pytorch", "paper"):
+            raise ConfigError(f"init must be pytorch or paper, got {self.init!r}")
+
+
+def paper_lrn() -> nn.LocalResponseNorm:
+    """The paper's response normalisation: k=2, n=5, alpha=1e-4, beta=0.75.
+
+    The paper divides by (k + alpha * sum a^2)^beta; PyTorch divides by
+    (k + alpha/n * sum a^2)^beta, so the paper's alpha is n * 1e-4 = 5e-4 here.
+    """
+    return nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
+
+
+def _norm(cfg: AlexNetConfig, index: int, channels: int) -> list[nn.Module]:
+    if cfg.norm == "none" or index not in cfg.norm_layers:
+        return []
+    if cfg.norm == "batchnorm":
+        return [nn.BatchNorm2d(channels)]
+    return [paper_lrn()]
+
+
+class AlexNet(nn.Module):
+    """AlexNet with typed options; see `AlexNetConfig`.
+
+    Attributes `features`, `avgpool` and `classifier` mirror torchvision's module so that a
+    baseline state dict loads into `torchvision.models.alexnet` unchanged.
+    """
+
+    def __init__(self, cfg: AlexNetConfig = AlexNetConfig(), num_classes: int = 200) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        c1, c2, c3, c4, c5 = cfg.widths
+        # BatchNorm before ReLU (Ioffe & Szegedy); LRN after ReLU, as in the paper.
+        bn_first = cfg.norm == "batchnorm"
+
+        def block(i: int, cin: int, cout: int, k: int, s: int, p: int) -> list[nn.Module]:
+            conv = nn.Conv2d(cin, cout, k, s, p, bias=not (bn_first and i in cfg.norm_layers))
+            norm = _norm(cfg, i, cout)
+            return [conv, *norm, nn.ReLU(inplace=True)] if bn_first else [conv, nn.ReLU(inplace=True), *norm]
+
+        if cfg.stem == "standard":
+            stem = [*block(0, 3, c1, 11, 4, 2), nn.MaxPool2d(3, 2)]
+        else:
+            stem = [*block(0, 3, c1, 5, 2, 2), nn.MaxPool2d(3, 2)]
+        self.features = nn.Sequential(
+            *stem,
+            *block(1, c1, c2, 5, 1, 2),
+            nn.MaxPool2d(3, 2),
+            *block(2, c2, c3, 3, 1, 1),
+            *block(3, c3, c4, 3, 1, 1),
+            *block(4, c4, c5, 3, 1, 1),
+            nn.MaxPool2d(3, 2),
+        )
+        # Dropout modules stay in place even at p=0 so that parameter indices (and so state
+        # dict keys) match torchvision's for the baseline.
+        if cfg.head == "gap":
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c5, num_classes))
+        elif cfg.head == "small":
+            self.avgpool = nn.AdaptiveAvgPool2d(6)
+            self.classifier = nn.Sequential(
+                nn.Dropout(cfg.dropout), nn.Linear(c5 * 36, cfg.hidden), nn.ReLU(inplace=True),
+                nn.Linear(cfg.hidden, num_classes),
+            )
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(6)
+            self.classifier = nn.Sequential(
+                nn.Dropout(cfg.dropout), nn.Linear(c5 * 36, cfg.hidden), nn.ReLU(inplace=True),
+                nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(inplace=True),
+                nn.Linear(cfg.hidden, num_classes),
+            )
+        if cfg.init == "paper":
+            self._paper_init()
+
+    def _paper_init(self) -> None:
+        """Weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers
+        (to give ReLUs positive inputs early, section 5 of the paper), 0 elsewhere."""
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        linears = [m for m in self.classifier if isinstance(m, nn.Linear)]
+        ones = {id(convs[i]) for i in (1, 3, 4)} | {id(m) for m in linears[:-1]}
+        for m in [*convs, *linears]:
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 1.0 if id(m) in ones else 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        return self.classifier(torch.flatten(x, 1))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named model plus the augmentation recipe the ablation pairs it with."""
+
+    name: str
+    title: str
+    model: AlexNetConfig
+    recipe: str  # a name in alexnet.augment.RECIPES
+    doc: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_BN = AlexNetConfig(norm="batchnorm")
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("baseline", "Baseline", AlexNetConfig(), "baseline",
+                "torchvision geometry, no dropout, no normalisation"),
+        Variant("dropout", "Dropout", AlexNetConfig(dropout=0.5), "baseline",
+                "dropout 0.5 before FC1 and FC2"),
+        Variant("batchnorm", "BatchNorm", _BN, "baseline",
+                "BatchNorm after every conv"),
+        Variant("combined", "Combined-Large", replace(_BN, dropout=0.5), "combined",
+                "BatchNorm + dropout 0.5, 4096-4096 head, random crop + pixel augmentation"),
+        Variant("combined_small", "Combined-Small", replace(_BN, dropout=0.5, head="small", hidden=2000),
+                "combined", "as Combined-Large with a 2000-unit head"),
+        Variant("combined_gap", "Combined-GAP", replace(_BN, dropout=0.5, head="gap"),
+                "combined", "as Combined-Large with global average pooling + one FC"),
+        Variant("paper", "Paper (2012)",
+                AlexNetConfig(widths=(96, 256, 384, 384, 256), norm="lrn", norm_layers=(0, 1),
+                              dropout=0.5, init="paper"),
+                "paper", "96-256-384-384-256, LRN, dropout 0.5, paper init, PCA lighting"),
+    ]
+}
+
+
+def create_model(name: str, num_classes: int = 200, **overrides) -> AlexNet:
+    """Build a registered variant; unknown names raise with the list of known ones."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
+    cfg = replace(VARIANTS[name].model, **overrides) if overrides else VARIANTS[name].model
+    model = AlexNet(cfg, num_classes)
+    model.variant = name
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,63 @@
+"""`alexnet summary`: each layer's output shape, parameters and forward MFLOPs per image,
+and a table over all registered variants. FLOPs are counted by PyTorch's FlopCounterMode
+(a multiply-add counts as 2 FLOPs; convolutions and linear layers dominate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from alexnet.models import VARIANTS, count_parameters, create_model
+from alexnet.userfiles import load_model_file
+
+
+def forward_mflops(model: nn.Module, img_size: int) -> float:
+    x = torch.zeros(1, 3, img_size, img_size)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    return fc.get_total_flops() / 1e6
+
+
+def layer_table(model: nn.Module, img_size: int) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, type, output shape without batch, parameters) for every leaf module in order."""
+    rows: list = []
+    hooks = []
+    for name, m in model.named_modules():
+        if len(list(m.children())) == 0:
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: rows.append(
+                    (name, type(mod).__name__, tuple(out.shape[1:]), sum(p.numel() for p in mod.parameters())))))
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, img_size, img_size))
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+def variants_table(img_size: int = 64, num_classes: int = 200) -> list[tuple[str, str, int, float]]:
+    out = []
+    for name, v in VARIANTS.items():
+        m = create_model(name, num_classes)
+        out.append((name, v.title, count_parameters(m), forward_mflops(m, img_size)))
+    return out
+
+
+def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200, log=print) -> None:
+    if target is not None:
+        model = (load_model_file(target, num_classes) if Path(target).suffix == ".py" or Path(target).exists()
+                 else create_model(target, num_classes))
+        log(f"{target} at {img_size}x{img_size}, {num_classes} classes")
+        log(f"{'layer':<16}{'type':<20}{'output shape':<20}{'params':>12}")
+        for name, kind, shape, n in layer_table(model, img_size):
+            log(f"{name:<16}{kind:<20}{str(shape):<20}{n:>12,}")
+        log(f"total parameters {count_parameters(model):,}; forward {forward_mflops(model, img_size):,.1f} MFLOPs per image")
+        log("")
+    log(f"| variant | model | parameters | MFLOPs/image ({img_size}x{img_size}) |")
+    log("|---|---|---:|---:|")
+    for name, title, n, mf in variants_table(img_size, num_classes):
+        log(f"| `{name}` | {title} | {n:,} | {mf:,.1f} |")

@@ -1,0 +1,91 @@
+"""Loading the Python files users pass on the command line: model files and transforms files.
+
+A model file defines `build_model(num_classes)` returning an `nn.Module`. A transforms file
+defines `build_transforms()` returning either an `alexnet.augment.Recipe` (run batched on the
+training device) or any callable torchvision transform (run per image in DataLoader workers
+on (3, H, W) uint8 tensors). Every way these files can be wrong ends in a one-line
+`UserError` that names the file and what it must define.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+from torch import nn
+
+from alexnet.augment import Recipe
+from alexnet.errors import UserError
+
+MODEL_CONTRACT = "must define build_model(num_classes) returning a torch.nn.Module"
+TRANSFORMS_CONTRACT = ("must define build_transforms() returning an alexnet.augment.Recipe "
+                       "or a torchvision transform")
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """'line N' of the innermost frame inside the user's file, if any."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if Path(frame.filename).resolve() == path.resolve():
+            return f" (line {frame.lineno})"
+    return ""
+
+
+def load_python_file(path: str | Path, contract: str) -> ModuleType:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; it {contract}")
+    try:
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e.__class__.__name__}); it {contract}") from None
+    try:
+        code = compile(source, str(path), "exec")
+    except SyntaxError as e:
+        raise UserError(f"{path}: syntax error at line {e.lineno}: {e.msg}") from None
+    name = f"alexnet_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    module = ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module  # so that pickling/multiprocessing can find its classes
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:
+        raise UserError(f"{path}: raised {e.__class__.__name__}{_where(e, path)} while loading: {e}") from None
+    return module
+
+
+def _call(path: Path, fn: Callable, what: str, *args):
+    try:
+        return fn(*args)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: {what} raised {e.__class__.__name__}{_where(e, path)}: {e}") from None
+
+
+def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
+    path = Path(path)
+    module = load_python_file(path, MODEL_CONTRACT)
+    build = getattr(module, "build_model", None)
+    if not callable(build):
+        raise UserError(f"{path}: no build_model found; the file {MODEL_CONTRACT}")
+    model = _call(path, build, "build_model(num_classes)", num_classes)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{path}: build_model returned {type(model).__name__}, not a torch.nn.Module; "
+                        f"the file {MODEL_CONTRACT}")
+    return model
+
+
+def load_transforms_file(path: str | Path) -> Recipe | Callable:
+    path = Path(path)
+    module = load_python_file(path, TRANSFORMS_CONTRACT)
+    build = getattr(module, "build_transforms", None)
+    if not callable(build):
+        raise UserError(f"{path}: no build_transforms found; the file {TRANSFORMS_CONTRACT}")
+    t = _call(path, build, "build_transforms()")
+    if not (isinstance(t, Recipe) or callable(t)):
+        raise UserError(f"{path}: build_transforms returned {type(t).__name__}; the file {TRANSFORMS_CONTRACT}")
+    return t

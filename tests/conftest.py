@@ -1,0 +1,54 @@
+"""Shared fixtures: a synthetic TinyImageNet layout, its zip, its prepared cache, and the
+real archive when $TINYIMAGENET_ZIP points to it. Session-scoped fixtures are shared:
+tests must not modify them (copy first)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from alexnet.data import prepare
+from tests.synth import make_tiny_imagenet, make_zip
+
+TINY_COUNTS = (4, 12, 4)  # classes, train per class, val per class of the synthetic set
+
+
+def quiet(*args: object) -> None:
+    """A `log` that prints nothing."""
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny-imagenet-200/ folder of a 4-class synthetic set (12 train, 4 val per class)."""
+    classes, train, val = TINY_COUNTS
+    return make_tiny_imagenet(tmp_path_factory.mktemp("tiny_layout"), classes, train, val)
+
+
+@pytest.fixture(scope="session")
+def tiny_zip(tiny_layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_zip(tiny_layout, tmp_path_factory.mktemp("tiny_zip") / "tiny-imagenet-200.zip")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory prepared from tiny_zip (open it with alexnet.data.open_cache)."""
+    return prepare(tiny_zip, tmp_path_factory.mktemp("tiny_cache"), counts=TINY_COUNTS, workers=1, log=quiet)
+
+
+@pytest.fixture(scope="session")
+def real_zip() -> Path:
+    """The real TinyImageNet-200 archive; skips unless $TINYIMAGENET_ZIP names a file."""
+    path = os.environ.get("TINYIMAGENET_ZIP")
+    if not path or not Path(path).is_file():
+        pytest.skip("set TINYIMAGENET_ZIP to the real tiny-imagenet-200.zip to run this test")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def learnable_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A larger synthetic cache (4 classes, 48 train and 12 val each) for training tests that
+    must learn: enough images for a few batches of 16 per epoch."""
+    layout = make_tiny_imagenet(tmp_path_factory.mktemp("learnable_layout"), 4, 48, 12, seed=3)
+    return prepare(layout, tmp_path_factory.mktemp("learnable_cache"), counts=(4, 48, 12), workers=1, log=quiet)

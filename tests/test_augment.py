@@ -1,0 +1,122 @@
+"""Batched augmentation: the same pixels as a per-image torchvision reference given the same
+random parameters; identity at zero strength; independent parameters per image."""
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from alexnet.augment import RECIPES, BatchAugment, Recipe, as_nchw_uint8
+from alexnet.errors import ConfigError
+
+MEAN, STD = [0.48, 0.45, 0.40], [0.27, 0.26, 0.28]
+EIGVAL = [0.2, 0.02, 0.004]
+EIGVEC = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0].tolist()
+
+
+def batch(n=6, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)  # NHWC, like the cache
+
+
+def make(recipe, size=64, seed=0):
+    return BatchAugment(recipe, size, MEAN, STD, EIGVAL, EIGVEC, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(img, recipe, p, i, size, aug):
+    """One image through torchvision's functional ops with the batch's parameters."""
+    x = img.permute(2, 0, 1).float()  # (3,H,W) 0..255
+    side, pad = aug.frame(x.shape[1])
+    if side != x.shape[1]:
+        x = TF.resize(x[None], [side, side], antialias=False)[0]
+    if pad:
+        x = torch.nn.functional.pad(x[None], [pad] * 4, mode="reflect")[0]
+    x = TF.crop(x, int(p.oy[i]), int(p.ox[i]), size, size)
+    if p.flip[i]:
+        x = TF.horizontal_flip(x)
+    x = x / 255
+    if recipe.brightness:
+        x = TF.adjust_brightness(x, float(p.brightness[i]))
+    if recipe.contrast:
+        x = TF.adjust_contrast(x, float(p.contrast[i]))
+    if recipe.saturation:
+        x = TF.adjust_saturation(x, float(p.saturation[i]))
+    if p.alpha is not None:
+        shift = torch.tensor(EIGVEC) @ (p.alpha[i] * torch.tensor(EIGVAL))
+        x = (x + shift.view(3, 1, 1)).clamp(0, 1)
+    if p.noise is not None:
+        x = (x + p.noise[i]).clamp(0, 1)
+    return TF.normalize(x, MEAN, STD)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("size", [64, 72])
+def test_batched_equals_per_image_reference(name, size):
+    recipe = RECIPES[name]
+    aug = make(recipe, size)
+    x = batch()
+    p = aug.sample(len(x), 64)
+    out = aug(x, train=True, params=p)
+    assert out.shape == (len(x), 3, size, size) and out.dtype == torch.float32
+    for i in range(len(x)):
+        torch.testing.assert_close(out[i], reference(x[i], recipe, p, i, size, aug), atol=2e-4, rtol=1e-4)
+
+
+def test_zero_strength_is_identity():
+    aug = make(Recipe())
+    x = batch()
+    out = aug(x, train=True)
+    expected = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, expected)
+    # Every op at strength zero leaves the pixels unchanged, also when others are on.
+    on = make(Recipe(crop_pad=0, brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0, lighting_std=0.0))
+    torch.testing.assert_close(on(x, train=True), expected)
+
+
+def test_eval_view_is_plain_normalisation():
+    aug = make(RECIPES["combined"])
+    x = batch()
+    torch.testing.assert_close(aug(x, train=False), make(Recipe())(x, train=True))
+
+
+def test_parameters_independent_per_image():
+    aug = make(RECIPES["combined"])
+    x = batch(1).expand(32, -1, -1, -1).contiguous()  # 32 copies of one image
+    out = aug(x, train=True)
+    distinct = {tuple(out[i].flatten()[:50].tolist()) for i in range(len(out))}
+    assert len(distinct) > 16
+    p = aug.sample(256, 64)
+    assert len(set(zip(p.oy.tolist(), p.ox.tolist()))) > 20
+    assert 0.3 < p.flip.float().mean() < 0.7
+    assert p.brightness.min() >= 0.7 and p.brightness.max() <= 1.3 and p.brightness.std() > 0.1
+
+
+def test_same_generator_seed_same_batch():
+    x = batch()
+    assert torch.equal(make(RECIPES["combined"], seed=3)(x), make(RECIPES["combined"], seed=3)(x))
+
+
+def test_ten_crop_views():
+    aug = make(RECIPES["paper"])
+    v = aug.ten_crop(batch(2))
+    assert v.shape == (10, 2, 3, 64, 64)
+    torch.testing.assert_close(v[5:], v[:5].flip(-1))
+
+
+def test_upsampled_geometry():
+    aug = make(RECIPES["paper"], size=224)
+    assert aug(batch(2), train=True).shape == (2, 3, 224, 224)
+    assert aug(batch(2), train=False).shape == (2, 3, 224, 224)
+
+
+def test_bad_input_is_explained():
+    aug = make(Recipe())
+    with pytest.raises(ValueError, match="uint8"):
+        aug(torch.zeros(2, 64, 64, 3))
+    with pytest.raises(ValueError, match="4-d"):
+        aug(torch.zeros(64, 64, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="3 colour channels"):
+        as_nchw_uint8(torch.zeros(2, 64, 64, 4, dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="brightness"):
+        Recipe(brightness=1.5)
+    with pytest.raises(ConfigError, match="eigval"):
+        BatchAugment(Recipe(lighting_std=0.1), 64, MEAN, STD)

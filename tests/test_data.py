@@ -1,0 +1,302 @@
+"""The data layer: cache contents, idempotence, sources, statistics, and a clear one-line
+error for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import alexnet.data as data
+from alexnet.data import default_data_dir, default_source, ensure_cache, open_cache, prepare
+from alexnet.download import OFFICIAL_URL
+from alexnet.errors import DataError, UserError
+from tests.conftest import TINY_COUNTS, quiet
+from tests.synth import class_image, make_image_folder, make_zip, val_labels, wnid
+
+FILES = ("train_x.npy", "train_y.npy", "val_x.npy", "val_y.npy", "classes.json", "manifest.json")
+
+
+def snapshot(d: Path) -> dict[str, tuple[int, int]]:
+    return {f: (os.stat(d / f).st_ino, os.stat(d / f).st_mtime_ns) for f in FILES}
+
+
+def test_cache_contents(tiny_cache: Path, tiny_layout: Path) -> None:
+    cache = open_cache(tiny_cache)
+    c, n_train, n_val = TINY_COUNTS
+    assert cache.train.x.shape == (c * n_train, 64, 64, 3) and cache.train.x.dtype == np.uint8
+    assert cache.val.x.shape == (c * n_val, 64, 64, 3) and cache.val.x.dtype == np.uint8
+    assert cache.train.y.dtype == np.int64 and cache.val.y.dtype == np.int64
+    assert isinstance(cache.train.x, np.memmap)  # mapped, not copied
+    assert cache.num_classes == c and cache.img_size == 64
+    assert cache.wnids == [wnid(k) for k in range(c)]
+    assert cache.names[0] == "synthetic class 0, stripes 0" and cache.names[-1] == wnid(c - 1)  # no words.txt entry
+    assert cache.train.y.tolist() == [k for k in range(c) for _ in range(n_train)]
+    # Val: index k is val_k.JPEG (numeric order, though the annotation rows are shuffled),
+    # labelled from val_annotations.txt.
+    labels = val_labels(tiny_layout)
+    assert cache.val.y.tolist() == [cache.wnids.index(labels[f"val_{k}.JPEG"]) for k in range(c * n_val)]
+    for k in (0, 2, 10, 15):
+        expected = np.asarray(Image.open(tiny_layout / "val" / "images" / f"val_{k}.JPEG").convert("RGB"))
+        np.testing.assert_array_equal(cache.val.x[k], expected)
+    # Train image 1 of class 1 is <wnid>_1.JPEG; image 0 of every class was saved greyscale.
+    expected = np.asarray(Image.open(tiny_layout / "train" / wnid(1) / "images" / f"{wnid(1)}_1.JPEG"))
+    np.testing.assert_array_equal(cache.train.x[n_train + 1], expected)
+    for k in range(c):
+        grey = cache.train.x[k * n_train]
+        assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+        assert not (cache.train.x[k * n_train + 1, ..., 0] == cache.train.x[k * n_train + 1, ..., 1]).all()
+    assert "val_0" in cache.manifest["order"]["val"]
+    assert cache.manifest["counts"] == {"classes": 4, "train": 48, "val": 16, "train_per_class": 12, "val_per_class": 4}
+
+
+def test_stats(tiny_cache: Path) -> None:
+    cache = open_cache(tiny_cache)
+    s = cache.stats
+    mean, std = np.array(s["mean"]), np.array(s["std"])
+    eigval, eigvec = np.array(s["eigval"]), np.array(s["eigvec"])
+    assert mean.shape == std.shape == eigval.shape == (3,) and eigvec.shape == (3, 3)
+    assert ((0 < mean) & (mean < 1)).all() and ((0 < std) & (std < 0.5)).all()
+    np.testing.assert_allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-9)
+    assert (np.diff(eigval) <= 0).all() and eigval[-1] >= 0
+    # Few images: the stats subset is the whole train split, so they are exact.
+    px = cache.train.x.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, px.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(std, px.std(0), rtol=1e-9)
+    np.testing.assert_allclose(eigvec @ np.diag(eigval) @ eigvec.T, np.cov(px.T, bias=True), atol=1e-9)
+
+
+def test_idempotent_then_force(tiny_zip: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    d = prepare(tiny_zip, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+    before = snapshot(d)
+    logs: list[str] = []
+    prepare(tiny_zip, d, counts=TINY_COUNTS, workers=1, log=logs.append)
+    assert any("cache up to date" in m for m in logs) and not any("decoding" in m for m in logs)
+    assert snapshot(d) == before
+    prepare(tiny_zip, d, counts=None, workers=1, log=quiet)  # None accepts any counts: no work
+    assert snapshot(d) == before
+    logs.clear()
+    prepare(tiny_zip, d, counts=TINY_COUNTS, workers=1, force=True, log=logs.append)
+    assert any("decoding" in m for m in logs)
+    after = snapshot(d)
+    assert all(after[f][0] != before[f][0] for f in FILES)  # every file rewritten
+    assert not list(d.glob("*.tmp"))
+    np.testing.assert_array_equal(open_cache(d, verify="full").train.x, open_cache(tiny_cache).train.x)
+
+
+def test_other_sources_same_cache(tiny_layout: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    """The extracted folder (decoded by 2 worker processes) and a zip without the top folder
+    give the same cache, statistics included."""
+    ref = open_cache(tiny_cache)
+    folder = open_cache(prepare(tiny_layout, tmp_path / "f", counts=TINY_COUNTS, workers=2, log=quiet))
+    flat = make_zip(tiny_layout, tmp_path / "flat.zip", top="")
+    rootzip = open_cache(prepare(flat, tmp_path / "z", counts=TINY_COUNTS, workers=1, log=quiet))
+    for other in (folder, rootzip):
+        for split in ("train", "val"):
+            np.testing.assert_array_equal(getattr(other, split).x, getattr(ref, split).x)
+            np.testing.assert_array_equal(getattr(other, split).y, getattr(ref, split).y)
+        assert other.stats == ref.stats and other.wnids == ref.wnids
+
+
+def test_image_folder_source(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=5)
+    cache = open_cache(prepare(root, tmp_path / "c", img_size=32, workers=1, log=quiet))
+    assert cache.train.x.shape == (15, 32, 32, 3) and cache.val.x.shape == (6, 32, 32, 3)
+    assert cache.wnids == cache.names == ["class_a", "class_b", "class_c"]
+    assert cache.train.y.tolist() == [0] * 5 + [1] * 5 + [2] * 5 and cache.val.y.tolist() == [0, 0, 1, 1, 2, 2]
+    # Shorter side to 32, then the centre 32x32 (train/class_a/img0.jpg is 80x60).
+    im = Image.open(root / "train" / "class_a" / "img0.jpg").convert("RGB").resize((43, 32), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(cache.train.x[0], np.asarray(im.crop((6, 0, 38, 32))))
+    assert cache.train.x[1].std() > 0  # the palette PNG became RGB
+    logs: list[str] = []
+    prepare(root, tmp_path / "c", img_size=32, workers=1, log=logs.append)  # counts do not apply
+    assert any("cache up to date" in m for m in logs)
+    flat = make_zip(root, tmp_path / "images.zip", top="")  # the same layout, zipped
+    np.testing.assert_array_equal(open_cache(prepare(flat, tmp_path / "z", img_size=32, workers=1, log=quiet)).val.x,
+                                  cache.val.x)
+
+
+def test_cmyk_becomes_rgb(tiny_layout: Path, tmp_path: Path) -> None:
+    path = f"train/{wnid(2)}/images/{wnid(2)}_3.JPEG"
+    z = mutated_zip(tiny_layout, tmp_path, lambda top: Image.open(top / path).convert("CMYK").save(top / path, quality=95))
+    cache = open_cache(prepare(z, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet))
+    assert cache.train.x[2 * 12 + 3].mean() > 10
+
+
+# -- bad input -------------------------------------------------------------------------
+
+def mutated_zip(tiny_layout: Path, tmp_path: Path, mutate: Callable[[Path], object]) -> Path:
+    top = tmp_path / "src" / "tiny-imagenet-200"
+    shutil.copytree(tiny_layout, top)
+    mutate(top)
+    return make_zip(top, tmp_path / "bad.zip")
+
+
+def _rm(rel: str) -> Callable[[Path], None]:
+    return lambda top: (top / rel).unlink()
+
+
+def _write(rel: str, content: bytes | Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def mutate(top: Path) -> None:
+        old = (top / rel).read_bytes()
+        (top / rel).write_bytes(content(old) if callable(content) else content)
+    return mutate
+
+
+def _resize(rel: str, size: tuple[int, int]) -> Callable[[Path], None]:
+    return lambda top: Image.fromarray(class_image(0, 4, np.random.default_rng(0), size)).save(top / rel)
+
+
+W1 = wnid(1)
+IMG = f"train/{W1}/images/{W1}_5.JPEG"
+ANN = "val/val_annotations.txt"
+BAD_INPUTS = {
+    "missing val_annotations": (_rm(ANN), ["tiny-imagenet-200/val/val_annotations.txt: missing from", "bad.zip"]),
+    "too few train images": (_rm(IMG), [f"train/{W1}/images/", "11 images, expected 12"]),
+    "undecodable jpeg": (_write(IMG, b"this is not a JPEG"), [IMG, "not in an image format"]),
+    "truncated jpeg": (_write(IMG, lambda b: b[: len(b) // 2]), [IMG, "cannot decode"]),
+    "wrong size": (_resize(IMG, (65, 64)), [IMG, "65x64", "expected 64x64"]),
+    "too few classes": (_write("wnids.txt", lambda b: b"\n".join(b.split(b"\n")[1:])), ["wnids.txt", "3 class ids"]),
+    "unknown wnid in val": (_write(ANN, lambda b: b.replace(W1.encode(), b"n12345678", 1)), [ANN, "n12345678", "not in wnids.txt"]),
+    "missing val file": (_rm("val/images/val_7.JPEG"), [ANN, "val_7.JPEG", "missing from val/images"]),
+    "val count": (_write(ANN, lambda b: b.replace(wnid(0).encode(), W1.encode(), 1)), [ANN, "val images, expected 4"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(case: str, tiny_layout: Path, tmp_path: Path) -> None:
+    mutate, needles = BAD_INPUTS[case]
+    z = mutated_zip(tiny_layout, tmp_path, mutate)
+    with pytest.raises(DataError) as e:
+        prepare(z, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+    message = str(e.value)
+    assert "\n" not in message and e.value.__cause__ is None
+    for needle in needles:
+        assert needle in message, message
+    assert not (tmp_path / "c" / "manifest.json").exists() and not list((tmp_path / "c").glob("*.tmp"))
+
+
+def test_bad_image_in_worker_process(tiny_layout: Path, tmp_path: Path) -> None:
+    z = mutated_zip(tiny_layout, tmp_path, _write(IMG, b"garbage"))
+    with pytest.raises(DataError, match=f"{IMG}.*not in an image format"):
+        prepare(z, tmp_path / "c", counts=TINY_COUNTS, workers=2, log=quiet)
+
+
+@pytest.mark.parametrize("content", ["truncated", "text"])
+def test_not_a_zip(content: str, tiny_zip: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.zip"
+    raw = tiny_zip.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2] if content == "truncated" else b"hello")
+    with pytest.raises(DataError, match=r"broken\.zip: not a readable zip archive .*truncated"):
+        prepare(bad, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nope.zip: no such file or folder"):
+        prepare(tmp_path / "nope.zip", tmp_path / "c", log=quiet)
+
+
+def test_failed_rebuild_keeps_old_cache(tiny_cache: Path, tiny_layout: Path, tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    shutil.copytree(tiny_cache, d)
+    before = snapshot(d)
+    z = mutated_zip(tiny_layout, tmp_path, _write(IMG, b"garbage"))
+    with pytest.raises(DataError):
+        prepare(z, d, counts=TINY_COUNTS, workers=1, log=quiet)
+    assert snapshot(d) == before and not list(d.glob("*.tmp"))
+    open_cache(d, verify="full")
+
+
+# -- open_cache --------------------------------------------------------------------------
+
+def test_open_cache_fast_path(tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_hash_file", lambda p: pytest.fail(f"fast path hashed {p}"))
+    t = time.perf_counter()
+    open_cache(tiny_cache)
+    assert time.perf_counter() - t < 0.5
+
+
+def test_copied_cache_is_rehashed_once(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_cache, d, copy_function=shutil.copyfile)  # new mtimes, same bytes
+    os.utime(d / "val_x.npy", ns=(1, 1))  # certain to differ, whatever the clock's resolution
+    open_cache(d)
+    recorded = json.loads((d / "manifest.json").read_text())["files"]["val_x.npy"]["mtime_ns"]
+    assert recorded == 1  # rewritten for the copy
+    monkeypatch.setattr(data, "_hash_file", lambda p: pytest.fail(f"hashed {p} again"))
+    open_cache(d)
+
+
+def test_altered_cache_detected(tiny_cache: Path, tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    shutil.copytree(tiny_cache, d)  # copy2: same mtimes, so the fast path trusts the copy
+    target = d / "val_x.npy"
+    st = target.stat()
+    with open(target, "r+b") as f:
+        f.seek(-16, os.SEEK_END)
+        tail = f.read()
+        f.seek(-16, os.SEEK_END)
+        f.write(bytes(b ^ 0xFF for b in tail))
+    # An edit keeping the old mtime (coarse clocks) passes the fast check; full catches it.
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DataError) as e:
+        open_cache(d, verify="full")
+    assert str(e.value) == (f"{target}: checksum does not match manifest.json (cache changed or "
+                            f"corrupted); run `alexnet prepare --data {d} --force`")
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the usual case: new mtime
+    with pytest.raises(DataError, match="val_x.npy: checksum does not match"):
+        open_cache(d)
+    with open(target, "ab") as f:  # and a size change is caught without any checksum
+        f.write(b"x")
+    with pytest.raises(DataError, match="val_x.npy: .* bytes, manifest.json says"):
+        open_cache(d)
+
+
+def test_missing_or_broken_cache(tmp_path: Path, tiny_cache: Path) -> None:
+    with pytest.raises(DataError, match=r"no prepared data cache.*alexnet prepare --data"):
+        open_cache(tmp_path / "nothing")
+    d = tmp_path / "c"
+    shutil.copytree(tiny_cache, d)
+    (d / "train_y.npy").unlink()
+    with pytest.raises(DataError, match="train_y.npy: missing"):
+        open_cache(d)
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"manifest.json: unreadable.*--force"):
+        open_cache(d)
+
+
+def test_ensure_cache_and_env(tiny_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ALEXNET_DATA", raising=False)
+    monkeypatch.delenv("ALEXNET_SOURCE", raising=False)
+    assert default_data_dir() == Path("data") and default_source() == OFFICIAL_URL
+    monkeypatch.setenv("ALEXNET_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("ALEXNET_SOURCE", str(tiny_zip))
+    logs: list[str] = []
+    cache = ensure_cache(None, log=logs.append, counts=TINY_COUNTS)
+    assert cache.root == tmp_path / "env" and cache.num_classes == 4
+    assert logs[0] == f"no cache in {tmp_path / 'env'}: preparing it from {tiny_zip} first"
+    logs.clear()
+    ensure_cache(None, log=logs.append)
+    assert logs == []
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_archive(real_zip: Path, tmp_path: Path) -> None:
+    d = prepare(real_zip, tmp_path / "real", workers=2, log=quiet)
+    t = time.perf_counter()
+    cache = open_cache(d)
+    assert time.perf_counter() - t < 2
+    assert cache.train.x.shape == (100_000, 64, 64, 3) and cache.val.x.shape == (10_000, 64, 64, 3)
+    assert cache.num_classes == 200
+    assert (np.bincount(cache.train.y, minlength=200) == 500).all()
+    assert (np.bincount(cache.val.y, minlength=200) == 50).all()
+    assert cache.wnids[cache.val.y[0]] == "n03444034"  # val_0.JPEG
+    assert 0.3 < min(cache.stats["mean"]) < max(cache.stats["mean"]) < 0.6

@@ -1,0 +1,50 @@
+"""torchrun with 2 CPU processes (gloo): both ranks train, agree on every metric and weight,
+count each val image once, and the checkpoint loads in a single process."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.inference import run_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DRIVER = textwrap.dedent("""
+    import json, os, sys, torch
+    from alexnet.config import TrainConfig
+    from alexnet.train import fit
+    cache, out, sync_bn = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    r = fit(TrainConfig(variant="combined_gap", data=cache, out=out, device="cpu", num_classes=4, bs=8, epochs=2,
+                        lr=0.05, progress=False, sync_bn=sync_bn), log=lambda *a: None)
+    with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"history": r["history"]}, f)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync_bn", [False, True], ids=["ddp", "ddp-syncbn"])
+def test_torchrun_two_processes(learnable_cache, tmp_path, sync_bn):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           str(driver), str(learnable_cache), str(out), "1" if sync_bn else "0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    strip = lambda h: [{k: v for k, v in row.items() if "seconds" not in k and k != "images_per_s"} for row in h]
+    assert strip(ranks[0]["history"]) == strip(ranks[1]["history"])
+    n_val = len(__import__("numpy").load(learnable_cache / "val_y.npy"))
+    assert all(row["val_n"] == n_val for row in ranks[0]["history"])
+    ck = torch.load(out / "last.pth", weights_only=False)
+    assert ck["config"]["sync_bn"] is sync_bn
+    res = run_evaluate(None, out / "best.pth", data=learnable_cache, device="cpu", log=lambda *a: None)
+    assert res["n"] == n_val
+    best = max(r["val_top1"] for r in ranks[0]["history"])
+    assert abs(res["top1"] - best) < 1e-6

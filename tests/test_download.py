@@ -1,0 +1,174 @@
+"""Downloads against a local HTTP server (127.0.0.1 only) that can cut transfers short,
+honour Range requests, or serve the wrong bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import alexnet.download as dl
+from alexnet.data import open_cache, prepare
+from alexnet.download import download
+from alexnet.errors import DataError
+from tests.conftest import TINY_COUNTS, quiet
+from tests.test_data import snapshot
+
+
+class Server:
+    """Serves `payload` at /tiny-imagenet-200.zip. mode: 'good'; 'cut_first' (the first
+    answer announces the full length but stops halfway, later ones are whole and ignore
+    Range); 'range' (cut first, then 206 answers to Range requests); 'always_cut'; '404'."""
+
+    def __init__(self, payload: bytes, mode: str) -> None:
+        self.payload, self.mode = payload, mode
+        self.ranges: list[str | None] = []  # the Range header of each request
+        self.statuses: list[int] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = 5  # a stuck client cannot hold a handler thread for long
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                first = not server.ranges
+                rng = self.headers.get("Range")
+                server.ranges.append(rng)
+                if server.mode == "404":
+                    server.statuses.append(404)
+                    self.send_error(404)
+                    return
+                start = 0
+                if server.mode == "range" and rng:
+                    start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
+                body = server.payload[start:]
+                server.statuses.append(206 if start else 200)
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.mode == "always_cut" or (first and server.mode in ("cut_first", "range")):
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True  # the client sees the connection end early
+                else:
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/tiny-imagenet-200.zip"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def serve(tiny_zip: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
+    """serve(mode, payload=tiny zip bytes) -> a running Server, shut down after the test."""
+    monkeypatch.setattr(dl, "RETRY_DELAY_S", 0.0)
+    servers: list[Server] = []
+
+    def start(mode: str = "good", payload: bytes | None = None) -> Server:
+        servers.append(Server(tiny_zip.read_bytes() if payload is None else payload, mode))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_prepare_from_url(serve: Callable[..., Server], tiny_zip: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    server = serve()
+    d = prepare(server.url, tmp_path / "c", counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, log=quiet)
+    assert (d / "downloads" / "tiny-imagenet-200.zip").read_bytes() == tiny_zip.read_bytes()
+    assert not list(d.rglob("*.part"))
+    got, ref = open_cache(d), open_cache(tiny_cache)
+    np.testing.assert_array_equal(got.train.x, ref.train.x)
+    np.testing.assert_array_equal(got.val.y, ref.val.y)
+    assert got.manifest["source"]["fingerprint"] == {"url": server.url, "md5": md5_of(tiny_zip)}
+    logs: list[str] = []
+    prepare(server.url, d, counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, log=logs.append)
+    assert any("cache up to date" in m for m in logs) and len(server.ranges) == 1  # no new request
+
+
+def test_wrong_md5_touches_nothing(serve: Callable[..., Server], tiny_zip: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    server = serve()
+    d = tmp_path / "c"
+    shutil.copytree(tiny_cache, d)
+    dest = d / "downloads" / "tiny-imagenet-200.zip"
+    dest.parent.mkdir()
+    dest.write_bytes(b"an older file")
+    before = snapshot(d)
+    wrong = "0" * 32
+    with pytest.raises(DataError) as e:
+        prepare(server.url, d, counts=TINY_COUNTS, md5=wrong, workers=1, log=quiet)
+    message = str(e.value)
+    assert server.url in message and f"expected {wrong}" in message and f"got {md5_of(tiny_zip)}" in message
+    assert dest.read_bytes() == b"an older file" and not list(d.rglob("*.part"))
+    assert snapshot(d) == before
+    open_cache(d, verify="full")
+
+
+def test_retry_after_cut_restarts(serve: Callable[..., Server], tiny_zip: Path, tmp_path: Path) -> None:
+    server = serve("cut_first")
+    dest = download(server.url, tmp_path / "a.zip", md5_of(tiny_zip), retries=2, progress=False, log=quiet)
+    assert dest.read_bytes() == tiny_zip.read_bytes()
+    half = tiny_zip.stat().st_size // 2
+    assert server.ranges == [None, f"bytes={half}-"] and server.statuses == [200, 200]  # Range ignored
+
+
+def test_retry_resumes_with_range(serve: Callable[..., Server], tiny_zip: Path, tmp_path: Path) -> None:
+    server = serve("range")
+    logs: list[str] = []
+    dest = download(server.url, tmp_path / "a.zip", md5_of(tiny_zip), retries=2, progress=False, log=logs.append)
+    assert dest.read_bytes() == tiny_zip.read_bytes()
+    half = tiny_zip.stat().st_size // 2
+    assert server.ranges == [None, f"bytes={half}-"] and server.statuses == [200, 206]
+    assert any(f"resuming at byte {half}" in m for m in logs)
+
+
+def test_always_cut_fails_after_retries(serve: Callable[..., Server], tiny_zip: Path, tmp_path: Path) -> None:
+    server = serve("always_cut")
+    with pytest.raises(DataError, match=r"download failed after 3 attempts \(last: connection closed after \d+ of \d+ bytes\)"):
+        download(server.url, tmp_path / "a.zip", md5_of(tiny_zip), retries=2, progress=False, log=quiet)
+    assert len(server.ranges) == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_http_error_is_not_retried(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve("404")
+    with pytest.raises(DataError, match="HTTP 404"):
+        download(server.url, tmp_path / "a.zip", None, retries=3, progress=False, log=quiet)
+    assert len(server.ranges) == 1
+
+
+def test_existing_dest_with_right_md5_is_kept(serve: Callable[..., Server], tiny_zip: Path, tmp_path: Path) -> None:
+    server = serve()
+    dest = tmp_path / "a.zip"
+    shutil.copyfile(tiny_zip, dest)
+    assert download(server.url, dest, md5_of(tiny_zip), progress=False, log=quiet) == dest
+    assert server.ranges == []
+
+
+def test_unverified_download_warns(serve: Callable[..., Server], tiny_zip: Path, tmp_path: Path) -> None:
+    server = serve()
+    logs: list[str] = []
+    dest = download(server.url, tmp_path / "a.zip", None, progress=False, log=logs.append)
+    assert dest.read_bytes() == tiny_zip.read_bytes()
+    assert any("warning" in m and "unverified" in m for m in logs)

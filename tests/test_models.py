@@ -1,0 +1,156 @@
+"""Every registered variant and every model file: shapes, gradients, one SGD step, parameter
+counts; torchvision equivalence; the paper's LRN and initialisation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from alexnet.errors import ConfigError, UserError
+from alexnet.models import VARIANTS, AlexNet, AlexNetConfig, count_parameters, create_model, paper_lrn
+from alexnet.userfiles import load_model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILES = sorted((ROOT / "models").glob("*.py"))
+
+# The documented table (README, `alexnet summary`), 200 classes.
+PARAMS = {
+    "baseline": 57_823_240,
+    "dropout": 57_823_240,
+    "batchnorm": 57_824_392,
+    "combined": 57_824_392,
+    "combined_small": 21_305_048,
+    "combined_gap": 2_522_248,
+    "paper": 59_100_744,
+}
+
+
+def test_registry_matches_documented_table():
+    assert set(VARIANTS) == set(PARAMS)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains_one_step(name):
+    torch.manual_seed(0)
+    model = create_model(name, 200)
+    assert count_parameters(model) == PARAMS[name]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(4, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (4, 200)
+    torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: {pname} got no gradient"
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_at_224(name):
+    model = create_model(name, 200).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 224, 224)).shape == (2, 200)
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=[p.name for p in MODEL_FILES])
+def test_model_files(path):
+    model = load_model_file(path, 200)
+    assert getattr(model, "variant", None) in VARIANTS
+    assert count_parameters(model) == PARAMS[model.variant]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 200)
+
+
+def test_every_variant_has_a_model_file():
+    built = {load_model_file(p, 10).variant for p in MODEL_FILES}
+    assert built == set(VARIANTS)
+
+
+def test_baseline_equals_torchvision_alexnet():
+    torch.manual_seed(0)
+    ours = create_model("baseline", 1000).eval()
+    assert count_parameters(ours) == 61_100_840
+    tv = torchvision.models.alexnet(num_classes=1000).eval()
+    tv.load_state_dict(ours.state_dict())  # same keys and shapes, strict
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x))
+        x = torch.randn(1, 3, 224, 224)
+        torch.testing.assert_close(ours(x), tv(x))
+
+
+def test_lrn_matches_paper_formula():
+    torch.manual_seed(0)
+    a = torch.randn(2, 12, 5, 5).relu() * 3
+    k, n, alpha, beta = 2.0, 5, 1e-4, 0.75
+    ref = torch.empty_like(a)
+    C = a.shape[1]
+    for i in range(C):
+        lo, hi = max(0, i - n // 2), min(C - 1, i + n // 2)
+        ref[:, i] = a[:, i] / (k + alpha * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
+    torch.testing.assert_close(paper_lrn()(a), ref)
+
+
+def test_paper_model_structure_and_init():
+    torch.manual_seed(0)
+    m = create_model("paper", 200)
+    convs = [l for l in m.features if isinstance(l, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [96, 256, 384, 384, 256]
+    assert (convs[0].kernel_size, convs[0].stride) == ((11, 11), (4, 4))
+    lrn_after = [i for i, l in enumerate(m.features) if isinstance(l, torch.nn.LocalResponseNorm)]
+    assert len(lrn_after) == 2 and all(isinstance(m.features[i + 1], torch.nn.MaxPool2d) for i in lrn_after)
+    pools = [l for l in m.features if isinstance(l, torch.nn.MaxPool2d)]
+    assert all(p.kernel_size == 3 and p.stride == 2 for p in pools)  # overlapping pooling
+    drops = [l.p for l in m.classifier if isinstance(l, torch.nn.Dropout)]
+    assert drops == [0.5, 0.5]
+    linears = [l for l in m.classifier if isinstance(l, torch.nn.Linear)]
+    assert [l.out_features for l in linears] == [4096, 4096, 200]
+    for layer in convs + linears:
+        assert abs(layer.weight.mean().item()) < 1e-3
+        assert abs(layer.weight.std().item() - 0.01) < 1e-3
+    expect_one = [False, True, False, True, True, True, True, False]
+    for layer, one in zip(convs + linears, expect_one):
+        assert torch.all(layer.bias == (1.0 if one else 0.0))
+
+
+def test_unknown_variant_lists_known_names():
+    with pytest.raises(ConfigError, match="known variants: baseline, dropout"):
+        create_model("resnet50")
+
+
+def test_bad_config_raises():
+    with pytest.raises(ConfigError, match="dropout"):
+        AlexNetConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="head"):
+        AlexNetConfig(head="huge")
+
+
+def test_small_stem_keeps_resolution():
+    m = AlexNet(AlexNetConfig(stem="small", norm="batchnorm", head="gap"), 10)
+    assert m.features(torch.randn(1, 3, 64, 64)).shape[-1] == 3
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def _write(tmp_path, text, name="m.py"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,match", [
+    (None, "file not found"),
+    ("def build_model(:\n", "syntax error at line 1"),
+    ("x = 1\n", "no build_model found"),
+    ("def build_model(num_classes):\n    return 42\n", "returned int, not a torch.nn.Module"),
+    ("def build_model(num_classes):\n    raise ValueError('boom')\n", r"raised ValueError \(line 2\): boom"),
+    ("import no_such_module_xyz\n", "raised ModuleNotFoundError"),
+])
+def test_model_file_errors(tmp_path, text, match):
+    p = tmp_path / "missing.py" if text is None else _write(tmp_path, text)
+    with pytest.raises(UserError, match=match) as e:
+        load_model_file(p, 200)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)

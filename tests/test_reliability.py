@@ -1,0 +1,213 @@
+"""Exact resume after SIGKILL, safe interruption, non-finite loss, determinism, and one clear
+error per kind of bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_args(cache, out, *extra):
+    return ["--variant", "combined_gap", "--data", str(cache), "--out", str(out), "--device", "cpu",
+            "--num_classes", "4", "--bs", "16", "--epochs", "3", "--lr", "0.05", "--deterministic",
+            "--no-progress", "--seed", "7", *extra]
+
+
+def strip_times(history):
+    return [{k: v for k, v in r.items() if "seconds" not in k and k != "images_per_s"} for r in history]
+
+
+def assert_same_run(a: Path, b: Path):
+    ca, cb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    assert strip_times(ca["history"]) == strip_times(cb["history"])
+    assert ca["step"] == cb["step"]
+
+
+def test_deterministic_runs_match(learnable_cache, tmp_path):
+    assert main(["train", *run_args(learnable_cache, tmp_path / "a"), "--epochs", "1"]) == 0
+    assert main(["train", *run_args(learnable_cache, tmp_path / "b"), "--epochs", "1"]) == 0
+    assert_same_run(tmp_path / "a" / "last.pth", tmp_path / "b" / "last.pth")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(learnable_cache, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", *run_args(learnable_cache, full)]) == 0
+    # Same run in a child process, saving every 3 steps; killed once it is past epoch 1.
+    cmd = [sys.executable, "-m", "alexnet", "train", *run_args(learnable_cache, cut, "--save-every", "3")]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = child.stdout.readline()
+        if line.startswith("epoch 1/3"):
+            time.sleep(0.3)  # let it get into epoch 2 and save mid-epoch
+            break
+    child.kill()
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    saved = torch.load(cut / "last.pth", weights_only=False)
+    assert saved["epoch"] < 3
+    assert main(["train", *run_args(learnable_cache, cut), "--resume"]) == 0
+    assert_same_run(full / "last.pth", cut / "last.pth")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_prints_resume_command(learnable_cache, tmp_path, sig):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
+           "--epochs", "50"]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in child.stdout:
+        if line.startswith("epoch 1/50"):
+            break
+    child.send_signal(sig)
+    rest = child.stdout.read()
+    child.wait(timeout=60)
+    assert child.returncode == 128 + sig
+    assert f"stopped by {signal.Signals(sig).name}" in rest
+    assert "Resume with: python train.py models/alexnet_combined_gap.py" in rest and rest.rstrip().endswith("--resume")
+    ck = torch.load(out / "last.pth", weights_only=False)
+    assert ck["epoch"] >= 1 and ck["step"] > 0
+
+
+def test_nan_loss_stops_with_reason(learnable_cache, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(["train", "--variant", "baseline", "--data", str(learnable_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "16", "--epochs", "2", "--lr", "1e12", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "loss became" in err and "learning rate" in err and "step" in err
+    assert not (out / "best.pth").exists()
+
+
+# ---- bad input: one line, non-zero exit, nothing overwritten ------------------------------
+
+@pytest.fixture
+def out_with_files(tmp_path):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "best.pth").write_bytes(b"precious")
+    return out
+
+
+def _bad(cache, out, capsys, *args):
+    code = main(["train", "--data", str(cache), "--out", str(out), "--device", "cpu", "--num_classes", "4",
+                 "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert (out / "best.pth").read_bytes() == b"precious"
+    return err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["models/nope.py"], "models/nope.py: file not found"),
+    (["--variant", "alexnet9000"], "unknown variant 'alexnet9000'; known variants: baseline"),
+    (["--variant", "baseline", "--bs", "0"], "--bs must be at least 1, got 0"),
+    (["--variant", "baseline", "--lr", "0"], "--lr must be positive"),
+    (["--variant", "baseline", "--lr", "-0.1"], "--lr must be positive"),
+    (["--variant", "baseline", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--variant", "baseline", "--num_classes", "7"], "--num_classes 7 does not match the data"),
+])
+def test_bad_options(tiny_cache, out_with_files, capsys, args, match):
+    if "--num_classes" in args:
+        code = main(["train", *args, "--data", str(tiny_cache), "--out", str(out_with_files), "--device", "cpu",
+                     "--no-progress"])
+        assert code == 2 and match in capsys.readouterr().err
+        return
+    assert match in _bad(tiny_cache, out_with_files, capsys, *args)
+
+
+def test_transforms_file_that_raises(tiny_cache, out_with_files, capsys, tmp_path):
+    t = tmp_path / "t.py"
+    t.write_text("def build_transforms():\n    raise RuntimeError('no such recipe')\n")
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(t))
+    assert f"{t}: build_transforms() raised RuntimeError (line 2): no such recipe" in err
+
+
+def test_unreadable_model_file(tiny_cache, out_with_files, capsys, tmp_path):
+    m = tmp_path / "m.py"
+    m.write_bytes(b"\xff\xfe\x00garbage")
+    assert f"{m}: cannot read it" in _bad(tiny_cache, out_with_files, capsys, str(m))
+
+
+def test_out_not_writable(tiny_cache, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(blocker / "sub"),
+                 "--device", "cpu", "--num_classes", "4", "--no-progress"])
+    assert code == 2 and "not a writable directory" in capsys.readouterr().err
+
+
+def test_missing_data_path(out_with_files, capsys, tmp_path):
+    err = _bad(tmp_path / "no_such_dir", out_with_files, capsys, "--variant", "baseline")
+    assert "no_such_dir" in err and "does not exist" in err
+
+
+def test_corrupted_cache(tiny_cache, tmp_path, out_with_files, capsys):
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(tiny_cache, copy)
+    with open(copy / "val_x.npy", "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        f.write(b"\x00\xff" * 5)
+    err = _bad(copy, out_with_files, capsys, "--variant", "baseline")
+    assert "val_x.npy" in err
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck")
+    assert main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress"]) == 0
+    return out / "best.pth"
+
+
+def test_truncated_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
+    bad = tmp_path / "trunc.pth"
+    bad.write_bytes(small_ckpt.read_bytes()[:1000])
+    assert main(["evaluate", str(bad), "--data", str(tiny_cache), "--device", "cpu"]) == 2
+    assert f"{bad}: not a readable checkpoint" in capsys.readouterr().err
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(bad)])
+    assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_of_other_variant_or_classes(small_ckpt, tiny_cache, capsys):
+    assert main(["evaluate", str(ROOT / "models/alexnet_bn.py"), str(small_ckpt), "--data", str(tiny_cache),
+                 "--device", "cpu"]) == 2
+    assert "trained as variant 'combined_gap', but the model here is 'batchnorm'" in capsys.readouterr().err
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(small_ckpt.parent / "x"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(small_ckpt),
+                 "--epochs", "2"])
+    assert code == 0  # the same variant resumes
+    from alexnet import checkpoint
+
+    c = checkpoint.load(small_ckpt)
+    with pytest.raises(Exception, match="trained for 4 classes, but the model here has 10"):
+        checkpoint.check_compatible(c, small_ckpt, "combined_gap", 10)
+
+
+def test_predict_non_image(small_ckpt, tmp_path, capsys):
+    txt = tmp_path / "notes.jpg"
+    txt.write_text("not an image")
+    assert main(["predict", str(small_ckpt), str(txt), "--device", "cpu"]) == 2
+    assert f"{txt}: not an image PIL can read" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(tiny_cache, out_with_files, capsys):
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--device", "cuda")
+    assert "--device cuda: CUDA is not available" in err

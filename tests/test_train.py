@@ -1,0 +1,148 @@
+"""Training, evaluation and prediction end to end on small synthetic data, through the seed's
+command line (train.py / evaluate.py) and the package CLI."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "2", "--epochs", "1", "--no-progress"]
+
+
+def train(cache, out, *args):
+    return main(["train", *args, "--data", str(cache), "--out", str(out), *QUICK])
+
+
+@pytest.mark.parametrize("args", [
+    ["models/alexnet_baseline.py"],
+    ["models/alexnet_baseline.py", "--transforms", "utils/transforms_randomcrop.py"],
+    ["models/alexnet_bn.py", "--epochs", "1", "--bs", "16", "--lr", "0.01", "--momentum", "0.9", "--wd", "0.0005"],
+    ["models/alexnet_dropout.py"],
+    ["models/alexnet_combined.py", "--transforms", "utils/transforms_combined.py", "--workers", "0"],
+    ["models/alexnet_combined_small.py", "--transforms", "utils/transforms_pixel.py"],
+    ["models/alexnet_paper.py", "--transforms", "utils/transforms_paper.py"],
+    ["--variant", "combined_gap", "--amp", "--schedule", "onecycle", "--label-smoothing", "0.1"],
+], ids=lambda a: " ".join(a)[:60])
+def test_seed_commands(tiny_cache, tmp_path, monkeypatch, args):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    size = [] if "--bs" in args else ["--bs", "8"]
+    assert main(["train", *args, "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--max-steps", "2", "--epochs", "1", "--no-progress", *size]) == 0
+    for f in ("best.pth", "last.pth", "metrics.csv", "config.json", "curves.png"):
+        assert (out / f).is_file(), f
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 1 and int(rows[0]["val_n"]) == 16
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 1 and cfg["lr"] > 0
+
+
+def test_published_entry_points_as_scripts(tiny_cache, tmp_path):
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, "train.py", "models/alexnet_baseline.py", "--data", str(tiny_cache),
+                        "--out", str(out), *QUICK], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/1" in r.stdout
+    r = subprocess.run([sys.executable, "evaluate.py", "models/alexnet_baseline.py", str(out / "best.pth"),
+                        "--data", str(tiny_cache), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and "top-5" in r.stdout
+
+
+def test_defaults_are_the_published_ones():
+    from alexnet.config import TrainConfig
+
+    c = TrainConfig(model="m.py")
+    assert (c.epochs, c.bs, c.lr, c.momentum, c.wd, c.num_classes, c.workers, c.out, c.device) == \
+        (30, 64, 0.01, 0.9, 0.0005, 200, 2, "results", "auto")
+
+
+@pytest.fixture(scope="module")
+def trained(learnable_cache, tmp_path_factory):
+    """Combined-GAP trained a few epochs on 4 learnable classes."""
+    out = tmp_path_factory.mktemp("trained")
+    code = main(["train", "--variant", "combined_gap", "--data", str(learnable_cache), "--out", str(out),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "16", "--epochs", "6", "--lr", "0.05",
+                 "--schedule", "onecycle", "--no-progress", "--seed", "1"])
+    assert code == 0
+    return out
+
+
+def test_learns_above_chance_and_evaluate_reproduces(trained, learnable_cache, capsys):
+    rows = list(csv.DictReader((trained / "metrics.csv").open()))
+    best = max(rows, key=lambda r: float(r["val_top1"]))
+    assert float(best["val_top1"]) >= 60.0, rows  # chance is 25%
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    capsys.readouterr()
+    assert main(["evaluate", str(trained / "best.pth"), "--data", str(learnable_cache), "--device", "cpu"]) == 0
+    line = capsys.readouterr().out
+    top1 = float(line.split("top-1 ")[1].split("%")[0])
+    assert abs(top1 - float(best["val_top1"])) < 1e-6
+
+
+def test_evaluate_tta_and_per_class(trained, learnable_cache, tmp_path):
+    from alexnet.inference import run_evaluate
+
+    plain = run_evaluate(None, trained / "best.pth", data=learnable_cache, device="cpu", log=lambda *a: None)
+    for tta in ("flip", "10crop"):
+        r = run_evaluate(None, trained / "best.pth", data=learnable_cache, device="cpu", tta=tta, log=lambda *a: None)
+        assert r["n"] == plain["n"] and 0 <= r["top1"] <= 100
+    pc = tmp_path / "pc.csv"
+    run_evaluate("models/alexnet_combined_gap.py" if False else None, trained / "best.pth", data=learnable_cache,
+                 device="cpu", per_class=pc, log=lambda *a: None)
+    lines = pc.read_text().splitlines()
+    assert lines[0].startswith("class,wnid,name,top1,n") and len([l for l in lines[1:5] if l]) == 4
+
+
+def test_predict_prints_top_classes(trained, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    jpg, png = tmp_path / "a.jpg", tmp_path / "b.png"
+    Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(jpg)
+    Image.fromarray(rng.integers(0, 255, (30, 50), dtype=np.uint8)).save(png)  # greyscale, small
+    capsys.readouterr()
+    assert main(["predict", str(trained / "best.pth"), str(jpg), str(png), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("%") == 8  # top-k is capped by the 4 classes
+    from alexnet.inference import run_predict
+
+    res = run_predict(trained / "best.pth", [jpg], device="cpu", log=lambda *a: None)
+    assert abs(sum(p for _, _, p in res[0]) - 1) < 1e-4
+
+
+def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert train(tiny_cache, tmp_path / "tv", "models/alexnet_combined_gap.py",
+                 "--transforms", "examples/transforms_torchvision.py", "--workers", "2") == 0
+    assert (tmp_path / "tv" / "best.pth").is_file()
+
+
+def test_torchvision_path_checks_output(tiny_cache, tmp_path, capsys):
+    bad = tmp_path / "t.py"
+    bad.write_text("def build_transforms():\n    return lambda img: img[0]\n")
+    assert train(tiny_cache, tmp_path / "o", "--variant", "combined_gap", "--transforms", str(bad), "--workers", "0") == 2
+    assert "must return a (3, H, W) tensor" in capsys.readouterr().err
+
+
+def test_img_size_224(tiny_cache, tmp_path):
+    assert main(["train", "--variant", "combined_gap", "--img-size", "224", "--data", str(tiny_cache),
+                 "--out", str(tmp_path), "--device", "cpu", "--num_classes", "4", "--bs", "4", "--max-steps", "1",
+                 "--epochs", "1", "--no-progress"]) == 0
+    assert torch.load(tmp_path / "best.pth", weights_only=False)["img_size"] == 224
+
+
+def test_summary_lists_all_variants(capsys):
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    for name in ("baseline", "combined_gap", "paper"):
+        assert f"`{name}`" in out
+    assert main(["summary", "models/alexnet_baseline.py"]) == 0
+    assert "57,823,240" in capsys.readouterr().out
