@@ -91,7 +91,7 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
     for attempt in range(retries + 1):
         if attempt:
             have = part.stat().st_size if part.exists() else 0
-            log(f"{url}: transfer broken ({error}); retry {attempt} of {retries}"
+            log(f"{url}: attempt failed ({error}); retry {attempt} of {retries}"
                 + (f", resuming at byte {have}" if have else ""))
             time.sleep(RETRY_DELAY_S * attempt)
         try:
@@ -110,7 +110,8 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
         except (http.client.HTTPException, OSError) as e:
             error = f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__
     raise DataError(f"{url}: download failed after {retries + 1} attempts (last: {error}); "
-                    f"check the network, or download the file yourself and pass its path")
+                    f"check the network, or fetch the file another way and pass its path as the "
+                    f"source (--source or $ALEXNET_SOURCE)")
 
 
 def _attempt(url: str, part: Path, progress: bool, timeout: float) -> None:

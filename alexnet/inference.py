@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from alexnet import checkpoint as ckpt_io
 from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import ensure_cache
 from alexnet.errors import CheckpointError, UserError
 from alexnet.loader import to_memory
+from alexnet.sources import load_image_file
 from alexnet.evaluate import TTA, evaluate, logits_for, write_per_class
 from alexnet.models import AlexNet, AlexNetConfig
 from alexnet.train import pick_device
@@ -75,21 +75,7 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """Any image PIL reads -> (size, size, 3) uint8: shorter side to `size`, centre crop,
     the same geometry `prepare` uses for image folders."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not an image PIL can read ({e.__class__.__name__}); expected JPEG, PNG or similar") from None
+    return torch.from_numpy(load_image_file(Path(path), size))
 
 
 @torch.no_grad()

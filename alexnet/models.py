@@ -192,7 +192,8 @@ def create_model(name: str, num_classes: int = 200, **overrides) -> AlexNet:
         raise ConfigError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
     cfg = replace(VARIANTS[name].model, **overrides) if overrides else VARIANTS[name].model
     model = AlexNet(cfg, num_classes)
-    model.variant = name
+    # A modified variant gets its own name, so checkpoints of the two are never confused.
+    model.variant = name + "".join(f"+{k}={v}" for k, v in sorted(overrides.items()))
     return model
 
 

@@ -155,6 +155,9 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "
                           f"({cache.num_classes} classes)")
     if cfg.sync_bn and d.enabled:
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
+                              "leave it out on CPU (each process then keeps its own BatchNorm statistics)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.channels_last:
@@ -284,6 +287,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if cfg.resume:
         epoch, start = _resume(run, state, say)
     metrics = MetricsLog(run.out, enabled=d.main)
+    metrics.write(state["history"])  # after a resume: the files match the checkpoint's history
     if d.main:
         (run.out / "config.json").write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
         say(f"training {run.variant or cfg.model} ({sum(p.numel() for p in run.raw.parameters()):,} parameters) "

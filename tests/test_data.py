@@ -113,7 +113,7 @@ def test_image_folder_source(tmp_path: Path) -> None:
     assert cache.train.y.tolist() == [0] * 5 + [1] * 5 + [2] * 5 and cache.val.y.tolist() == [0, 0, 1, 1, 2, 2]
     # Shorter side to 32, then the centre 32x32 (train/class_a/img0.jpg is 80x60).
     im = Image.open(root / "train" / "class_a" / "img0.jpg").convert("RGB").resize((43, 32), Image.Resampling.BILINEAR)
-    np.testing.assert_array_equal(cache.train.x[0], np.asarray(im.crop((6, 0, 38, 32))))
+    np.testing.assert_array_equal(cache.train.x[0], np.asarray(im.crop((5, 0, 37, 32))))
     assert cache.train.x[1].std() > 0  # the palette PNG became RGB
     logs: list[str] = []
     prepare(root, tmp_path / "c", img_size=32, workers=1, log=logs.append)  # counts do not apply
@@ -163,6 +163,7 @@ BAD_INPUTS = {
     "undecodable jpeg": (_write(IMG, b"this is not a JPEG"), [IMG, "not in an image format"]),
     "truncated jpeg": (_write(IMG, lambda b: b[: len(b) // 2]), [IMG, "cannot decode"]),
     "wrong size": (_resize(IMG, (65, 64)), [IMG, "65x64", "expected 64x64"]),
+    "missing wnids.txt": (_rm("wnids.txt"), ["tiny-imagenet-200/wnids.txt: missing from", "bad.zip"]),
     "too few classes": (_write("wnids.txt", lambda b: b"\n".join(b.split(b"\n")[1:])), ["wnids.txt", "3 class ids"]),
     "unknown wnid in val": (_write(ANN, lambda b: b.replace(W1.encode(), b"n12345678", 1)), [ANN, "n12345678", "not in wnids.txt"]),
     "missing val file": (_rm("val/images/val_7.JPEG"), [ANN, "val_7.JPEG", "missing from val/images"]),

@@ -59,15 +59,16 @@ def test_variant_at_224(name):
 @pytest.mark.parametrize("path", MODEL_FILES, ids=[p.name for p in MODEL_FILES])
 def test_model_files(path):
     model = load_model_file(path, 200)
-    assert getattr(model, "variant", None) in VARIANTS
-    assert count_parameters(model) == PARAMS[model.variant]
+    base = model.variant.split("+")[0]  # "combined_gap+dropout=0.0" modifies a registered variant
+    assert base in VARIANTS
+    assert count_parameters(model) == PARAMS[base]
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 200)
 
 
 def test_every_variant_has_a_model_file():
     built = {load_model_file(p, 10).variant for p in MODEL_FILES}
-    assert built == set(VARIANTS)
+    assert set(VARIANTS) <= built
 
 
 def test_baseline_equals_torchvision_alexnet():

@@ -1,0 +1,167 @@
+"""The ablation runner and its report on tiny synthetic data: the study table, the numbers
+against each run's metrics.csv, resuming a killed study, and `alexnet report` reproducing the
+table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alexnet.ablate import ROWS, STUDY, selected_rows
+from alexnet.augment import RECIPES
+from alexnet.cli import main
+from alexnet.errors import UserError
+from alexnet.metrics import read_csv
+from alexnet.models import VARIANTS, count_parameters, create_model
+from alexnet.report import CSV_COLUMNS, MD_COLUMNS, build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two rows (Baseline: the reference for "Change from Baseline"; Combined-GAP: small and quick),
+# two seeds, one short epoch each.
+STUDY_ARGS = ["--variants", "baseline", "combined_gap", "--seeds", "2", "--epochs", "1", "--bs", "8",
+              "--max-steps", "2", "--device", "cpu"]
+
+
+def test_study_table_is_the_published_one():
+    assert [r.key for r in STUDY] == ["baseline", "randomcrop", "pixel", "dropout", "batchnorm", "combined",
+                                      "combined_small", "combined_gap", "paper"]
+    for r in STUDY:
+        assert r.variant in VARIANTS and r.recipe in RECIPES
+    assert (ROWS["randomcrop"].variant, ROWS["randomcrop"].recipe) == ("baseline", "randomcrop")
+    assert ROWS["combined_small"].title == "Combined-Small" and ROWS["combined_small"].published_top1 == 44.09
+    assert ROWS["combined"].published_top1 is None
+    # Rows run in study order whatever the order given.
+    assert [r.key for r in selected_rows(["paper", "baseline"])] == ["baseline", "paper"]
+    assert len(selected_rows(["all"])) == 9
+    with pytest.raises(UserError, match="unknown row"):
+        selected_rows(["nope"])
+
+
+def test_report_without_finished_runs_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such study folder"):
+        build_report(tmp_path / "missing")
+    (tmp_path / "runs" / "baseline" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "baseline" / "seed0" / "last.pth").write_bytes(b"")  # interrupted, not finished
+    with pytest.raises(UserError, match="no finished runs"):
+        build_report(tmp_path / "runs")
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def _table(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+
+
+def _expected(out: Path, row: str) -> dict:
+    """The row's figures computed independently from the runs' metrics.csv."""
+    per_seed = []
+    for seed in (0, 1):
+        hist = read_csv(out / row / f"seed{seed}" / "metrics.csv")
+        best = max(hist, key=lambda r: r["val_top1"])
+        per_seed.append({"top1": best["val_top1"], "top5": best["val_top5"], "epoch": best["epoch"],
+                         "loss": min(r["train_loss"] for r in hist),
+                         "ips": statistics.mean(r["images_per_s"] for r in hist)})
+    top1 = [s["top1"] for s in per_seed]
+    return {"top1_mean": statistics.mean(top1), "top1_std": statistics.stdev(top1),
+            "top5_mean": statistics.mean(s["top5"] for s in per_seed),
+            "epoch_of_best": statistics.mean(s["epoch"] for s in per_seed),
+            "train_loss_best": statistics.mean(s["loss"] for s in per_seed),
+            "images_per_s": statistics.mean(s["ips"] for s in per_seed)}
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_and_report_reproduces_the_table(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["ablate", "--data", str(tiny_cache), "--out", str(out), *STUDY_ARGS]
+    first = out / "baseline" / "seed0" / "done.json"
+
+    # 1. Start the study in a process of its own and SIGKILL it once the first run is done.
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "alexnet", *args], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not first.exists():
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()
+                assert time.monotonic() < deadline, "the first run did not finish in time"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "results.md").exists()
+    first_mtime = first.stat().st_mtime_ns
+
+    # 2. The same command again: the first run is skipped, the rest done, the table written.
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Baseline seed 0: skipped (done)" in printed
+    assert first.stat().st_mtime_ns == first_mtime
+    for row in ("baseline", "combined_gap"):
+        for seed in (0, 1):
+            d = json.loads((out / row / f"seed{seed}" / "done.json").read_text())
+            assert d["seed"] == seed and d["config"]["seed"] == seed and d["wall_seconds"] > 0
+            assert d["config"]["variant"] == ROWS[row].variant and d["config"]["recipe"] == ROWS[row].recipe
+            assert d["best_top1"] == max(r["val_top1"] for r in read_csv(out / row / f"seed{seed}" / "metrics.csv"))
+    for f in ("results.md", "results.csv", "results.json", "val_top1.png", "best_top1.png"):
+        assert (out / f).stat().st_size > 0, f
+
+    # 3. The table: its rows and columns, and numbers equal to those of the runs' metrics.csv.
+    md = (out / "results.md").read_text()
+    table = _table(md)
+    assert table[0] == MD_COLUMNS
+    assert [r[0] for r in table[1:]] == ["Baseline", "Combined-GAP"]
+    col = {name: i for i, name in enumerate(MD_COLUMNS)}
+    assert table[1][col["Published top-1 (%)"]] == "30.32" and table[2][col["Published top-1 (%)"]] == "—"
+    assert table[1][col["Change from Baseline (points)"]] == "+0.00"
+    assert "1 epoch" in md and "2 seeds" in md and "batch 8" in md and "device cpu" in md
+
+    with (out / "results.csv").open() as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert list(next(csv.reader((out / "results.csv").open()))) == CSV_COLUMNS
+    results = json.loads((out / "results.json").read_text())
+    assert [r["row"] for r in results["rows"]] == ["baseline", "combined_gap"]
+    assert results["budget"]["epochs"] == 1 and results["budget"]["seeds"] == 2 and results["budget"]["bs"] == 8
+    expected = {row: _expected(out, row) for row in ("baseline", "combined_gap")}
+    for jr in results["rows"]:
+        e, cr = expected[jr["row"]], rows[jr["row"]]
+        for k, v in e.items():
+            assert jr[k] == pytest.approx(v, abs=1e-9), k
+            assert float(cr[k]) == pytest.approx(v, abs=1e-9), k
+        assert jr["val_error"] == pytest.approx(100 - e["top1_mean"])
+        assert jr["change_from_baseline"] == pytest.approx(e["top1_mean"] - expected["baseline"]["top1_mean"])
+        assert jr["params"] == count_parameters(create_model(ROWS[jr["row"]].variant, 4))
+        i = 1 if jr["row"] == "baseline" else 2
+        assert table[i][col["Top-1 (%)"]] == f"{e['top1_mean']:.2f} ± {e['top1_std']:.2f}"
+        assert table[i][col["Val error (%)"]] == f"{100 - e['top1_mean']:.2f}"
+
+    # 4. Other settings in the same folder are refused instead of mixed into one table.
+    assert main([*args, "--lr", "0.02"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+    # 5. An interrupted run (last.pth, no done.json) is resumed, not redone.
+    gap1 = out / "combined_gap" / "seed1"
+    before = json.loads((gap1 / "done.json").read_text())
+    (gap1 / "done.json").unlink()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Combined-GAP seed 1: resumed" in printed and printed.count("skipped (done)") == 3
+    after = json.loads((gap1 / "done.json").read_text())
+    assert after["history"] == before["history"] and after["resumed"]
+
+    # 6. `alexnet report` rebuilds the same table from the finished runs.
+    md = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    r = subprocess.run([sys.executable, "-m", "alexnet", "report", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "results.md").read_text() == md
+    assert "| Combined-GAP |" in r.stdout
