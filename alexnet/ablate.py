@@ -86,6 +86,10 @@ def add_ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wd", type=float, default=d["wd"], help=f"weight decay (default {d['wd']})")
     p.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"],
                    help=f"learning-rate schedule (default {d['schedule']})")
+    p.add_argument("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", type=float,
+                   default=d["warmup_epochs"], help=f"linear warm-up in epochs (default {d['warmup_epochs']})")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d["nesterov"],
+                   help="Nesterov momentum (default off)")
     p.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float,
                    default=d["label_smoothing"], help=f"label smoothing (default {d['label_smoothing']})")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"],
@@ -116,6 +120,7 @@ def run_config(a: argparse.Namespace, row: StudyRow, seed: int, num_classes: int
     """The one place where a row's run is configured: only variant, recipe, seed and out vary."""
     return TrainConfig(variant=row.variant, recipe=row.recipe, data=a.data, out=str(run_dir(a.out, row, seed)),
                        epochs=a.epochs, bs=a.bs, lr=a.lr, momentum=a.momentum, wd=a.wd, schedule=a.schedule,
+                       warmup_epochs=a.warmup_epochs, nesterov=a.nesterov,
                        label_smoothing=a.label_smoothing, amp=a.amp, device=a.device, img_size=a.img_size,
                        max_steps=a.max_steps, workers=a.workers, num_classes=num_classes, seed=seed,
                        progress=False).validate()

@@ -14,7 +14,15 @@ from pathlib import Path
 def _prepare(a: argparse.Namespace) -> int:
     from alexnet.data import default_data_dir, prepare
 
-    counts = None if a.counts == "any" else tuple(int(c) for c in a.counts.split(","))
+    from alexnet.errors import UserError
+
+    try:
+        counts = None if a.counts == "any" else tuple(int(c) for c in a.counts.split(","))
+    except ValueError:
+        counts = ()
+    if counts is not None and (len(counts) != 3 or min(counts) < 1):
+        raise UserError(f"--counts must be CLASSES,TRAIN_PER_CLASS,VAL_PER_CLASS (positive integers) or 'any', "
+                        f"got {a.counts!r}")
     prepare(a.source, Path(a.data) if a.data else default_data_dir(), counts=counts, img_size=a.img_size,
             md5=a.md5, workers=a.workers, force=a.force)
     return 0

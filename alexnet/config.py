@@ -109,7 +109,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON file of config keys; command-line options override it")
     for f in fields(TrainConfig):
         meta = f.metadata
-        kw: dict[str, Any] = {"help": meta["help"], "default": argparse.SUPPRESS}
+        default = f.default if f.default is not MISSING else None
+        shown = f" (default: {default})" if default not in (None, "") else ""
+        kw: dict[str, Any] = {"help": meta["help"] + shown, "default": argparse.SUPPRESS}
         if meta.get("positional"):
             p.add_argument(f.name, nargs="?", metavar="MODEL_FILE", **kw)
             continue

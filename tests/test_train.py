@@ -146,3 +146,15 @@ def test_summary_lists_all_variants(capsys):
         assert f"`{name}`" in out
     assert main(["summary", "models/alexnet_baseline.py"]) == 0
     assert "57,823,240" in capsys.readouterr().out
+
+
+def test_prepare_command(tiny_zip, tmp_path, capsys):
+    assert main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts", "4,12,4",
+                 "--workers", "1"]) == 0
+    assert (tmp_path / "c" / "manifest.json").is_file()
+    assert main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts", "4,12,4"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    # The official counts are the default: a 4-class archive is refused with a one-line reason.
+    assert main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "d"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "wnids.txt" in err and "\n" not in err
