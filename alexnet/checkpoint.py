@@ -83,10 +83,15 @@ def rng_state(aug_generator: torch.Generator | None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], aug_generator: torch.Generator | None) -> None:
+    """Restore what fits this machine. Training reseeds augmentation and dropout every step
+    from (seed, rank, step), so exact resume does not depend on these; a checkpoint made on
+    another device (a CUDA generator's state does not fit a CPU one) still resumes."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if aug_generator is not None and state.get("aug") is not None:
-        aug_generator.set_state(state["aug"])
+    aug = state.get("aug")
+    if aug_generator is not None and aug is not None and aug.numel() == aug_generator.get_state().numel():
+        aug_generator.set_state(aug)

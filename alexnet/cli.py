@@ -39,6 +39,10 @@ def _train(a: argparse.Namespace) -> int:
 def _evaluate(a: argparse.Namespace) -> int:
     from alexnet.inference import run_evaluate
 
+    from alexnet.errors import UserError
+
+    if len(a.paths) > 2:
+        raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT, got {len(a.paths)} paths: {' '.join(a.paths)}")
     model, ckpt = (a.paths[0], a.paths[1]) if len(a.paths) == 2 else (None, a.paths[0])
     run_evaluate(model, ckpt, data=a.data, device=a.device, bs=a.bs, tta=a.tta, per_class=a.per_class, amp=a.amp)
     return 0

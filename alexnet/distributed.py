@@ -52,13 +52,13 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
-    """True on every rank if it is true on any: ranks must agree before stopping together."""
+def any_ranks(flags: list[bool], d: Dist, device: torch.device) -> list[bool]:
+    """Several flags at once, each true on every rank if true on any (one all-reduce)."""
     if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier(d: Dist) -> None:

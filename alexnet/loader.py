@@ -9,6 +9,7 @@ DataLoader workers, then normalises on the device. Both are deterministic functi
 
 from __future__ import annotations
 
+import signal
 import warnings
 from typing import Callable, Iterator
 
@@ -80,6 +81,11 @@ class _PerImage(Dataset):
         return self.transform(img), int(self.y[j])
 
 
+def _worker_init(_: int) -> None:
+    # Ctrl-C is for the main process, which saves a checkpoint and stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class PerImageBatches:
     """Training batches for a torchvision transform, run per image in DataLoader workers."""
 
@@ -88,10 +94,24 @@ class PerImageBatches:
         self.x, self.y, self.transform, self.augment = x, y, transform, augment
         self.bs, self.workers, self.seed, self.source = bs, workers, seed, source
 
-    def __call__(self, order: torch.Tensor, start: int, epoch: int = 0):
+    def probe(self) -> None:
+        """Run the transform once in this process, so that a transform that raises or returns
+        the wrong thing fails here with a one-line error, not inside a worker or collate."""
+        img = torch.from_numpy(np.array(self.x[0])).permute(2, 0, 1)
+        try:
+            out = self.transform(img)
+        except Exception as e:
+            raise UserError(f"{self.source}: the transform raised {e.__class__.__name__} on a (3, H, W) uint8 "
+                            f"image: {e}") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[0] != 3:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(f"{self.source}: the transform must return a (3, H, W) tensor, got {got}")
+
+    def __call__(self, order: torch.Tensor, start: int, epoch: int = 0, rank: int = 0):
         order = order[start * self.bs:]
-        ds = _PerImage(self.x, self.y, self.transform, order, (self.seed * 1_000_003 + epoch) * 10_000_019 + start * self.bs)
-        dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True,
+        base = ((self.seed * 1_000_003 + epoch) * 1_009 + rank) * 10_000_019 + start * self.bs
+        ds = _PerImage(self.x, self.y, self.transform, order, base)
+        dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True, worker_init_fn=_worker_init,
                         persistent_workers=False, pin_memory=self.augment.device.type == "cuda")
         for xb, yb in dl:
             yield self.finish(xb), yb.to(self.augment.device, non_blocking=True)

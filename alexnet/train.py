@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -143,10 +144,16 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         except OSError as e:
             raise UserError(f"--out {out}: not a writable directory ({e.strerror})") from None
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        # cuBLAS needs a fixed workspace to be deterministic; a few CUDA backward kernels
+        # (adaptive average pooling) have no deterministic version: PyTorch warns about them.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.manual_seed(cfg.seed)
     model, variant = build_model(cfg)
     transform, source = build_transforms(cfg, variant)
+    if not cfg.resume and (out / "last.pth").exists():
+        raise UserError(f"--out {out}: holds a previous run (last.pth); continue it with --resume, "
+                        "or choose another --out (nothing was overwritten)")
     if cfg.data and not Path(cfg.data).exists():
         raise UserError(f"--data {cfg.data}: directory does not exist; create the cache with "
                         f"`alexnet prepare --data {cfg.data}` or leave --data out to use ./data")
@@ -172,6 +179,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         batches = FastBatches(to_memory(cache.train.x, device), torch.from_numpy(np.array(cache.train.y)).to(device), augment, cfg.bs)
     else:
         batches = PerImageBatches(cache.train.x, cache.train.y, transform, augment, cfg.bs, cfg.workers, cfg.seed, source)
+        batches.probe()
     train_n = len(cache.train.y)
     steps = (train_n // d.world) // cfg.bs
     if steps == 0:
@@ -209,6 +217,7 @@ def checkpoint_state(run: Run, epoch: int, batch: int, state: dict) -> dict:
         "meters": dict(state["meters"]),
         "history": list(state["history"]),
         "rng": ckpt_io.rng_state(run.aug_gen),
+        "world": run.dist.world,
         "config": run.cfg.to_dict(),
         "recipe": run.recipe,
         "transforms": run.transforms_source,
@@ -221,57 +230,93 @@ def checkpoint_state(run: Run, epoch: int, batch: int, state: dict) -> dict:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, float]:
-    """One SGD step on a normalised batch; returns (logits, loss). A non-finite loss is
-    returned before the update, so the weights stay those of the last good step."""
+               cfg: TrainConfig, device: torch.device, check: Callable[[torch.Tensor], bool] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One SGD step on a normalised batch; returns (logits, loss), or None without updating
+    the weights when `check(loss)` says to stop (non-finite loss, or a stop request)."""
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     with autocast(device, cfg.amp):
         logits = model(x.contiguous(memory_format=fmt))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-    loss_value = loss.item()  # one sync a step: the bar, the NaN check and the meters need it
-    if not math.isfinite(loss_value):
-        return logits, loss_value
+    if check is not None and check(loss):
+        return None
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return logits, loss_value
+    return logits, loss
+
+
+def _flush(acc: torch.Tensor, m: dict) -> None:
+    """Move the device-side sums (loss, correct, n) into the meters dict."""
+    loss, correct, n = acc.tolist()
+    m["loss"] += loss
+    m["correct"] += int(correct)
+    m["n"] += int(n)
+    acc.zero_()
 
 
 def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callable[[int, int], None]) -> bool:
     """Train from batch `start` to the end of the epoch. Returns False if a signal stopped it
-    (after `last.pth` was saved at the step boundary)."""
+    (after `last.pth` was saved at the step boundary).
+
+    The host reads the loss only every `every` steps (each step on the CPU, where it costs
+    nothing; every 25 on CUDA, so the GPU queue never drains): that is when a non-finite loss
+    and a stop request are checked, agreed across ranks, and shown on the progress bar.
+    """
     cfg, d, m = run.cfg, run.dist, state["meters"]
     run.model.train()
     it = run.batches(run.order(epoch), start) if isinstance(run.batches, FastBatches) \
-        else run.batches(run.order(epoch), start, epoch)
+        else run.batches(run.order(epoch), start, epoch, d.rank)
+    every = 1 if run.device.type == "cpu" else 25
+    plain = d.main and cfg.progress and not sys.stderr.isatty()
     bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                leave=False, disable=not (d.main and cfg.progress and sys.stderr.isatty()), dynamic_ncols=True)
+    acc = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss sum, correct, n
+    last = {"loss": float("nan"), "stop": False}
+
+    def check(loss: torch.Tensor) -> bool:
+        value = loss.item()
+        bad, stop = distributed.any_ranks([not math.isfinite(value), bool(run.stop_signal)], d, run.device)
+        if bad:
+            raise NonFiniteLoss(f"loss became {value if not math.isfinite(value) else 'non-finite on another rank'} "
+                                f"at epoch {epoch + 1}, step {state['step']} (lr {run.opt.param_groups[0]['lr']:.3g}): "
+                                f"the learning rate is probably too high; the last good checkpoint is "
+                                f"{run.out / 'last.pth'}")
+        last.update(loss=value, stop=stop)
+        return stop
+
     t0 = time.perf_counter()
     for b in range(start, run.steps_per_epoch):
         seed_step(cfg.seed, d.rank, state["step"], run.aug_gen)
         x, y = next(it)
-        logits, loss_value = train_step(run.model, run.opt, x, y, cfg, run.device)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"loss became {loss_value} at epoch {epoch + 1}, step {state['step']} "
-                                f"(lr {run.opt.param_groups[0]['lr']:.3g}): the learning rate is probably too high; "
-                                f"the last good checkpoint is {run.out / 'last.pth'}")
+        checking = (b - start) % every == 0 or b == run.steps_per_epoch - 1
+        out = train_step(run.model, run.opt, x, y, cfg, run.device, check if checking else None)
+        if out is None:  # stop requested: save the position before this step and leave
+            m["seconds"] += time.perf_counter() - t0
+            _flush(acc, m)
+            save(epoch, b)
+            bar.close()
+            return False
+        logits, loss = out
         if run.per_step:
             run.sched.step()
         state["step"] += 1
-        m["loss"] += loss_value * len(y)
-        m["correct"] += (logits.argmax(1) == y).sum().item()
-        m["n"] += len(y)
+        acc += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                            torch.tensor(float(len(y)), dtype=torch.float64, device=run.device)])
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{m['n'] * d.world / (time.perf_counter() - t0 + m['seconds']):.0f}")
-        stop = distributed.any_rank(bool(run.stop_signal), d, run.device)
-        if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
+        if checking:
+            rate = (m["n"] + acc[2].item()) * d.world / (time.perf_counter() - t0 + m["seconds"])
+            bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{rate:.0f}")
+            if plain and (b + 1) % max(1, run.steps_per_epoch // 10) < every:
+                print(f"epoch {epoch + 1}/{cfg.epochs} step {b + 1}/{run.steps_per_epoch} "
+                      f"loss {last['loss']:.4f} {rate:.0f} img/s", flush=True)
+        if cfg.save_every and state["step"] % cfg.save_every == 0:
             m["seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
+            _flush(acc, m)
             save(epoch, b + 1)
-            if stop:
-                bar.close()
-                return False
     m["seconds"] += time.perf_counter() - t0
+    _flush(acc, m)
     bar.close()
     return True
 
@@ -296,8 +341,14 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}")
 
     def save(ep: int, batch: int, best: bool = False) -> None:
+        # Every rank takes part: the epoch's partial meters are summed over ranks first, so
+        # that rank 0's checkpoint holds the whole run's progress (rank 0 restores them).
+        m = state["meters"]
+        sums = torch.tensor([m["loss"], m["correct"], m["n"]], dtype=torch.float64, device=run.device)
+        loss_sum, correct, n = distributed.all_reduce_sum(sums, d).tolist()
         if d.main:
-            obj = checkpoint_state(run, ep, batch, state)
+            obj = checkpoint_state(run, ep, batch, {**state, "meters": {**m, "loss": loss_sum, "correct": int(correct),
+                                                                         "n": int(n)}})
             ckpt_io.save_atomic(obj, run.out / "last.pth")
             if best:
                 ckpt_io.save_atomic(obj, run.out / "best.pth")
@@ -363,6 +414,7 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
     path = Path(run.out / "last.pth" if run.cfg.resume == "auto" else run.cfg.resume)
     c = ckpt_io.load(path)
     ckpt_io.check_compatible(c, path, run.variant, run.cfg.num_classes)
+    _check_same_trajectory(c, path, run)
     ckpt_io.load_weights(run.raw, c["model"], path)
     try:
         run.opt.load_state_dict(c["optimizer"])
@@ -371,7 +423,7 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
         raise UserError(f"{path}: optimizer/scheduler state does not fit this run ({e})") from None
     ckpt_io.set_rng_state(c["rng"], run.aug_gen)
     state.update(step=c["step"], best_top1=c["best_top1"], best_epoch=c["best_epoch"],
-                 history=list(c["history"]), meters=dict(c["meters"]))
+                 history=list(c["history"]), meters=dict(c["meters"]) if run.dist.main else _fresh_meters())
     # batch == steps_per_epoch: saved after the last step of an epoch, before its evaluation;
     # train_one_epoch then does nothing and the evaluation runs.
     epoch, batch = c["epoch"], c["batch"]
@@ -379,10 +431,37 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
     return epoch, batch
 
 
+# Settings that decide the sequence of batches, augmentations and updates: a resumed run must
+# keep them, or it would continue a different run. (--epochs may grow; --out, --device and
+# the like do not change the maths.)
+TRAJECTORY = ("seed", "bs", "lr", "momentum", "wd", "nesterov", "schedule", "warmup_epochs", "label_smoothing",
+              "transforms", "recipe", "img_size", "max_steps", "amp")
+
+
+def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:
+    saved, now = c["config"], run.cfg.to_dict()
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY if saved.get(k) != now[k]]
+    if c.get("world", 1) != run.dist.world:
+        diff.append(f"processes {c.get('world', 1)} -> {run.dist.world}")
+    if diff:
+        raise UserError(f"{path}: the run was made with other settings ({'; '.join(diff)}); "
+                        "resume with the same settings, or start a new run in another --out")
+
+
 def resume_command(cfg: TrainConfig) -> str:
     """The command line that continues this run: the same arguments plus --resume."""
-    args, argv = sys.argv[1:], []
-    i = 0
+    args = sys.argv[1:]
+    prog = Path(sys.argv[0])
+    if prog.name == "train.py":
+        head = "python train.py"
+    else:
+        head = "alexnet train"
+        if args[:1] == ["train"]:
+            args = args[1:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        head = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} " + \
+            ("train.py" if prog.name == "train.py" else "-m alexnet train")
+    argv, i = [], 0
     while i < len(args):
         a = args[i]
         if a == "--resume":
@@ -391,5 +470,4 @@ def resume_command(cfg: TrainConfig) -> str:
         if not a.startswith("--resume="):
             argv.append(a)
         i += 1
-    head = "python train.py" if Path(sys.argv[0]).name == "train.py" else "alexnet train"
     return " ".join([head, *argv, "--resume"])

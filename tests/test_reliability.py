@@ -191,7 +191,7 @@ def test_checkpoint_of_other_variant_or_classes(small_ckpt, tiny_cache, capsys):
     assert "trained as variant 'combined_gap', but the model here is 'batchnorm'" in capsys.readouterr().err
     code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(small_ckpt.parent / "x"),
                  "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(small_ckpt),
-                 "--epochs", "2"])
+                 "--epochs", "2", "--max-steps", "1"])
     assert code == 0  # the same variant resumes
     from alexnet import checkpoint
 
@@ -211,3 +211,49 @@ def test_predict_non_image(small_ckpt, tmp_path, capsys):
 def test_cuda_requested_without_cuda(tiny_cache, out_with_files, capsys):
     err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--device", "cuda")
     assert "--device cuda: CUDA is not available" in err
+
+
+def test_resume_command_for_each_entry_point(monkeypatch):
+    from alexnet.train import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/alexnet", "train", "--variant", "bn", "--resume", "x.pth", "--bs", "8"])
+    assert resume_command(None) == "alexnet train --variant bn --bs 8 --resume"
+    monkeypatch.setattr(sys, "argv", ["train.py", "models/alexnet_bn.py", "--out", "r"])
+    assert resume_command(None) == "python train.py models/alexnet_bn.py --out r --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(None).startswith("torchrun --nproc_per_node=2 train.py models/alexnet_bn.py")
+
+
+def test_resume_with_other_settings_is_refused(small_ckpt, tiny_cache, tmp_path, capsys):
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "16", "--max-steps", "1", "--no-progress",
+                 "--resume", str(small_ckpt)])
+    err = capsys.readouterr().err
+    assert code == 2 and "made with other settings (--bs 8 -> 16)" in err
+
+
+def test_fresh_run_does_not_overwrite_a_previous_one(small_ckpt, tiny_cache, capsys):
+    out = small_ckpt.parent
+    before = (out / "best.pth").read_bytes()
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress"])
+    assert code == 2 and "holds a previous run" in capsys.readouterr().err
+    assert (out / "best.pth").read_bytes() == before
+
+
+def test_torchvision_transform_that_fails_when_applied(tiny_cache, out_with_files, capsys, tmp_path):
+    t = tmp_path / "t.py"
+    t.write_text("def build_transforms():\n    return lambda img: img.float() / 0 + undefined_name\n")
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(t), "--workers", "0")
+    assert f"{t}: the transform raised NameError" in err
+
+
+def test_rng_state_from_another_device_is_skipped():
+    from alexnet import checkpoint
+
+    g = torch.Generator()
+    state = checkpoint.rng_state(g)
+    state["aug"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
+    checkpoint.set_rng_state(state, g)  # no error: training reseeds these every step anyway
