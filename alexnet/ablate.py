@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alexnet.config import DEVICES, SCHEDULES, TrainConfig, defaults
+from alexnet.atomic import write_text_atomic
 from alexnet.errors import UserError
 
 
@@ -127,19 +126,8 @@ def run_config(a: argparse.Namespace, row: StudyRow, seed: int, num_classes: int
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers see the old file or the new one (see alexnet.atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:

@@ -28,7 +28,7 @@ import torch
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
-from alexnet.loader import to_memory, FastBatches, epoch_order, seed_step
+from alexnet.loader import to_memory, FastBatches, epoch_order, step_seed
 from alexnet.distributed import Dist
 from alexnet.models import VARIANTS, create_model
 from alexnet.train import build_optimizer, pick_device, train_step
@@ -146,7 +146,9 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         train_step(model, opt, xs, ys, cfg, dev)
 
     def project():
-        seed_step(0, 0, state["step"], gen)
+        s = step_seed(0, 0, state["step"])
+        gen.manual_seed(s)
+        torch.manual_seed(s)
         state["step"] += 1
         try:
             xb, yb = next(state["it"])

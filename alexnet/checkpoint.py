@@ -8,34 +8,22 @@ variant and settings, the augmentation recipe, normalisation statistics and clas
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from alexnet.atomic import write_atomic
 from alexnet.errors import CheckpointError
 
 FORMAT = 1
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename into place: a
-    crash at any moment leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file and a rename (see alexnet.atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path) -> dict[str, Any]:

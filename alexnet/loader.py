@@ -42,12 +42,10 @@ def epoch_order(n: int, seed: int, epoch: int, d: Dist, bs: int) -> torch.Tensor
     return perm[d.rank::d.world][:per_rank]
 
 
-def seed_step(seed: int, rank: int, step: int, aug_gen: torch.Generator) -> None:
-    """Seed every random stream a step uses from (seed, rank, step): augmentation and dropout
-    then depend only on where the run is, which makes resume exact without replaying."""
-    s = (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
-    aug_gen.manual_seed(s)
-    torch.manual_seed(s)
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of every random stream a step uses (augmentation, dropout): a function of
+    (seed, rank, step) only, which makes resume exact without replaying anything."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
 class FastBatches:

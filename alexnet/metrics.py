@@ -10,17 +10,19 @@ import csv
 import os
 from pathlib import Path
 
+from alexnet.atomic import write_atomic
+
 COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_n", "lr",
            "epoch_seconds", "train_seconds", "images_per_s"]
 
 
 def write_csv(path: Path, history: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, path)
+
+    write_atomic(path, write, binary=False)
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from alexnet.atomic import write_text_atomic
 from alexnet.ablate import DONE, STUDY, StudyRow, read_json, write_json_atomic
 from alexnet.errors import UserError
 
@@ -154,19 +155,6 @@ def budget(found: list[tuple[StudyRow, list[dict]]]) -> dict:
 
 
 # -- writing -----------------------------------------------------------------------------
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
@@ -301,8 +289,8 @@ def build_report(runs_dir: Path, log=print) -> dict:
     rows = summarise(found)
     b = budget(found)
     md = markdown(rows, b)
-    _write_text_atomic(runs_dir / "results.md", md)
-    _write_text_atomic(runs_dir / "results.csv", _csv_text(rows))
+    write_text_atomic(runs_dir / "results.md", md)
+    write_text_atomic(runs_dir / "results.csv", _csv_text(rows))
     result = _finite({"budget": b, "rows": rows})
     write_json_atomic(runs_dir / "results.json", result)
     plot(rows, runs_dir)

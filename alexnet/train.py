@@ -31,7 +31,7 @@ from alexnet.config import TrainConfig
 from alexnet.data import Cache, ensure_cache
 from alexnet.errors import ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
-from alexnet.loader import FastBatches, PerImageBatches, epoch_order, seed_step, to_memory
+from alexnet.loader import FastBatches, PerImageBatches, epoch_order, step_seed, to_memory
 from alexnet.metrics import MetricsLog
 from alexnet.models import VARIANTS, AlexNet, create_model
 from alexnet.userfiles import load_model_file, load_transforms_file
@@ -287,8 +287,10 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
 
     t0 = time.perf_counter()
     for b in range(start, run.steps_per_epoch):
-        seed_step(cfg.seed, d.rank, state["step"], run.aug_gen)
+        s = step_seed(cfg.seed, d.rank, state["step"])
+        run.aug_gen.manual_seed(s)
         x, y = next(it)
+        torch.manual_seed(s)  # dropout; after the batch, which a per-image transform may have reseeded
         checking = (b - start) % every == 0 or b == run.steps_per_epoch - 1
         out = train_step(run.model, run.opt, x, y, cfg, run.device, check if checking else None)
         if out is None:  # stop requested: save the position before this step and leave

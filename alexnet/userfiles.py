@@ -9,7 +9,6 @@ on (3, H, W) uint8 tensors). Every way these files can be wrong ends in a one-li
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import traceback
 from pathlib import Path

@@ -1,0 +1,49 @@
+"""The fast path against slow references: the same training run fed by the batched path and
+by a per-image DataLoader reaches the same loss; the benchmark runs and reports its ratios."""
+
+import argparse
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.bench import _jpeg_folder, _reference_loader, add_bench_args, run_bench
+from alexnet.cli import main
+from alexnet.augment import RECIPES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(cache, out, *extra):
+    assert main(["train", str(ROOT / "models" / "alexnet_bn_gap.py"), "--data", str(cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "16", "--epochs", "2", "--lr", "0.05", "--no-progress",
+                 "--seed", "3", *extra]) == 0
+    return [float(r["train_loss"]) for r in csv.DictReader((out / "metrics.csv").open())]
+
+
+def test_fast_and_per_image_paths_train_alike(learnable_cache, tmp_path):
+    identity = tmp_path / "identity.py"
+    identity.write_text("def build_transforms():\n    return lambda img: img  # per-image path, no augmentation\n")
+    fast = _train(learnable_cache, tmp_path / "fast", "--recipe", "baseline")
+    slow = _train(learnable_cache, tmp_path / "slow", "--transforms", str(identity), "--workers", "0")
+    # Same batches, same seeds, no dropout: only float rounding of the normalisation differs.
+    assert fast == pytest.approx(slow, rel=1e-3, abs=1e-3)
+
+
+def test_bench_prints_ratios(capsys):
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--variants", "combined_gap", "--bs", "8", "--steps", "1", "--rounds", "1", "--no-reference",
+                      "--device", "cpu"])
+    rows = run_bench(a, log=print)
+    out = capsys.readouterr().out
+    assert rows[0]["variant"] == "combined_gap" and rows[0]["model"] > 0 and rows[0]["project"] > 0
+    assert "(2)/(1)" in out
+
+
+def test_reference_pipeline_yields_normalised_batches(tmp_path):
+    folder = _jpeg_folder(None, tmp_path / "jpeg", per_class=2, classes=3)
+    stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    x, y = next(_reference_loader(folder, RECIPES["combined"], 4, stats))
+    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32 and y.max() < 3
