@@ -41,6 +41,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bs", type=int, default=256, help="batch size of the project's path (1) and (2)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for (1) and (2)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for (1) and (2) (compilation happens in the warm-up)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -131,6 +133,8 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model, fused=True)
+    if a.compile:
+        model = torch.compile(model)  # shares the parameters the optimizer already holds
     gen = torch.Generator(device=dev)
     aug = BatchAugment(recipe, 64, stats["mean"], stats["std"], stats.get("eigval"), stats.get("eigvec"), device=dev, generator=gen)
     xs = aug(x[:a.bs], train=True)
@@ -198,7 +202,8 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     x, y, stats = _source(a.data)
     dev = pick_device(a.device)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
-        f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}; "
+        f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
+        f"compile={a.compile}; "
         f"(3): batch {a.reference_bs}, fp32, ImageFolder+PIL+DataLoader(2 workers); "
         f"data: {a.data or 'synthetic'}; median of {a.rounds} interleaved rounds of {a.steps} steps")
     rows = []

@@ -3,6 +3,7 @@ command line (train.py / evaluate.py) and the package CLI."""
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,14 @@ def test_prepare_command(tiny_zip, tmp_path, capsys):
     assert main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "d"), "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "wnids.txt" in err and "\n" not in err
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_trains_and_saves_a_plain_checkpoint(tiny_cache, tmp_path, capsys):
+    # The compiled wrapper prefixes parameter names with `_orig_mod.`; checkpoints must not,
+    # or an uncompiled `evaluate` could not load them.
+    assert train(tiny_cache, tmp_path, "--variant", "combined_gap", "--compile") == 0
+    state = torch.load(tmp_path / "best.pth", weights_only=False)["model"]
+    assert not any(k.startswith("_orig_mod.") for k in state)
+    assert main(["evaluate", str(tmp_path / "best.pth"), "--data", str(tiny_cache), "--device", "cpu"]) == 0
+    assert "top-1" in capsys.readouterr().out
