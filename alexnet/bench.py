@@ -8,8 +8,11 @@ process and interleaved (A B C A B C ...) so that drift of a shared machine canc
                 over JPEG files, PIL transforms, DataLoader with 2 workers, at the published
                 defaults (batch 64, fp32) unless told otherwise.
 
-Each figure is the median over rounds of images / wall seconds for `--steps` steps after
-warm-up. Ratios (2)/(1) and (2)/(3) are printed per variant.
+(1) and (2) alternate step by step (A B, then B A, ...), and (2)/(1) is the median of the
+per-pair ratios: on a shared machine, throughput drifts by tens of percent within seconds,
+which blocks of steps did not cancel. (3) runs in blocks of `--steps` steps (its DataLoader
+workers prefetch, so single steps would not measure it), one block per round between the pairs.
+Each mode's figure is the median of its images / wall seconds; (2)/(3) is the ratio of those.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for (1) and (2) (compilation happens in the warm-up)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--steps", type=int, default=5,
+                   help="per round: alternating (1)/(2) step pairs, and the steps of one block of (3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; medians over all of them are reported")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--data", help="a prepared cache for (2) (default: a synthetic in-memory cache)")
     p.add_argument("--jpeg-zip", help="TinyImageNet zip whose train JPEGs feed (3) (default: synthetic JPEGs)")
@@ -117,10 +121,21 @@ def _reference_loader(folder: Path, recipe: Recipe, bs: int, stats: dict):
 
 
 def _timed(step, steps: int, bs: int) -> float:
+    """Images per second over `steps` calls of `step`."""
     t = time.perf_counter()
     for _ in range(steps):
         step()
     return steps * bs / (time.perf_counter() - t)
+
+
+def _paired(a, b, pairs: int, bs: int) -> tuple[list[float], list[float]]:
+    """Per-step images/s of a and b, alternating which runs first so neither always follows
+    the same thing."""
+    fa, fb = [], []
+    for i in range(pairs):
+        for fn, out in ((a, fa), (b, fb)) if i % 2 == 0 else ((b, fb), (a, fa)):
+            out.append(_timed(fn, 1, bs))
+    return fa, fb
 
 
 def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print) -> dict:
@@ -179,12 +194,15 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         fn(), fn()
     sync()
     for _ in range(a.rounds):
-        for k, (fn, bs) in modes.items():
-            sync()
-            figures[k].append(_timed(lambda: (fn(), sync()), a.steps, bs))
+        fm, fp = _paired(lambda: (model_only(), sync()), lambda: (project(), sync()), a.steps, a.bs)
+        figures["model"] += fm
+        figures["project"] += fp
+        if "typical" in modes:
+            fn, bs = modes["typical"]
+            figures["typical"].append(_timed(lambda: (fn(), sync()), a.steps, bs))
     med = {k: statistics.median(v) for k, v in figures.items()}
     row = {"variant": name, **{k: round(v, 1) for k, v in med.items()},
-           "project/model": med["project"] / med["model"]}
+           "project/model": statistics.median(p / m for p, m in zip(figures["project"], figures["model"]))}
     if "typical" in med:
         row["project/typical"] = med["project"] / med["typical"]
     log(f"{name:<15} " + "  ".join(f"({i}) {k} {med[k]:8.1f}" for i, k in enumerate(modes, 1) if k in med)
@@ -205,7 +223,8 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
         f"compile={a.compile}; "
         f"(3): batch {a.reference_bs}, fp32, ImageFolder+PIL+DataLoader(2 workers); "
-        f"data: {a.data or 'synthetic'}; median of {a.rounds} interleaved rounds of {a.steps} steps")
+        f"data: {a.data or 'synthetic'}; {a.rounds} rounds of {a.steps} alternating (1)/(2) steps"
+        + ("" if a.no_reference else f" and {a.steps} steps of (3)"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")

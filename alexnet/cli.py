@@ -152,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from alexnet.errors import UserError
+    from alexnet.allocator import keep_freed_memory
 
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except UserError as e:

@@ -59,7 +59,8 @@ class FastBatches:
         order = order.to(self.x.device)
         for b in range(start, len(order) // self.bs):
             idx = order[b * self.bs:(b + 1) * self.bs]
-            yield self.augment(self.x[idx], train=True), self.y[idx].to(dev, non_blocking=True)
+            # the augmentation reads the batch's images straight out of the cache
+            yield self.augment(self.x, train=True, ids=idx), self.y[idx].to(dev, non_blocking=True)
 
 
 class _PerImage(Dataset):
@@ -119,11 +120,14 @@ class PerImageBatches:
         if not isinstance(xb, torch.Tensor) or xb.dim() != 4 or xb.shape[1] != 3:
             shape = tuple(xb.shape[1:]) if isinstance(xb, torch.Tensor) else type(xb).__name__
             raise UserError(f"{self.source}: the transform must return a (3, H, W) tensor, got {shape}")
+        unit = 1 / 255 if xb.dtype == torch.uint8 else 1.0
         xb = xb.to(self.augment.device, non_blocking=True)
-        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
         if xb.shape[-1] != self.augment.size or xb.shape[-2] != self.augment.size:
-            xb = F.interpolate(xb, size=(self.augment.size,) * 2, mode="bilinear", align_corners=False)
-        return self.augment.normalize(xb).contiguous(memory_format=torch.channels_last)
+            xb = F.interpolate(xb.float(), size=(self.augment.size,) * 2, mode="bilinear", align_corners=False)
+        elif xb.dtype != torch.uint8:
+            xb = xb.float()
+        # uint8 batches go through the very arithmetic of the fast path (same rounding)
+        return self.augment.normalize(xb.contiguous(memory_format=torch.channels_last), unit)
 
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, bs: int, d: Dist) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

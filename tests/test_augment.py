@@ -61,6 +61,17 @@ def test_batched_equals_per_image_reference(name, size):
         torch.testing.assert_close(out[i], reference(x[i], recipe, p, i, size, aug), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("train", [True, False])
+def test_reading_from_the_cache_by_ids_equals_gathering_first(name, train):
+    aug = make(RECIPES[name])
+    cache = batch(40)
+    ids = torch.tensor([3, 17, 3, 39, 0, 22])
+    p = aug.sample(len(ids), 64)
+    torch.testing.assert_close(aug(cache, train=train, params=p, ids=ids), aug(cache[ids], train=train, params=p),
+                               atol=0, rtol=0)
+
+
 def test_zero_strength_is_identity():
     aug = make(Recipe())
     x = batch()
@@ -120,3 +131,22 @@ def test_bad_input_is_explained():
         Recipe(brightness=1.5)
     with pytest.raises(ConfigError, match="eigval"):
         BatchAugment(Recipe(lighting_std=0.1), 64, MEAN, STD)
+
+
+def test_noise_is_gaussian_independent_and_seeded():
+    recipe = Recipe(noise_std=0.05)
+    aug = make(recipe)
+    p = aug.sample(64, 64)
+    n = p.noise
+    assert n.shape == (64, 3, 64, 64) and n.is_contiguous(memory_format=torch.channels_last)
+    # Each image's noise has the recipe's std and no mean, and images get different noise.
+    assert torch.allclose(n.std(dim=(1, 2, 3)), torch.full((64,), 0.05), rtol=0.05)
+    assert n.mean(dim=(1, 2, 3)).abs().max() < 0.005
+    flat = n.permute(0, 2, 3, 1).reshape(64, -1)
+    corr = torch.corrcoef(flat)
+    assert (corr - torch.eye(64)).abs().max() < 0.1
+    # Neighbouring pixels of one image are uncorrelated (no smoothing, no repeats).
+    assert torch.corrcoef(torch.stack([flat[:, :-3].flatten(), flat[:, 3:].flatten()]))[0, 1].abs() < 0.02
+    # The draw is a function of the generator's seed only.
+    torch.testing.assert_close(make(recipe, seed=5).sample(8, 64).noise, make(recipe, seed=5).sample(8, 64).noise)
+    assert not torch.equal(make(recipe, seed=5).sample(8, 64).noise, make(recipe, seed=6).sample(8, 64).noise)

@@ -22,6 +22,10 @@ def test_augmentation_matches_cpu(name):
     p = cpu.sample(16, 64)
     p_gpu = type(p)(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()})
     torch.testing.assert_close(gpu(x.cuda(), params=p_gpu).cpu(), cpu(x, params=p), atol=1e-4, rtol=1e-4)
+    # the training path reads the batch straight out of a cache held on the GPU
+    ids = torch.arange(15, -1, -1)
+    cache = x.flip(0).contiguous().cuda()
+    torch.testing.assert_close(gpu(cache, params=p_gpu, ids=ids.cuda()).cpu(), cpu(x, params=p), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -27,7 +27,8 @@ def test_fast_and_per_image_paths_train_alike(learnable_cache, tmp_path):
     identity.write_text("def build_transforms():\n    return lambda img: img  # per-image path, no augmentation\n")
     fast = _train(learnable_cache, tmp_path / "fast", "--recipe", "baseline")
     slow = _train(learnable_cache, tmp_path / "slow", "--transforms", str(identity), "--workers", "0")
-    # Same batches, same seeds, no dropout: only float rounding of the normalisation differs.
+    # Same batches, same seeds, no dropout, and the same normalisation arithmetic for uint8
+    # batches on both paths (training at lr 0.05 amplifies even last-bit differences).
     assert fast == pytest.approx(slow, rel=1e-3, abs=1e-3)
 
 

@@ -257,3 +257,19 @@ def test_rng_state_from_another_device_is_skipped():
     state["aug"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
     state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
     checkpoint.set_rng_state(state, g)  # no error: training reseeds these every step anyway
+
+
+def test_allocator_settings_respect_the_user(monkeypatch):
+    import platform
+    import sys
+
+    from alexnet.allocator import keep_freed_memory
+
+    monkeypatch.setenv("ALEXNET_MALLOC", "default")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("ALEXNET_MALLOC")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user tunes glibc: leave it alone
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert keep_freed_memory() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
