@@ -180,10 +180,6 @@ class BatchAugment:
         return windows.index_select(0, start).view(n, s, s, 3).permute(0, 3, 1, 2)
 
     # -- the ops -----------------------------------------------------------------------
-    def crops_in_place(self, h: int) -> bool:
-        """Whether geometry can read crops straight out of the cache (no resize needed)."""
-        return self.frame(h)[0] == h
-
     def geometry(self, x: torch.Tensor, p: Params, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Resize (if the recipe scales or the size differs), reflect-pad, crop and flip.
 
@@ -251,7 +247,7 @@ class BatchAugment:
             w = x.shape[3]
             rows, scale, shift = _rows(x), scale.view(3).repeat(w), self.shift.view(3).repeat(w)
             out = rows.mul_(scale) if inplace else torch.mul(rows, scale)
-            return out.add_(shift).view(x.shape[0], x.shape[2], w, 3).permute(0, 3, 1, 2)
+            return _from_pixels(out.add_(shift), x.shape)
         return torch.addcmul(self.shift, x, scale)
 
     def __call__(self, x: torch.Tensor, train: bool = True, params: Params | None = None,
@@ -263,7 +259,7 @@ class BatchAugment:
         x = as_nchw_uint8(x)
         if ids is not None:
             ids = ids.to(x.device)
-            if not (train and self.crops_in_place(x.shape[2]) and x.device == self.device):
+            if not train or x.device != self.device:  # geometry reads training crops by ids
                 x, ids = _take(x, ids), None
         x = x.to(self.device, non_blocking=True)
         if train:
@@ -324,7 +320,7 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def _from_pixels(v: torch.Tensor, shape) -> torch.Tensor:
-    """(N, H*W, 3) pixel rows -> (N,3,H,W) with channels_last strides (a view)."""
+    """NHWC memory (pixel rows or (N, H, W*3) rows) -> (N,3,H,W) with channels_last strides (a view)."""
     n, c, h, w = shape
     return v.view(n, h, w, c).permute(0, 3, 1, 2)
 

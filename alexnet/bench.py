@@ -1,5 +1,5 @@
 """`alexnet bench`: training images/s of three ways to feed the same model, measured in one
-process and interleaved (A B C A B C ...) so that drift of a shared machine cancels.
+process and interleaved so that drift of a shared machine cancels (see below).
 
   (1) model   : the training step alone on one synthetic batch already in memory;
   (2) project : the project's full training path: index gather from the in-memory uint8
