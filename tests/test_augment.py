@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from alexnet.augment import RECIPES, BatchAugment, Recipe, as_nchw_uint8
+from alexnet.augment import RECIPES, BatchAugment, Recipe, _window, as_nchw_uint8
 from alexnet.errors import ConfigError
 
 MEAN, STD = [0.48, 0.45, 0.40], [0.27, 0.26, 0.28]
@@ -150,3 +150,11 @@ def test_noise_is_gaussian_independent_and_seeded():
     # The draw is a function of the generator's seed only.
     torch.testing.assert_close(make(recipe, seed=5).sample(8, 64).noise, make(recipe, seed=5).sample(8, 64).noise)
     assert not torch.equal(make(recipe, seed=5).sample(8, 64).noise, make(recipe, seed=6).sample(8, 64).noise)
+
+
+def test_noise_window_copy_equals_view():
+    # CUDA reads the noise window by a device-side copy (no host sync), the CPU by a view.
+    table, start = torch.randn(1000), torch.tensor([123])
+    view = _window(table, start, 300, copy=False)
+    assert view.data_ptr() == table[123:].data_ptr()
+    assert torch.equal(_window(table, start, 300, copy=True), view)
