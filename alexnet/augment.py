@@ -189,11 +189,14 @@ class BatchAugment:
 
         x: (N,3,H,W) uint8, or with `ids` (N,) the whole cache (M,3,H,W) the N images are read
         from. Returns (N,3,S,S) with channels_last strides: uint8 when no resize was needed,
-        else float in 0..255. The whole crop is one `index_select` of 3-value pixels out of the
-        NHWC memory; which image, reflection and flip all live in the pixel ids, so neither the
-        batch nor a padded copy is made, no per-image Python runs, and the result is already in
-        the layout the model reads. (Per-element advanced indexing was 5x slower on the CPU;
-        selecting rows, then columns, needed two transposing copies and was 2.5x slower.)
+        else float in 0..255. Two reads, no per-image Python: an `index_select` of whole
+        source rows (W*3 contiguous values each) out of the NHWC memory, which image and the
+        vertical reflection folded into the row ids; then a `gather` of each image's columns
+        (horizontal reflection and flip folded into one index per image, shared by its rows)
+        out of that small buffer. Neither the batch nor a padded copy is made, and the result
+        is already in the layout the model reads. On two CPU cores, for 256 images from the
+        real cache: 3.1 ms, against 4.0 ms for one `index_select` of single pixels out of
+        the cache (1M 3-byte copies, each a cache miss) and more for per-element indexing.
         """
         h = x.shape[2]
         side, pad = self.frame(h)
@@ -204,16 +207,18 @@ class BatchAugment:
             x = F.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=False)
         if pad == 0 and side == self.size and not self.recipe.flip:
             return x if ids is None else _take(x, ids)
-        ar = torch.arange(self.size, device=x.device)
+        s, dev = self.size, x.device
+        ar = torch.arange(s, device=dev)
         rows = _reflect(p.oy[:, None] + ar - pad, side)  # (N, S) source rows
         cols_fwd = p.ox[:, None] + ar
         cols = _reflect(torch.where(p.flip[:, None], cols_fwd.flip(1), cols_fwd) - pad, side)  # (N, S)
-        image = torch.arange(n, device=x.device) if ids is None else ids
+        image = torch.arange(n, device=dev) if ids is None else ids
         rows = rows + image[:, None] * side  # rows of the whole batch (or cache)
-        pixels = (rows * side)[:, :, None] + cols[:, None, :]  # (N, S, S) pixel ids
         nhwc = x.permute(0, 2, 3, 1).contiguous()  # a view for the cache's NHWC batches
-        out = nhwc.view(-1, c).index_select(0, pixels.flatten())  # (N*S*S, C)
-        return out.view(n, self.size, self.size, c).permute(0, 3, 1, 2)
+        picked = nhwc.view(-1, side * c).index_select(0, rows.flatten()).view(n, s, side * c)
+        values = (cols[:, :, None] * c + torch.arange(c, device=dev)).view(n, 1, s * c)  # (N, 1, S*C)
+        out = torch.gather(picked, 2, values.expand(n, s, s * c))
+        return out.view(n, s, s, c).permute(0, 3, 1, 2)
 
     def photometric(self, x: torch.Tensor, p: Params) -> tuple[torch.Tensor, bool]:
         """x: (N,3,S,S) channels_last, uint8 or float in 0..255 -> (float, clamp): torchvision's
