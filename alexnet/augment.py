@@ -168,10 +168,11 @@ class BatchAugment:
         than all the other augmentation together; a view of a table drawn once costs nothing,
         and the add reads it in place. Every pixel is still N(0, std^2), independent of the
         other pixels of its image and of the other images of its batch (disjoint windows);
-        batches differ by their offsets (the "shared noise table" of Salimans et al., 2017,
-        "Evolution Strategies as a Scalable Alternative to RL"). The table comes from a fixed
-        CPU seed: the same on every device, run and resume. It holds one batch of noise plus
-        2**22 values of room for the offset (29 MB for 256 images of 64 x 64).
+        batches differ by their offsets: overlapping windows, shifted against each other (the
+        "shared noise table" of Salimans et al., 2017, "Evolution Strategies as a Scalable
+        Alternative to RL"). The table comes from a fixed CPU seed: the same on every device,
+        run and resume. It holds one batch of noise plus 2**22 values of room for the offset
+        (29 MB for 256 images of 64 x 64).
         """
         s = self.size
         need = n * s * s * 3
@@ -225,8 +226,9 @@ class BatchAugment:
         order and formulas, clamped to [0, 1] after each op as torchvision does, except that
         the last op's clamp is left to `normalize` (clamp=True), where it costs no extra pass.
 
-        Every op runs in place on one float copy, as few passes over memory as the formulas
-        allow: the batch is ~12 MB of float32 at 256 x 64 x 64, each pass ~0.4 ms on two cores."""
+        As few passes over memory as the formulas allow, in place on one float copy (saturation
+        writes a new one): the batch is ~12 MB of float32 at 256 x 64 x 64, each pass ~0.4 ms
+        on two cores."""
         r = self.recipe
         # A plain uint8 -> float copy, then an in-place multiply: a mixed-dtype multiply
         # (uint8 * float) runs the slow casting loop, 1.5 ms against 0.9 ms for both.
@@ -240,7 +242,7 @@ class BatchAugment:
             c = p.contrast.view(-1, 1, 1, 1)
             # mean of the grayscale image = the NHWC memory . luma weights repeated per pixel
             # / pixels: one matrix-vector product over the batch (the reduction was 2x slower).
-            mean = (_flat(x) @ self._luma_pattern(x)).view(-1, 1, 1, 1)
+            mean = (_rows(x).flatten(1) @ self._luma_pattern(x)).view(-1, 1, 1, 1)
             x.mul_(c).add_((1 - c) * mean)
             pending = True
         if r.saturation > 0:
@@ -371,11 +373,6 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
     """(N,3,H,W) -> its (N, H*W, 3) pixel rows (a view when x is channels_last)."""
     n, c, h, w = x.shape
     return x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(N,3,H,W) channels_last -> its memory as (N, H*W*3) (a view)."""
-    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
 
 def _from_pixels(v: torch.Tensor, shape) -> torch.Tensor:
