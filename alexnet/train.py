@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
+from alexnet.allocator import release_free_memory
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
 from alexnet.data import Cache, ensure_cache
 from alexnet.errors import ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
 from alexnet.loader import FastBatches, PerImageBatches, epoch_order, step_seed, to_memory
-from alexnet.metrics import MetricsLog
+from alexnet.metrics import MetricsLog, peak_memory_mib
 from alexnet.models import VARIANTS, AlexNet, create_model
 from alexnet.userfiles import load_model_file, load_transforms_file
 
@@ -372,9 +373,12 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 state["best_top1"], state["best_epoch"] = row["val_top1"], ep + 1
             save(ep + 1, 0, best=improved)
             metrics.write(state["history"])
+            peak = f"peak {row['peak_rss_mib'] / 1024:.2f} GiB RSS"  # this process, so far
+            if row["peak_gpu_mib"]:
+                peak += f", {row['peak_gpu_mib'] / 1024:.2f} GiB GPU"
             say(f"epoch {ep + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_top1']:.2f}% | "
                 f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% | "
-                f"lr {row['lr']:.3g} | {row['epoch_seconds']:.0f}s, {row['images_per_s']:.0f} img/s"
+                f"lr {row['lr']:.3g} | {row['epoch_seconds']:.0f}s, {row['images_per_s']:.0f} img/s | {peak}"
                 + (" | best" if improved else ""))
     finally:
         for s, h in previous.items():
@@ -397,8 +401,10 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     sums = distributed.all_reduce_sum(sums, run.dist).cpu()
     loss_sum, correct, n = sums.tolist()
     t = time.perf_counter()
+    release_free_memory()  # evaluation's batches do not stack on training's free blocks...
     val = evaluate(run.model, run.val_x, run.val_y, run.augment, run.dist, amp=run.cfg.amp,
                    channels_last=run.cfg.channels_last)
+    release_free_memory()  # ...nor the other way round (README, Speed, Memory)
     eval_s = time.perf_counter() - t
     lr = run.opt.param_groups[0]["lr"]
     if not run.per_step:
@@ -406,7 +412,7 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     row = {"epoch": ep + 1, "train_loss": loss_sum / n, "train_top1": 100 * correct / n, "val_loss": val["loss"],
            "val_top1": val["top1"], "val_top5": val["top5"], "val_n": val["n"], "lr": lr,
            "epoch_seconds": m["seconds"] + eval_s, "train_seconds": m["seconds"],
-           "images_per_s": n / m["seconds"] if m["seconds"] > 0 else 0.0}
+           "images_per_s": n / m["seconds"] if m["seconds"] > 0 else 0.0, **peak_memory_mib(run.device)}
     state["history"].append(row)
     state["meters"] = _fresh_meters()
     return row

@@ -53,6 +53,12 @@ def test_published_entry_points_as_scripts(tiny_cache, tmp_path):
                         "--out", str(out), *QUICK], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "epoch 1/1" in r.stdout
+    # each epoch reports the process's peak memory, in its line and in metrics.csv
+    row = next(csv.DictReader((out / "metrics.csv").open()))
+    peak = float(row["peak_rss_mib"])
+    assert f"peak {peak / 1024:.2f} GiB RSS" in r.stdout and float(row["peak_gpu_mib"]) == 0
+    if sys.platform.startswith("linux"):
+        assert peak > 100  # PyTorch alone takes more
     r = subprocess.run([sys.executable, "evaluate.py", "models/alexnet_baseline.py", str(out / "best.pth"),
                         "--data", str(tiny_cache), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -170,3 +176,24 @@ def test_compile_trains_and_saves_a_plain_checkpoint(tiny_cache, tmp_path, capsy
     assert not any(k.startswith("_orig_mod.") for k in state)
     assert main(["evaluate", str(tmp_path / "best.pth"), "--data", str(tiny_cache), "--device", "cpu"]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+def test_metrics_of_an_older_checkpoint_without_memory_columns(tmp_path):
+    # A run resumed from a checkpoint made before the peak-memory columns existed: its old
+    # rows are written with those cells empty, and read back without them.
+    from alexnet.metrics import read_csv, write_csv
+
+    old = {"epoch": 1, "train_loss": 5.0, "train_top1": 1.0, "val_loss": 5.1, "val_top1": 1.5, "val_top5": 6.0,
+           "val_n": 16, "lr": 0.01, "epoch_seconds": 3.0, "train_seconds": 2.5, "images_per_s": 40.0}
+    new = {**old, "epoch": 2, "peak_rss_mib": 900.0, "peak_gpu_mib": 0.0}
+    write_csv(tmp_path / "metrics.csv", [old, new])
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert rows == [old, new]
+
+
+def test_peak_memory_script(tiny_cache):
+    r = subprocess.run([sys.executable, "scripts/peak_memory.py", "--variant", "combined_gap", "--steps", "2",
+                        "--data", str(tiny_cache), "--", "--device", "cpu", "--num_classes", "4", "--bs", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/1" in r.stdout and "combined_gap: peak resident set" in r.stdout
