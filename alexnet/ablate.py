@@ -203,6 +203,9 @@ def _free_memory() -> None:
     gc.collect()
     import torch
 
+    from alexnet.allocator import release_free_memory
+
+    release_free_memory()  # the finished run's free heap would otherwise stay resident
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
-
-import torch
 
 from alexnet.atomic import write_atomic
 
@@ -19,24 +16,10 @@ COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top
            "epoch_seconds", "train_seconds", "images_per_s", "peak_rss_mib", "peak_gpu_mib"]
 
 
-def peak_memory_mib(device: torch.device) -> dict:
-    """This process's peak resident set so far (what `/usr/bin/time -v` reports at the end,
-    the memory-mapped cache's pages included) and, on CUDA, the peak of tensor memory on its
-    GPU; MiB. 0.0 where the platform does not tell."""
-    try:
-        import resource
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-    except ImportError:  # Windows
-        rss_mib = 0.0
-    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    return {"peak_rss_mib": round(rss_mib, 1), "peak_gpu_mib": round(gpu, 1)}
-
-
 def write_csv(path: Path, history: list[dict]) -> None:
     def write(f) -> None:
-        # rows from a checkpoint of an older version may lack a column: left empty
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", restval="")
+        # rows from a checkpoint of an older version may lack a column: its cells stay empty
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
 
@@ -45,7 +28,7 @@ def write_csv(path: Path, history: list[dict]) -> None:
 
 def read_csv(path: Path) -> list[dict]:
     with Path(path).open() as f:
-        return [{k: (int(v) if k in ("epoch", "val_n") else float(v)) for k, v in row.items() if v != ""}
+        return [{k: (int(v) if k in ("epoch", "val_n") else float(v)) for k, v in row.items() if v}
                 for row in csv.DictReader(f)]
 
 

@@ -33,7 +33,8 @@ from alexnet.data import Cache, ensure_cache
 from alexnet.errors import ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
 from alexnet.loader import FastBatches, PerImageBatches, epoch_order, step_seed, to_memory
-from alexnet.metrics import MetricsLog, peak_memory_mib
+from alexnet.memory import peak_memory_mib, reset_peak
+from alexnet.metrics import MetricsLog
 from alexnet.models import VARIANTS, AlexNet, create_model
 from alexnet.userfiles import load_model_file, load_transforms_file
 
@@ -327,6 +328,7 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
 def fit(cfg: TrainConfig, log=print) -> dict:
     """Train to the end (or resume and continue); returns the final state summary."""
     run = build_run(cfg, log)
+    reset_peak(run.device)  # this run's peak, also when an ablation ran others in this process
     d = run.dist
     say = log if d.main else (lambda *a, **k: None)
     state: dict[str, Any] = {"step": 0, "best_top1": -1.0, "best_epoch": -1, "history": [], "best_train_loss": math.inf,
@@ -373,7 +375,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 state["best_top1"], state["best_epoch"] = row["val_top1"], ep + 1
             save(ep + 1, 0, best=improved)
             metrics.write(state["history"])
-            peak = f"peak {row['peak_rss_mib'] / 1024:.2f} GiB RSS"  # this process, so far
+            peak = f"peak {row['peak_rss_mib'] / 1024:.2f} GiB RSS"  # this run's, so far
             if row["peak_gpu_mib"]:
                 peak += f", {row['peak_gpu_mib'] / 1024:.2f} GiB GPU"
             say(f"epoch {ep + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_top1']:.2f}% | "

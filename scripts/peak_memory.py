@@ -4,8 +4,11 @@ is read into the process first.
 A full run's peak comes late, once every page of the memory-mapped cache has been read;
 the process's own memory reaches its high-water mark within a few steps. So this maps the
 whole cache before training (the mapping the run then reads from), trains a few steps and
-evaluates once, and prints the process's peak. The README's per-variant memory table came
-from it; full runs under `/usr/bin/time -v` agreed within 0.1 GB.
+evaluates once, and prints the run's peak. The README's per-variant memory table came from
+it. It reads low: for the Baseline at batch 128 with bf16 it printed 3.09 GB where full runs
+under `/usr/bin/time -v` peaked at 3.16 and 3.30 GB (PyTorch 2.14.1+cu130), and 2.71-2.79 GB
+where a full run peaked at 2.76 GB (2.13.0+cpu): glibc's heap fragments differently from
+run to run and over a longer run.
 
     python scripts/peak_memory.py --variant paper --steps 40 --data /tmp/tin_cache -- --bs 128 --amp
 
@@ -15,7 +18,6 @@ Arguments after `--` go to `alexnet train` as they are.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
 
@@ -24,11 +26,13 @@ import numpy as np
 from alexnet import train
 from alexnet.cli import main as alexnet_main
 from alexnet.loader import to_memory
+from alexnet.memory import peak_rss_mib
 
 
 def read_first(x: np.ndarray, device):
     """The run's own mapping of the cache, with every page read in."""
     np.asarray(x).max()
+    print(f"read in: {x.nbytes / 2**20:.1f} MiB of cache")
     return to_memory(x, device)
 
 
@@ -43,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as out:
         rc = alexnet_main(["train", "--variant", a.variant, "--epochs", "1", "--max-steps", str(a.steps),
                            "--data", a.data, "--out", out, "--no-progress", *a.train_args])
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-    print(f"{a.variant}: peak resident set {peak_kib / 2**20:.2f} GiB ({peak_kib * 1024 / 1e9:.2f} GB)")
+    peak = peak_rss_mib()  # the training run's, which started from what was resident then
+    print(f"{a.variant}: peak resident set {peak / 1024:.2f} GiB ({peak * 2**20 / 1e9:.2f} GB)")
     return rc
 
 
