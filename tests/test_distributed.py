@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from alexnet.inference import run_evaluate
+from tests.test_reliability import strip_times
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,7 @@ def test_torchrun_two_processes(learnable_cache, tmp_path, sync_bn):
         return
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
-    strip = lambda h: [{k: v for k, v in row.items() if "seconds" not in k and k != "images_per_s" and not k.startswith("peak_")} for row in h]
-    assert strip(ranks[0]["history"]) == strip(ranks[1]["history"])
+    assert strip_times(ranks[0]["history"]) == strip_times(ranks[1]["history"])
     n_val = len(__import__("numpy").load(learnable_cache / "val_y.npy"))
     assert all(row["val_n"] == n_val for row in ranks[0]["history"])
     ck = torch.load(out / "last.pth", weights_only=False)
