@@ -49,3 +49,22 @@ def test_train_and_evaluate_on_cuda(tiny_cache, tmp_path):
 
     ck = checkpoint.load(tmp_path / "best.pth")  # a CUDA-trained checkpoint loads on the CPU
     assert all(v.device.type == "cpu" for v in ck["model"].values())
+
+
+def test_split_copied_to_the_gpu_leaves_the_host_resident_set(tmp_path):
+    import numpy as np
+
+    from alexnet.loader import to_memory
+
+    def rss_file_mib():
+        with open("/proc/self/status") as f:
+            return sum(int(line.split()[1]) for line in f if line.startswith(("RssFile", "RssShmem"))) // 1024
+
+    path = tmp_path / "x.npy"
+    data = (np.arange(48 * 2**20, dtype=np.int64) % 251).astype(np.uint8).reshape(-1, 64, 64, 3)
+    np.save(path, data)
+    x = np.load(path, mmap_mode="r")
+    before = rss_file_mib()
+    t = to_memory(x, torch.device("cuda"))  # reads every page of the mapping
+    assert rss_file_mib() - before < 16
+    assert t.is_cuda and torch.equal(t[::997].cpu(), torch.from_numpy(data[::997]))

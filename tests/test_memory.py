@@ -1,0 +1,85 @@
+"""What keeps a CPU run's resident set down: the cache's pages leave it between the phases that
+read them, and the optimizer's buffers made up front (for the heap's sake) change no number."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from alexnet import train
+from alexnet.cli import main
+from alexnet.config import TrainConfig
+from alexnet.loader import drop_resident
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+
+
+def _rss_file_mib() -> int:
+    """Resident pages of mapped files (RssShmem where tmp_path is a tmpfs)."""
+    with open("/proc/self/status") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith(("RssFile", "RssShmem"))) // 1024
+
+
+@linux
+def test_a_read_mapping_leaves_the_resident_set_and_reads_back_the_same(tmp_path):
+    path = tmp_path / "x.npy"
+    data = (np.arange(48 * 2**20, dtype=np.int64) % 251).astype(np.uint8).reshape(-1, 64, 64, 3)
+    np.save(path, data)
+    x = np.load(path, mmap_mode="r")
+    before = _rss_file_mib()
+    total = int(x.sum(dtype=np.int64))  # every page read in
+    read_in = _rss_file_mib()
+    assert read_in - before >= 40, (before, read_in)
+    assert drop_resident(x[5:])  # a view finds its mapping
+    assert read_in - _rss_file_mib() >= 40
+    assert int(x.sum(dtype=np.int64)) == total
+
+
+def test_an_array_that_is_not_a_mapping_is_left_alone():
+    a = np.ones((4, 8, 8, 3), dtype=np.uint8)
+    assert drop_resident(a) is False and drop_resident(a[1:]) is False
+    assert a.sum() == a.size
+
+
+def test_each_phase_holds_only_the_split_it_reads(tiny_cache, tmp_path, monkeypatch):
+    events = []
+    real_drop, real_eval = train.drop_resident, train.evaluate
+
+    def drop(x):
+        events.append(Path(x.filename).name)
+        return real_drop(x)
+
+    def evaluate(*args, **kwargs):
+        events.append("evaluate")
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train, "drop_resident", drop)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "2", "--epochs", "2",
+                 "--no-progress"]) == 0
+    assert events == ["train_x.npy", "evaluate", "val_x.npy"] * 2
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_buffers_made_up_front_give_the_same_steps(nesterov):
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    b = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    b.load_state_dict(a.state_dict())
+    cfg = TrainConfig(lr=0.05, momentum=0.9, wd=5e-4, nesterov=nesterov)
+    ours = train.build_optimizer(cfg, a, fused=True)
+    assert all(torch.count_nonzero(ours.state[p]["momentum_buffer"]) == 0 for p in a.parameters())
+    lazy = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=nesterov, fused=True)
+    for step in range(3):
+        x, y = torch.randn(5, 12), torch.randint(0, 3, (5,))
+        for model, opt in ((a, ours), (b, lazy)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(ours.state[p]["momentum_buffer"], lazy.state[q]["momentum_buffer"])
