@@ -41,17 +41,23 @@ def to_memory(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def drop_resident(x: np.ndarray) -> bool:
     """Take a memory-mapped split's pages out of this process's resident set; returns whether
-    it could (the whole mapping, when x is a view of one). The data stays in the OS page cache and is mapped back in, without disk reads
-    while memory allows, the next time it is read; the mapping is read-only, so nothing is
-    lost. For a split that is read only now and then: the validation split between
-    evaluations, and a split already copied to the GPU. An array that is not a mapping
-    (tests, other platforms) is left as it is."""
+    it could (the whole mapping, when x is a view of one). Read-only mappings only: the data
+    stays in the OS page cache and is mapped back in, without disk reads while memory allows,
+    the next time it is read, so nothing is lost. For a split that is not read for a while:
+    the training split during an evaluation, the validation split between evaluations, a
+    split already copied to the GPU. Anything else (an array in memory, a writable mapping,
+    a platform without madvise) is left as it is."""
+    if x.flags.writeable:  # a copy-on-write mapping would lose what was written to it
+        return False
     base = x
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)
     if base is None or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return False
-    base.madvise(mmap.MADV_DONTNEED)
+    try:
+        base.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # only a saving: never worth stopping a run for
+        return False
     return True
 
 

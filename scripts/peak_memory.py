@@ -6,9 +6,9 @@ the process's own memory reaches its high-water mark within a few steps. So this
 whole training split into the run's mapping before training, then trains a few steps and
 evaluates, twice (the heap is laid out again after an evaluation), and prints the run's
 peak. The README's per-variant memory table came from it. Repeated, it moves with glibc's heap layout, which differs from run to
-run: for the Baseline at batch 128 with bf16 on PyTorch 2.14.1+cu130 it printed 2.93-3.06 GB
-in 24 probes where a full run under `/usr/bin/time -v` peaked at 2.99 GB; on 2.13.0+cpu,
-2.66 GB where a full run peaked at 2.64 GB.
+run: for the Baseline at batch 128 with bf16 on PyTorch 2.14.1+cu130 it printed 2.97-3.04 GB
+in 7 probes where a full run under `/usr/bin/time -v` peaked at 2.99 GB; on 2.13.0+cpu,
+2.66 GB (twice) where a full run peaked at 2.64 GB.
 
     python scripts/peak_memory.py --variant paper --steps 40 --data /tmp/tin_cache -- --bs 128 --amp
 
@@ -30,14 +30,14 @@ from alexnet.memory import peak_rss_mib
 
 
 class ReadFirst(FastBatches):
-    """The run's training batches, over its own mapping of the training split with every
-    page read in, as late in a full run. The validation split is read by the evaluation and
-    then leaves the resident set, as in a full run."""
+    """The run's training batches, with every page of its mapping of the training split read
+    in at the start of each round, as late in an epoch of a full run (evaluation drops them,
+    and reads the validation split, which then leaves the resident set, as in a full run)."""
 
-    def __init__(self, x: torch.Tensor, *args, **kwargs) -> None:
-        x.max()
-        print(f"read in: {x.nbytes / 2**20:.1f} MiB of the training split")
-        super().__init__(x, *args, **kwargs)
+    def __call__(self, order: torch.Tensor, start: int):
+        self.x.max()
+        print(f"read in: {self.x.nbytes / 2**20:.1f} MiB of the training split")
+        return super().__call__(order, start)
 
 
 def main(argv: list[str] | None = None) -> int:

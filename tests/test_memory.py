@@ -38,10 +38,15 @@ def test_a_read_mapping_leaves_the_resident_set_and_reads_back_the_same(tmp_path
     assert int(x.sum(dtype=np.int64)) == total
 
 
-def test_an_array_that_is_not_a_mapping_is_left_alone():
+def test_an_array_that_is_not_a_mapping_is_left_alone(tmp_path):
     a = np.ones((4, 8, 8, 3), dtype=np.uint8)
     assert drop_resident(a) is False and drop_resident(a[1:]) is False
     assert a.sum() == a.size
+    # a copy-on-write mapping holds what was written to it only in its own pages
+    np.save(tmp_path / "c.npy", a)
+    c = np.load(tmp_path / "c.npy", mmap_mode="c")
+    c[0] = 7
+    assert drop_resident(c) is False and int(c[0].max()) == 7
 
 
 def test_each_phase_holds_only_the_split_it_reads(tiny_cache, tmp_path, monkeypatch):
@@ -64,16 +69,18 @@ def test_each_phase_holds_only_the_split_it_reads(tiny_cache, tmp_path, monkeypa
     assert events == ["train_x.npy", "evaluate", "val_x.npy"] * 2
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_momentum_buffers_made_up_front_give_the_same_steps(nesterov):
+def test_momentum_buffers_made_up_front_give_the_same_steps(nesterov, fused):
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
     b = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
     b.load_state_dict(a.state_dict())
     cfg = TrainConfig(lr=0.05, momentum=0.9, wd=5e-4, nesterov=nesterov)
-    ours = train.build_optimizer(cfg, a, fused=True)
+    ours = train.build_optimizer(cfg, a, fused=fused)
     assert all(torch.count_nonzero(ours.state[p]["momentum_buffer"]) == 0 for p in a.parameters())
-    lazy = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=nesterov, fused=True)
+    lazy = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=nesterov,
+                           fused=fused or None)
     for step in range(3):
         x, y = torch.randn(5, 12), torch.randint(0, 3, (5,))
         for model, opt in ((a, ours), (b, lazy)):
@@ -83,3 +90,8 @@ def test_momentum_buffers_made_up_front_give_the_same_steps(nesterov):
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(ours.state[p]["momentum_buffer"], lazy.state[q]["momentum_buffer"])
+
+
+def test_no_momentum_no_buffers():
+    model = nn.Linear(4, 2)
+    assert not train.build_optimizer(TrainConfig(momentum=0.0), model, fused=True).state
