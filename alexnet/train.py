@@ -419,7 +419,7 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     # on training's free heap blocks, nor the training split's pages on the validation
     # split's, and the other way round. The splits stay in the OS page cache; mapping them
     # back in costs about 0.1 s an epoch.
-    run.opt.zero_grad(set_to_none=True)  # the last step's gradients are not needed until the next
+    run.opt.zero_grad(set_to_none=True)  # the next step would free them first anyway
     release_free_memory()
     drop_resident(run.cache.train.x)
     val = evaluate(run.model, run.val_x, run.val_y, run.augment, run.dist, amp=run.cfg.amp,
