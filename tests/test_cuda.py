@@ -52,18 +52,10 @@ def test_train_and_evaluate_on_cuda(tiny_cache, tmp_path):
 
 
 def test_split_copied_to_the_gpu_leaves_the_host_resident_set(tmp_path):
-    import numpy as np
-
     from alexnet.loader import to_memory
+    from tests.test_memory import mapped_split, rss_file_mib
 
-    def rss_file_mib():
-        with open("/proc/self/status") as f:
-            return sum(int(line.split()[1]) for line in f if line.startswith(("RssFile", "RssShmem"))) // 1024
-
-    path = tmp_path / "x.npy"
-    data = (np.arange(48 * 2**20, dtype=np.int64) % 251).astype(np.uint8).reshape(-1, 64, 64, 3)
-    np.save(path, data)
-    x = np.load(path, mmap_mode="r")
+    x, data = mapped_split(tmp_path)
     torch.zeros(1, device="cuda")  # CUDA's own start-up maps libraries: not what is measured
     before = rss_file_mib()
     t = to_memory(x, torch.device("cuda"))  # reads every page of the mapping

@@ -17,24 +17,28 @@ from alexnet.loader import drop_resident
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
 
-def _rss_file_mib() -> int:
+def rss_file_mib() -> int:
     """Resident pages of mapped files (RssShmem where tmp_path is a tmpfs)."""
     with open("/proc/self/status") as f:
         return sum(int(line.split()[1]) for line in f if line.startswith(("RssFile", "RssShmem"))) // 1024
 
 
+def mapped_split(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A 48 MiB split of 64x64 images saved as .npy: (its read-only mapping, the data)."""
+    data = (np.arange(48 * 2**20, dtype=np.int64) % 251).astype(np.uint8).reshape(-1, 64, 64, 3)
+    np.save(tmp_path / "x.npy", data)
+    return np.load(tmp_path / "x.npy", mmap_mode="r"), data
+
+
 @linux
 def test_a_read_mapping_leaves_the_resident_set_and_reads_back_the_same(tmp_path):
-    path = tmp_path / "x.npy"
-    data = (np.arange(48 * 2**20, dtype=np.int64) % 251).astype(np.uint8).reshape(-1, 64, 64, 3)
-    np.save(path, data)
-    x = np.load(path, mmap_mode="r")
-    before = _rss_file_mib()
+    x, _ = mapped_split(tmp_path)
+    before = rss_file_mib()
     total = int(x.sum(dtype=np.int64))  # every page read in
-    read_in = _rss_file_mib()
+    read_in = rss_file_mib()
     assert read_in - before >= 40, (before, read_in)
     assert drop_resident(x[5:])  # a view finds its mapping
-    assert read_in - _rss_file_mib() >= 40
+    assert read_in - rss_file_mib() >= 40
     assert int(x.sum(dtype=np.int64)) == total
 
 
