@@ -93,6 +93,8 @@ def add_ablate_args(p: argparse.ArgumentParser) -> None:
                    default=d["label_smoothing"], help=f"label smoothing (default {d['label_smoothing']})")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"],
                    help="bf16 autocast (default off)")
+    p.add_argument("--channels-last", "--channels_last", dest="channels_last", action=argparse.BooleanOptionalAction,
+                   default=d["channels_last"], help="channels_last memory format (default: on with --amp, off in fp32)")
     p.add_argument("--device", choices=DEVICES, default=d["device"], help=f"auto, cpu or cuda (default {d['device']})")
     p.add_argument("--img-size", "--img_size", dest="img_size", type=int, default=d["img_size"],
                    help=f"training resolution (default {d['img_size']})")
@@ -120,8 +122,8 @@ def run_config(a: argparse.Namespace, row: StudyRow, seed: int, num_classes: int
     return TrainConfig(variant=row.variant, recipe=row.recipe, data=a.data, out=str(run_dir(a.out, row, seed)),
                        epochs=a.epochs, bs=a.bs, lr=a.lr, momentum=a.momentum, wd=a.wd, schedule=a.schedule,
                        warmup_epochs=a.warmup_epochs, nesterov=a.nesterov,
-                       label_smoothing=a.label_smoothing, amp=a.amp, device=a.device, img_size=a.img_size,
-                       max_steps=a.max_steps, workers=a.workers, num_classes=num_classes, seed=seed,
+                       label_smoothing=a.label_smoothing, amp=a.amp, channels_last=a.channels_last, device=a.device,
+                       img_size=a.img_size, max_steps=a.max_steps, workers=a.workers, num_classes=num_classes, seed=seed,
                        progress=False).validate()
 
 

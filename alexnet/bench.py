@@ -13,6 +13,11 @@ per-pair ratios: on a shared machine, throughput drifts by tens of percent withi
 which blocks of steps did not cancel. (3) runs in blocks of `--steps` steps (its DataLoader
 workers prefetch, so single steps would not measure it), one block per round between the pairs.
 Each mode's figure is the median of its images / wall seconds; (2)/(3) is the ratio of those.
+
+`--compare amp channels_last compile` measures instead what each of those settings does to
+speed: the training step alone (as (1)) with the setting on and off, everything else as the
+command says, alternating single steps the same way, and prints on/off as the median of the
+per-pair ratios.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from alexnet.models import VARIANTS, create_model
 from alexnet.train import build_optimizer, pick_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
+SETTINGS = ("amp", "channels_last", "compile")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +61,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-bs", type=int, default=PUBLISHED["bs"], help="batch size of (3)")
     p.add_argument("--no-reference", action="store_true", help="skip (3) (e.g. on a GPU machine)")
     p.add_argument("--recipe", help="augmentation recipe for (2) (default: each variant's own)")
+    p.add_argument("--compare", nargs="+", choices=SETTINGS, metavar="SETTING",
+                   help=f"instead of the table: the training step alone on a synthetic batch with each setting "
+                        f"on and off ({', '.join(SETTINGS)}), the rest as given (--data, --jpeg-zip, --recipe "
+                        f"and --reference-bs play no part)")
 
 
 def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -138,28 +148,35 @@ def _paired(a, b, pairs: int, bs: int) -> tuple[list[float], list[float]]:
     return fa, fb
 
 
-def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print) -> dict:
-    dev = pick_device(a.device)
+def _trainable(cfg: TrainConfig, dev: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The variant's model (seed 0) and fused SGD, laid out and compiled as `cfg` says."""
     torch.manual_seed(0)
-    recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
-    cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last)
-    ref_cfg = replace(cfg, **{**PUBLISHED, "bs": a.reference_bs})
-    model = create_model(name, 200).to(dev)
-    if a.channels_last:
+    model = create_model(cfg.variant, 200).to(dev)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model, fused=True)
-    if a.compile:
+    if cfg.compile:
         model = torch.compile(model)  # shares the parameters the optimizer already holds
+    return model, opt
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print) -> dict:
+    dev = pick_device(a.device)
+    recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
+    cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile)
+    ref_cfg = replace(cfg, **{**PUBLISHED, "bs": a.reference_bs})
+    model, opt = _trainable(cfg, dev)
     gen = torch.Generator(device=dev)
     aug = BatchAugment(recipe, 64, stats["mean"], stats["std"], stats.get("eigval"), stats.get("eigvec"), device=dev, generator=gen)
     xs = aug(x[:a.bs], train=True)
     ys = y[:a.bs].to(dev)
     batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs)
     state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     def model_only():
         train_step(model, opt, xs, ys, cfg, dev)
@@ -192,14 +209,14 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     figures: dict[str, list[float]] = {k: [] for k in modes}
     for fn, _ in modes.values():  # warm-up: allocator, kernels, DataLoader workers
         fn(), fn()
-    sync()
+    _sync(dev)
     for _ in range(a.rounds):
-        fm, fp = _paired(lambda: (model_only(), sync()), lambda: (project(), sync()), a.steps, a.bs)
+        fm, fp = _paired(lambda: (model_only(), _sync(dev)), lambda: (project(), _sync(dev)), a.steps, a.bs)
         figures["model"] += fm
         figures["project"] += fp
         if "typical" in modes:
             fn, bs = modes["typical"]
-            figures["typical"].append(_timed(lambda: (fn(), sync()), a.steps, bs))
+            figures["typical"].append(_timed(lambda: (fn(), _sync(dev)), a.steps, bs))
     med = {k: statistics.median(v) for k, v in figures.items()}
     row = {"variant": name, **{k: round(v, 1) for k, v in med.items()},
            "project/model": statistics.median(p / m for p, m in zip(figures["project"], figures["model"]))}
@@ -210,6 +227,32 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     return row
 
 
+def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -> dict:
+    """Images/s of the training step alone on one synthetic batch, with `setting` on and off
+    and the rest as `a` says: two models from the same seed, single steps alternating (on
+    first, then off first, ...), figures the medians, on/off the median of the per-pair ratios."""
+    dev = pick_device(a.device)
+    g = torch.Generator().manual_seed(0)
+    # channels_last whatever the setting, as the augmentation hands batches over: with it off,
+    # the step's own conversion is part of what is measured.
+    x = torch.randn(a.bs, 3, 64, 64, generator=g).to(dev, memory_format=torch.channels_last)
+    y = torch.randint(0, 200, (a.bs,), generator=g).to(dev)
+    steps = []
+    for on in (True, False):
+        s = {"amp": a.amp, "channels_last": a.channels_last, "compile": a.compile, setting: on}
+        cfg = TrainConfig(variant=name, bs=a.bs, **s)
+        model, opt = _trainable(cfg, dev)
+        step = (lambda model=model, opt=opt, cfg=cfg: (train_step(model, opt, x, y, cfg, dev), _sync(dev)))
+        step(), step()  # warm-up: allocator, kernels, compilation
+        steps.append(step)
+    f_on, f_off = _paired(steps[0], steps[1], a.steps * a.rounds, a.bs)
+    row = {"variant": name, "setting": setting, "on": round(statistics.median(f_on), 1),
+           "off": round(statistics.median(f_off), 1),
+           "on/off": statistics.median(p / q for p, q in zip(f_on, f_off))}
+    log(f"{name:<15} {setting:<14} on {row['on']:8.1f}  off {row['off']:8.1f} images/s  | on/off {row['on/off']:.3f}")
+    return row
+
+
 def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     names = list(VARIANTS) if a.variants == ["all"] else a.variants
     for n in names:
@@ -217,8 +260,13 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             raise UserError(f"unknown variant {n!r}; known variants: {', '.join(VARIANTS)}")
     if a.bs < 1 or a.steps < 1 or a.rounds < 1:
         raise UserError("--bs, --steps and --rounds must be at least 1")
-    x, y, stats = _source(a.data)
     dev = pick_device(a.device)
+    if a.compare:
+        log(f"the training step alone on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
+            f"batch {a.bs}, each setting on and off with the others at amp={'bf16' if a.amp else 'off'}, "
+            f"channels_last={a.channels_last}, compile={a.compile}; {a.rounds * a.steps} alternating pairs")
+        return [compare_setting(n, s, a, log) for n in names for s in a.compare]
+    x, y, stats = _source(a.data)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
         f"compile={a.compile}; "

@@ -40,7 +40,7 @@ def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bo
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, d: Dist = Dist(),
-             bs: int = 500, tta: str = "none", amp: bool = False, channels_last: bool = True,
+             bs: int = 500, tta: str = "none", amp: bool = False, channels_last: bool = False,
              num_classes: int | None = None) -> dict:
     """Returns {'loss', 'top1', 'top5', 'n'} (accuracies in percent) and, when num_classes is
     given, a confusion matrix under 'confusion' (rows: true class)."""

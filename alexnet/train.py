@@ -355,7 +355,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         say(f"training {run.variant or cfg.model} ({sum(p.numel() for p in run.raw.parameters()):,} parameters) "
             f"on {run.device.type}{f' x{d.world}' if d.enabled else ''}: {run.train_n:,} train / {len(run.val_y):,} val "
             f"images, {run.steps_per_epoch} steps of {cfg.bs}{'x' + str(d.world) if d.enabled else ''} per epoch, "
-            f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}")
+            f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}, "
+            f"{'channels_last' if cfg.channels_last else 'NCHW'}")
 
     def save(ep: int, batch: int, best: bool = False) -> None:
         # Every rank takes part: the epoch's partial meters are summed over ranks first, so
@@ -464,7 +465,7 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
 # keep them, or it would continue a different run. (--epochs may grow; --out, --device and
 # the like do not change the maths.)
 TRAJECTORY = ("seed", "bs", "lr", "momentum", "wd", "nesterov", "schedule", "warmup_epochs", "label_smoothing",
-              "transforms", "recipe", "img_size", "max_steps", "amp")
+              "transforms", "recipe", "img_size", "max_steps", "amp", "channels_last")
 
 
 def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:

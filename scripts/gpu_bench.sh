@@ -4,12 +4,18 @@
 #   1. the CUDA tests (tests marked `cuda`);
 #   2. `alexnet bench` for every variant at the recommended settings (batch 256, bf16,
 #      channels_last): training images/s of the model alone and of the full training path;
-#   3. the wall time of `alexnet train` for EPOCHS (default 30) epochs of a few variants.
+#   3. what bf16 autocast, channels_last and torch.compile each do to the training step's
+#      speed (`alexnet bench --compare`, batch 256), for two variants (COMPARE_VARIANTS):
+#      each from the recommended settings, and channels_last also in fp32;
+#   4. the wall time of `alexnet train` for EPOCHS (default 30) epochs of a few variants.
 # Targets (issue 6): >= 30,000 training images/s per variant on one H100-class GPU, and 30
 # epochs of any variant in under 2 minutes.
 #
 #   scripts/gpu_bench.sh                       # everything
-#   SCALE=0.02 DEVICE=cpu EPOCHS=1 scripts/gpu_bench.sh   # a small smoke run on a CPU
+#   SCALE=0.02 DEVICE=cpu EPOCHS=1 STEPS=1 scripts/gpu_bench.sh   # a small smoke run on a CPU
+#
+# STEPS: alternating step pairs per round of the benchmarks (default 30); VARIANTS: the
+# variants trained in 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
@@ -27,6 +33,12 @@ fi
 echo "== alexnet bench ($device) =="
 "$py" -m alexnet bench --device "$device" --variants all --bs 256 --amp --no-reference \
   --steps "${STEPS:-30}" --rounds 3
+
+echo "== each setting on and off ($device) =="
+"$py" -m alexnet bench --device "$device" --variants ${COMPARE_VARIANTS:-baseline combined_gap} --bs 256 --amp \
+  --compare amp channels_last compile --steps "${STEPS:-30}" --rounds 1
+"$py" -m alexnet bench --device "$device" --variants ${COMPARE_VARIANTS:-baseline combined_gap} --bs 256 --no-amp \
+  --compare channels_last --steps "${STEPS:-30}" --rounds 1
 
 echo "== synthetic cache: 200 classes x $(python3 -c "print(round(500*$scale))") train, x $(python3 -c "print(max(1,round(50*$scale)))") val =="
 if [ ! -f "$work/cache/manifest.json" ]; then

@@ -45,6 +45,21 @@ def test_study_table_is_the_published_one():
         selected_rows(["nope"])
 
 
+@pytest.mark.parametrize("args, amp, channels_last", [
+    ([], False, False), (["--amp"], True, True), (["--channels-last"], False, True),
+    (["--amp", "--no-channels-last"], True, False),
+])
+def test_study_runs_get_the_layout_train_would(args, amp, channels_last):
+    import argparse
+
+    from alexnet.ablate import add_ablate_args, run_config
+
+    p = argparse.ArgumentParser()
+    add_ablate_args(p)
+    cfg = run_config(p.parse_args(args), ROWS["baseline"], seed=0, num_classes=200)
+    assert (cfg.amp, cfg.channels_last) == (amp, channels_last)
+
+
 def test_report_without_finished_runs_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such study folder"):
         build_report(tmp_path / "missing")

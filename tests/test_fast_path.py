@@ -43,6 +43,27 @@ def test_bench_prints_ratios(capsys):
     assert "(2)/(1)" in out
 
 
+def test_bench_compares_settings_on_and_off(capsys, monkeypatch):
+    import alexnet.bench as bench
+
+    built = []  # (amp, channels_last, compile) of each model the comparison trains
+    real = bench._trainable
+    monkeypatch.setattr(bench, "_trainable", lambda cfg, dev: (built.append((cfg.amp, cfg.channels_last, cfg.compile)),
+                                                               real(cfg, dev))[1])
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--compare", "amp", "channels_last", "--variants", "combined_gap", "--bs", "4", "--steps", "2",
+                      "--rounds", "1", "--device", "cpu"])
+    rows = run_bench(a, log=print)
+    # on, then off; each pair differs in its setting only, the rest at the command's values
+    assert built == [(True, True, False), (False, True, False), (True, True, False), (True, False, False)]
+    assert [r["setting"] for r in rows] == ["amp", "channels_last"]
+    assert all(r["variant"] == "combined_gap" and r["on"] > 0 and r["off"] > 0 and r["on/off"] > 0 for r in rows)
+    assert "on/off" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse names the settings it knows
+        p.parse_args(["--compare", "fp16"])
+
+
 def test_reference_pipeline_yields_normalised_batches(tmp_path):
     folder = _jpeg_folder(None, tmp_path / "jpeg", per_class=2, classes=3)
     stats = {"mean": [0.5] * 3, "std": [0.25] * 3}

@@ -234,6 +234,12 @@ def test_resume_with_other_settings_is_refused(small_ckpt, tiny_cache, tmp_path,
                  "--resume", str(small_ckpt)])
     err = capsys.readouterr().err
     assert code == 2 and "made with other settings (--bs 8 -> 16)" in err
+    # The layout changes the rounding: a run trained in fp32 NCHW does not continue in channels_last.
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r2"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress",
+                 "--channels-last", "--resume", str(small_ckpt)])
+    err = capsys.readouterr().err
+    assert code == 2 and "made with other settings (--channels-last False -> True)" in err
 
 
 def test_fresh_run_does_not_overwrite_a_previous_one(small_ckpt, tiny_cache, capsys):

@@ -45,6 +45,8 @@ def test_seed_commands(tiny_cache, tmp_path, monkeypatch, args):
     assert len(rows) == 1 and int(rows[0]["val_n"]) == 16
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["epochs"] == 1 and cfg["lr"] > 0
+    amp = "--amp" in args  # else the published fp32 recipe, in NCHW
+    assert (cfg["amp"], cfg["channels_last"]) == (amp, amp)
 
 
 def test_published_entry_points_as_scripts(tiny_cache, tmp_path):
@@ -71,6 +73,36 @@ def test_defaults_are_the_published_ones():
     c = TrainConfig(model="m.py")
     assert (c.epochs, c.bs, c.lr, c.momentum, c.wd, c.num_classes, c.workers, c.out, c.device) == \
         (30, 64, 0.01, 0.9, 0.0005, 200, 2, "results", "auto")
+
+
+@pytest.mark.parametrize("args, amp, channels_last", [
+    ([], False, False),  # fp32: NCHW, where channels_last was no faster (README, Speed)
+    (["--amp"], True, True),
+    (["--channels-last"], False, True),  # given: kept
+    (["--amp", "--no-channels-last"], True, False),
+])
+def test_channels_last_follows_amp_unless_given(args, amp, channels_last):
+    c = _resolve("m.py", *args)
+    assert (c.amp, c.channels_last) == (amp, channels_last)
+
+
+def _resolve(*argv: str):
+    import argparse
+
+    from alexnet.config import add_train_args, resolve
+
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    return resolve(p.parse_args(list(argv)))
+
+
+def test_channels_last_follows_amp_from_a_config_file(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"amp": True}))
+    assert _resolve("m.py", "--config", str(file)).channels_last is True
+    assert _resolve("m.py", "--config", str(file), "--no-amp").channels_last is False
+    file.write_text(json.dumps({"amp": True, "channels_last": False}))
+    assert _resolve("m.py", "--config", str(file)).channels_last is False
 
 
 @pytest.fixture(scope="module")
