@@ -6,9 +6,10 @@ the process's own memory reaches its high-water mark within a few steps. So this
 whole training split into the run's mapping before training, then trains a few steps and
 evaluates, twice (the heap is laid out again after an evaluation), and prints the run's
 peak. The README's per-variant memory table came from it. Repeated, it moves with glibc's
-heap layout, which differs from run to run: for the Baseline at batch 128 with bf16 on PyTorch 2.14.1+cu130 it printed 2.97-3.04 GB
-in 7 probes where a full run under `/usr/bin/time -v` peaked at 2.99 GB; on 2.13.0+cpu,
-2.66 GB (twice) where a full run peaked at 2.64 GB.
+heap layout, which differs from run to run: for the Baseline at batch 128 with bf16 on
+PyTorch 2.14.1+cu130 it printed 2.97-3.04 GB in 7 probes where a full run under
+`/usr/bin/time -v` peaked at 2.99 GB; on 2.13.0+cpu, 2.66 GB (twice) where a full run
+peaked at 2.64 GB.
 
     python scripts/peak_memory.py --variant paper --steps 40 --data /tmp/tin_cache -- --bs 128 --amp
 

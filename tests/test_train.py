@@ -75,6 +75,16 @@ def test_defaults_are_the_published_ones():
         (30, 64, 0.01, 0.9, 0.0005, 200, 2, "results", "auto")
 
 
+def _resolve(*argv: str):
+    import argparse
+
+    from alexnet.config import add_train_args, resolve
+
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    return resolve(p.parse_args(list(argv)))
+
+
 @pytest.mark.parametrize("args, amp, channels_last", [
     ([], False, False),  # fp32: NCHW, where channels_last was no faster (README, Speed)
     (["--amp"], True, True),
@@ -84,16 +94,6 @@ def test_defaults_are_the_published_ones():
 def test_channels_last_follows_amp_unless_given(args, amp, channels_last):
     c = _resolve("m.py", *args)
     assert (c.amp, c.channels_last) == (amp, channels_last)
-
-
-def _resolve(*argv: str):
-    import argparse
-
-    from alexnet.config import add_train_args, resolve
-
-    p = argparse.ArgumentParser()
-    add_train_args(p)
-    return resolve(p.parse_args(list(argv)))
 
 
 def test_channels_last_follows_amp_from_a_config_file(tmp_path):
