@@ -214,7 +214,7 @@ def _free_memory() -> None:
 
 def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) -> dict:
     """Train every (row, seed) not finished yet, then write the results; returns the report."""
-    from alexnet.data import ensure_cache
+    from alexnet.data import cache_for
     from alexnet.models import create_model, count_parameters
     from alexnet.report import build_report
     from alexnet.train import NonFiniteLoss, fit
@@ -223,11 +223,8 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
         raise UserError(f"--seeds must be at least 1, got {a.seeds}")
     rows = selected_rows(a.variants)
     out = Path(a.out)
-    if a.data and not Path(a.data).exists():
-        raise UserError(f"--data {a.data}: directory does not exist; create the cache with "
-                        f"`alexnet prepare --data {a.data}` or leave --data out to use ./data")
     # Prepared (if needed) and checked once, before any run; the class count comes from it.
-    cache = ensure_cache(Path(a.data) if a.data else None, log=log)
+    cache = cache_for(a.data, log=log)
     num_classes = a.num_classes if a.num_classes is not None else cache.num_classes
     del cache
 

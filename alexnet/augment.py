@@ -120,6 +120,10 @@ class BatchAugment:
         self.recipe = recipe
         self.size = size
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # tensors report "cuda:N": a bare "cuda" would never equal the cache's device,
+            # and __call__ would gather every batch before cropping instead of reading crops
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.eigval = None if eigval is None else torch.as_tensor(eigval, dtype=torch.float32, device=self.device)

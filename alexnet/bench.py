@@ -39,7 +39,7 @@ from alexnet.errors import UserError
 from alexnet.loader import to_memory, FastBatches, epoch_order, step_seed
 from alexnet.distributed import Dist
 from alexnet.models import VARIANTS, create_model
-from alexnet.train import build_optimizer, pick_device, train_step
+from alexnet.train import build_optimizer, pick_device, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
 SETTINGS = ("amp", "channels_last", "compile")
@@ -166,7 +166,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print) -> dict:
-    dev = pick_device(a.device)
+    dev = settle_device(pick_device(a.device))
     recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
     cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile)
     ref_cfg = replace(cfg, **{**PUBLISHED, "bs": a.reference_bs})
@@ -231,7 +231,7 @@ def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -
     """Images/s of the training step alone on one synthetic batch, with `setting` on and off
     and the rest as `a` says: two models from the same seed, single steps alternating (on
     first, then off first, ...), figures the medians, on/off the median of the per-pair ratios."""
-    dev = pick_device(a.device)
+    dev = settle_device(pick_device(a.device))
     g = torch.Generator().manual_seed(0)
     # channels_last whatever the setting, as the augmentation hands batches over: with it off,
     # the step's own conversion is part of what is measured.
@@ -260,7 +260,7 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             raise UserError(f"unknown variant {n!r}; known variants: {', '.join(VARIANTS)}")
     if a.bs < 1 or a.steps < 1 or a.rounds < 1:
         raise UserError("--bs, --steps and --rounds must be at least 1")
-    dev = pick_device(a.device)
+    dev = settle_device(pick_device(a.device))
     if a.compare:
         log(f"the training step alone on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
             f"batch {a.bs}, each setting on and off with the others at amp={'bf16' if a.amp else 'off'}, "

@@ -443,3 +443,13 @@ def ensure_cache(data_dir: Path | None, log: Log = print,
         log(f"no cache in {data_dir}: preparing it from {source} first")
         prepare(source, data_dir, counts=counts, log=log)
     return open_cache(data_dir)
+
+
+def cache_for(data: str | Path | None, log: Log = print) -> Cache:
+    """The cache a command's --data names: ensure_cache, except that a --data given that does
+    not exist is an error instead of a place to download into (a mistyped path would otherwise
+    start downloading the whole data set there)."""
+    if data and not Path(data).exists():
+        raise DataError(f"--data {data}: directory does not exist; create the cache with "
+                        f"`alexnet prepare --data {data}` or leave --data out to use ./data")
+    return ensure_cache(Path(data) if data else None, log=log)

@@ -14,7 +14,7 @@ import torch
 
 from alexnet import checkpoint as ckpt_io
 from alexnet.augment import BatchAugment, Recipe
-from alexnet.data import ensure_cache
+from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
 from alexnet.loader import to_memory
 from alexnet.sources import load_image_file
@@ -55,7 +55,7 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
         raise UserError(f"--bs must be at least 1, got {bs}")
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
-    cache = ensure_cache(Path(data) if data else None, log=log)
+    cache = cache_for(data, log=log)
     if cache.wnids != c["wnids"]:
         raise CheckpointError(f"{ckpt_path}: trained on other classes than the data in {cache.root} "
                               f"({len(c['wnids'])} vs {len(cache.wnids)} classes, or a different order)")

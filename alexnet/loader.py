@@ -160,7 +160,7 @@ class PerImageBatches:
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, bs: int, d: Dist) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Validation in order, dealt rank::world so every image is counted exactly once."""
-    idx = torch.arange(d.rank, len(x), d.world)
+    idx = torch.arange(d.rank, len(x), d.world, device=x.device)  # made there once, not copied per batch
     for i in range(0, len(idx), bs):
-        j = idx[i:i + bs].to(x.device)
+        j = idx[i:i + bs]
         yield as_nchw_uint8(x[j]), y[j]

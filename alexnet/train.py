@@ -29,7 +29,7 @@ from alexnet import distributed
 from alexnet.allocator import release_free_memory
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
-from alexnet.data import Cache, ensure_cache
+from alexnet.data import Cache, cache_for
 from alexnet.errors import ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
 from alexnet.loader import FastBatches, PerImageBatches, drop_resident, epoch_order, step_seed, to_memory
@@ -50,6 +50,17 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def settle_device(device: torch.device, deterministic: bool = False) -> torch.device:
+    """The device with its index, once the process's GPU is chosen (after distributed setup):
+    tensors report "cuda:N", and a bare "cuda" compares unequal to it. On CUDA, cuDNN may also
+    time its convolution algorithms on the first batch of each shape and keep the fastest
+    (the shapes here are fixed), unless the run must be deterministic."""
+    if device.type != "cuda":
+        return device
+    torch.backends.cudnn.benchmark = not deterministic
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
 
 
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, str | None]:
@@ -145,6 +156,7 @@ class Run:
 def build_run(cfg: TrainConfig, log=print) -> Run:
     device = pick_device(cfg.device)
     d = distributed.setup(device.type)
+    device = settle_device(device, cfg.deterministic)
     out = Path(cfg.out)
     if d.main:
         try:
@@ -165,10 +177,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if not cfg.resume and (out / "last.pth").exists():
         raise UserError(f"--out {out}: holds a previous run (last.pth); continue it with --resume, "
                         "or choose another --out (nothing was overwritten)")
-    if cfg.data and not Path(cfg.data).exists():
-        raise UserError(f"--data {cfg.data}: directory does not exist; create the cache with "
-                        f"`alexnet prepare --data {cfg.data}` or leave --data out to use ./data")
-    cache = ensure_cache(Path(cfg.data) if cfg.data else None, log=log if d.main else (lambda *a: None))
+    cache = cache_for(cfg.data, log=log if d.main else (lambda *a: None))
     if cache.num_classes != cfg.num_classes:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "
                           f"({cache.num_classes} classes)")
@@ -317,8 +326,11 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
         if run.per_step:
             run.sched.step()
         state["step"] += 1
-        acc += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                            torch.tensor(float(len(y)), dtype=torch.float64, device=run.device)])
+        # In place on the device: a tensor made from a host number would be a copy that waits
+        # for the GPU, draining its queue every step.
+        acc[0] += loss.detach().double() * len(y)
+        acc[1] += (logits.argmax(1) == y).sum()
+        acc[2] += len(y)
         bar.update(1)
         if checking:
             rate = (m["n"] + acc[2].item()) * d.world / (time.perf_counter() - t0 + m["seconds"])

@@ -19,6 +19,7 @@ def test_augmentation_matches_cpu(name):
     x = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8)
     cpu = BatchAugment(RECIPES[name], 64, MEAN, STD, *EIG, device="cpu")
     gpu = BatchAugment(RECIPES[name], 64, MEAN, STD, *EIG, device="cuda")
+    assert gpu.device == x.cuda().device  # "cuda" settled to "cuda:N", as tensors report it
     p = cpu.sample(16, 64)
     p_gpu = type(p)(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()})
     torch.testing.assert_close(gpu(x.cuda(), params=p_gpu).cpu(), cpu(x, params=p), atol=1e-4, rtol=1e-4)
@@ -61,3 +62,15 @@ def test_split_copied_to_the_gpu_leaves_the_host_resident_set(tmp_path):
     t = to_memory(x, torch.device("cuda"))  # reads every page of the mapping
     assert rss_file_mib() - before < 16
     assert t.is_cuda and torch.equal(t[::997].cpu(), torch.from_numpy(data[::997]))
+
+
+def test_settled_device_has_its_index_and_cudnn_timing_follows_determinism():
+    from alexnet.train import settle_device
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        dev = settle_device(torch.device("cuda"))
+        assert dev == torch.zeros(1, device="cuda").device and torch.backends.cudnn.benchmark
+        assert settle_device(torch.device("cuda"), deterministic=True) == dev and not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -188,6 +188,16 @@ def test_truncated_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
     assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["evaluate", "ablate"])
+def test_missing_data_path_other_commands(small_ckpt, tmp_path, capsys, command):
+    """A mistyped --data is an error, not a folder to download the data set into."""
+    missing = tmp_path / "no_such_dir"
+    args = [str(small_ckpt)] if command == "evaluate" else ["--out", str(tmp_path / "study")]
+    assert main([command, *args, "--data", str(missing), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {missing}: directory does not exist" in err and not missing.exists()
+
+
 def test_checkpoint_of_other_variant_or_classes(small_ckpt, tiny_cache, capsys):
     assert main(["evaluate", str(ROOT / "models/alexnet_bn.py"), str(small_ckpt), "--data", str(tiny_cache),
                  "--device", "cpu"]) == 2
