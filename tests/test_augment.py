@@ -25,7 +25,9 @@ def make(recipe, size=64, seed=0):
 def reference(img, recipe, p, i, size, aug):
     """One image through torchvision's functional ops with the batch's parameters."""
     x = img.permute(2, 0, 1).float()  # (3,H,W) 0..255
-    side, pad = aug.frame(x.shape[1])
+    # the frame crops come from, from the recipe (the paper's: 256/224 times the training size)
+    h, pad = x.shape[1], recipe.crop_pad
+    side = round(size * recipe.scale) if recipe.scale > 1 or h != size else size
     if side != x.shape[1]:
         x = TF.resize(x[None], [side, side], antialias=False)[0]
     if pad:
@@ -49,7 +51,7 @@ def reference(img, recipe, p, i, size, aug):
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-@pytest.mark.parametrize("size", [64, 72])
+@pytest.mark.parametrize("size", [64, 72, 224])
 def test_batched_equals_per_image_reference(name, size):
     recipe = RECIPES[name]
     aug = make(recipe, size)
@@ -108,9 +110,18 @@ def test_same_generator_seed_same_batch():
 
 def test_ten_crop_views():
     aug = make(RECIPES["paper"])
-    v = aug.ten_crop(batch(2))
+    x = batch(2)
+    v = aug.ten_crop(x)
     assert v.shape == (10, 2, 3, 64, 64)
-    torch.testing.assert_close(v[5:], v[:5].flip(-1))
+    # torchvision's ten_crop (corners, centre, then their mirrors) of the image enlarged by 256/224
+    big = TF.resize(as_nchw_uint8(x).float(), [73, 73], antialias=False) / 255
+    want = torch.stack([TF.normalize(c, MEAN, STD) for c in TF.ten_crop(big, [64, 64])])
+    # The same views: torchvision names the mirrored ones by their corner in the mirrored image
+    # (its top-left is the mirror of the top-right crop), the paper by the crop mirrored. The
+    # centre differs: torchvision's is the centre of the mirrored image, one pixel over when
+    # the margin is odd (73 - 64); the paper's is the centre crop's mirror image.
+    torch.testing.assert_close(v[[0, 1, 2, 3, 4, 6, 5, 8, 7]], want[:9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v[9], v[4].flip(-1), atol=0, rtol=0)
 
 
 def test_upsampled_geometry():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -219,9 +218,7 @@ def test_failed_rebuild_keeps_old_cache(tiny_cache: Path, tiny_layout: Path, tmp
 
 def test_open_cache_fast_path(tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data, "_hash_file", lambda p: pytest.fail(f"fast path hashed {p}"))
-    t = time.perf_counter()
     open_cache(tiny_cache)
-    assert time.perf_counter() - t < 0.5
 
 
 def test_copied_cache_is_rehashed_once(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,11 +287,11 @@ def test_ensure_cache_and_env(tiny_zip: Path, tmp_path: Path, monkeypatch: pytes
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_real_archive(real_zip: Path, tmp_path: Path) -> None:
+def test_real_archive(real_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = prepare(real_zip, tmp_path / "real", workers=2, log=quiet)
-    t = time.perf_counter()
+    monkeypatch.setattr(data, "_hash_file", lambda p: pytest.fail(f"a fresh cache was hashed again: {p}"))
     cache = open_cache(d)
-    assert time.perf_counter() - t < 2
+    monkeypatch.undo()
     assert cache.train.x.shape == (100_000, 64, 64, 3) and cache.val.x.shape == (10_000, 64, 64, 3)
     assert cache.num_classes == 200
     assert (np.bincount(cache.train.y, minlength=200) == 500).all()

@@ -16,17 +16,23 @@ from tests.test_reliability import strip_times
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = textwrap.dedent("""
-    import json, os, sys, torch
+    import hashlib, json, os, sys, torch
+    import alexnet.train as train
     from alexnet.config import TrainConfig
     from alexnet.train import fit
     cache, out, sync_bn = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    runs = []  # fit's Run, to read this rank's weights at the end
+    build_run = train.build_run
+    train.build_run = lambda *a, **k: runs.append(build_run(*a, **k)) or runs[-1]
     try:
         r = fit(TrainConfig(variant="combined_gap", data=cache, out=out, device="cpu", num_classes=4, bs=8, epochs=2,
                             lr=0.05, progress=False, sync_bn=sync_bn), log=lambda *a: None)
     except Exception as e:
         sys.exit(f"error: {e}")
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
-        json.dump({"history": r["history"]}, f)
+        weights = runs[0].model.state_dict()
+        digest = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in weights.values())).hexdigest()
+        json.dump({"history": r["history"], "weights": digest}, f)
 """)
 
 
@@ -46,6 +52,7 @@ def test_torchrun_two_processes(learnable_cache, tmp_path, sync_bn):
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert strip_times(ranks[0]["history"]) == strip_times(ranks[1]["history"])
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the same bytes, every tensor
     n_val = len(__import__("numpy").load(learnable_cache / "val_y.npy"))
     assert all(row["val_n"] == n_val for row in ranks[0]["history"])
     ck = torch.load(out / "last.pth", weights_only=False)

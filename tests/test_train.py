@@ -23,7 +23,7 @@ def train(cache, out, *args):
     return main(["train", *args, "--data", str(cache), "--out", str(out), *QUICK])
 
 
-@pytest.mark.parametrize("args", [
+SEED_COMMANDS = [
     ["models/alexnet_baseline.py"],
     ["models/alexnet_baseline.py", "--transforms", "utils/transforms_randomcrop.py"],
     ["models/alexnet_bn.py", "--epochs", "1", "--bs", "16", "--lr", "0.01", "--momentum", "0.9", "--wd", "0.0005"],
@@ -32,7 +32,18 @@ def train(cache, out, *args):
     ["models/alexnet_combined_small.py", "--transforms", "utils/transforms_pixel.py"],
     ["models/alexnet_paper.py", "--transforms", "utils/transforms_paper.py"],
     ["--variant", "combined_gap", "--amp", "--schedule", "onecycle", "--label-smoothing", "0.1"],
-], ids=lambda a: " ".join(a)[:60])
+]
+
+
+def test_seed_commands_train_every_registered_variant():
+    from alexnet.models import VARIANTS
+    from alexnet.userfiles import load_model_file
+
+    trained = {a[1] if a[0] == "--variant" else load_model_file(ROOT / a[0], 4).variant for a in SEED_COMMANDS}
+    assert trained == set(VARIANTS)
+
+
+@pytest.mark.parametrize("args", SEED_COMMANDS, ids=lambda a: " ".join(a)[:60])
 def test_seed_commands(tiny_cache, tmp_path, monkeypatch, args):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
@@ -129,17 +140,35 @@ def test_learns_above_chance_and_evaluate_reproduces(trained, learnable_cache, c
 
 
 def test_evaluate_tta_and_per_class(trained, learnable_cache, tmp_path):
-    from alexnet.inference import run_evaluate
+    from alexnet.data import open_cache
+    from alexnet.inference import load_trained, run_evaluate
 
-    plain = run_evaluate(None, trained / "best.pth", data=learnable_cache, device="cpu", log=lambda *a: None)
-    for tta in ("flip", "10crop"):
-        r = run_evaluate(None, trained / "best.pth", data=learnable_cache, device="cpu", tta=tta, log=lambda *a: None)
-        assert r["n"] == plain["n"] and 0 <= r["top1"] <= 100
+    def top1(tta="none", **kw):
+        return run_evaluate(None, trained / "best.pth", data=learnable_cache, device="cpu", tta=tta,
+                            log=lambda *a: None, **kw)
+
+    # The views by hand: the val images' centre view and its mirror image (flip), or torchvision's
+    # ten crops (tested in test_augment); the class scores are the mean of their logits.
+    model, c, augment = load_trained(trained / "best.pth", None, torch.device("cpu"))
+    assert not c["config"]["channels_last"]  # fp32 run: NCHW, as below
+    val = open_cache(learnable_cache).val
+    x, y = torch.from_numpy(np.array(val.x)), torch.from_numpy(np.array(val.y))
+    centre = augment(x, train=False)
+    views = {"none": [centre], "flip": [centre, centre.flip(-1)], "10crop": list(augment.ten_crop(x))}
+    for tta, vs in views.items():
+        with torch.no_grad():
+            logits = torch.stack([model.eval()(v.contiguous()) for v in vs]).mean(0)
+        r = top1(tta)
+        assert r["n"] == len(y) and abs(r["top1"] - (logits.argmax(1) == y).double().mean().item() * 100) < 1e-9, tta
+    plain = top1()
     pc = tmp_path / "pc.csv"
-    run_evaluate("models/alexnet_combined_gap.py" if False else None, trained / "best.pth", data=learnable_cache,
-                 device="cpu", per_class=pc, log=lambda *a: None)
+    top1(per_class=pc)
     lines = pc.read_text().splitlines()
-    assert lines[0].startswith("class,wnid,name,top1,n") and len([l for l in lines[1:5] if l]) == 4
+    rows = list(csv.DictReader(lines[:lines.index("")]))
+    assert sorted(int(r["class"]) for r in rows) == [0, 1, 2, 3]
+    assert sum(int(r["n"]) for r in rows) == plain["n"]  # every val image in its class's row
+    weighted = sum(float(r["top1"]) * int(r["n"]) for r in rows) / plain["n"]
+    assert abs(weighted - plain["top1"]) < 0.01  # per-class figures are rounded to 0.01
 
 
 def test_predict_prints_top_classes(trained, tmp_path, capsys):
