@@ -119,11 +119,9 @@ class BatchAugment:
                  device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> None:
         self.recipe = recipe
         self.size = size
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            # tensors report "cuda:N": a bare "cuda" would never equal the cache's device,
-            # and __call__ would gather every batch before cropping instead of reading crops
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        # indexed: a bare "cuda" would never equal the cache's device, and __call__ would
+        # gather every batch before cropping instead of reading crops out of the cache
+        self.device = indexed(device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.eigval = None if eigval is None else torch.as_tensor(eigval, dtype=torch.float32, device=self.device)
@@ -347,6 +345,12 @@ class BatchAugment:
         crops = [big[:, :, oy:oy + s, ox:ox + s] for oy, ox in offs]
         crops += [c.flip(-1) for c in crops]
         return self.normalize(torch.stack(crops))
+
+
+def indexed(device: torch.device | str) -> torch.device:
+    """The device as tensors on it report it: a bare "cuda" becomes "cuda:N", the current GPU."""
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
 
 
 def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

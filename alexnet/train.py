@@ -27,7 +27,7 @@ from tqdm import tqdm
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
 from alexnet.allocator import release_free_memory
-from alexnet.augment import RECIPES, BatchAugment, Recipe
+from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
 from alexnet.errors import ConfigError, UserError
@@ -60,7 +60,7 @@ def settle_device(device: torch.device, deterministic: bool = False) -> torch.de
     if device.type != "cuda":
         return device
     torch.backends.cudnn.benchmark = not deterministic
-    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+    return indexed(device)
 
 
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, str | None]:
