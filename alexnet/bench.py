@@ -36,7 +36,7 @@ import torch
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
-from alexnet.loader import to_memory, FastBatches, epoch_order, step_seed
+from alexnet.loader import to_memory, FastBatches, epoch_order, releaser, step_seed
 from alexnet.distributed import Dist
 from alexnet.models import VARIANTS, create_model
 from alexnet.train import build_optimizer, pick_device, settle_device, train_step
@@ -67,18 +67,19 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         f"and --reference-bs play no part)")
 
 
-def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(train x NHWC uint8, labels, stats) from a cache, or a random stand-in of the same shape."""
+def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict, np.ndarray]:
+    """(train x NHWC uint8, labels, stats, the x array) from a cache (x over its memory-mapped
+    split, as in training), or a random stand-in of the same shape."""
     if data:
         from alexnet.data import open_cache
 
         c = open_cache(Path(data))
-        return to_memory(c.train.x, torch.device("cpu")), torch.from_numpy(np.array(c.train.y)), c.stats
+        return to_memory(c.train.x, torch.device("cpu")), torch.from_numpy(np.array(c.train.y)), c.stats, c.train.x
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 200, (n,), generator=g)
     eig = {"eigval": [0.2, 0.02, 0.005], "eigvec": torch.linalg.qr(torch.randn(3, 3, generator=g))[0].tolist()}
-    return x, y, {"mean": [0.48, 0.45, 0.40], "std": [0.27, 0.26, 0.27], **eig}
+    return x, y, {"mean": [0.48, 0.45, 0.40], "std": [0.27, 0.26, 0.27], **eig}, x.numpy()
 
 
 def _jpeg_folder(zip_path: str | None, root: Path, per_class: int = 20, classes: int = 200) -> Path:
@@ -165,7 +166,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print) -> dict:
+def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print,
+                  array: np.ndarray | None = None) -> dict:
+    """One row of the table. `array`: x's memory-mapped split, whose pages (2) releases as
+    training does."""
     dev = settle_device(pick_device(a.device))
     recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
     cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile)
@@ -175,7 +179,8 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     aug = BatchAugment(recipe, 64, stats["mean"], stats["std"], stats.get("eigval"), stats.get("eigvec"), device=dev, generator=gen)
     xs = aug(x[:a.bs], train=True)
     ys = y[:a.bs].to(dev)
-    batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs)
+    release = None if array is None else releaser(array, dev)
+    batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs, release=release)
     state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
 
     def model_only():
@@ -266,7 +271,7 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             f"batch {a.bs}, each setting on and off with the others at amp={'bf16' if a.amp else 'off'}, "
             f"channels_last={a.channels_last}, compile={a.compile}; {a.rounds * a.steps} alternating pairs")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
-    x, y, stats = _source(a.data)
+    x, y, stats, array = _source(a.data)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
         f"compile={a.compile}; "
@@ -277,5 +282,5 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
         for n in names:
-            rows.append(bench_variant(n, a, x, y, stats, folder, log))
+            rows.append(bench_variant(n, a, x, y, stats, folder, log, array))
     return rows

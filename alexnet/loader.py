@@ -61,6 +61,13 @@ def drop_resident(x: np.ndarray) -> bool:
     return True
 
 
+def releaser(x: np.ndarray, device: torch.device) -> Callable[[], bool] | None:
+    """What `FastBatches` calls to release a training split's pages as an epoch reads them:
+    on the CPU, where batches read the memory-mapped split in place; None on CUDA, where the
+    split is on the GPU and its host pages are gone already (`to_memory`)."""
+    return None if device.type == "cuda" else (lambda: drop_resident(x))
+
+
 def epoch_order(n: int, seed: int, epoch: int, d: Dist, bs: int) -> torch.Tensor:
     """This rank's sample indices for an epoch: one permutation shared by all ranks
     (seeded by seed and epoch), cut to whole batches on every rank, then dealt rank::world."""
@@ -76,11 +83,25 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
-class FastBatches:
-    """Training batches for a built-in recipe: gather + batched augmentation on the device."""
+# A memory-mapped training split leaves the resident set after every this many images read:
+# the kernel maps more than each read touches (64 KiB around it, or a whole large folio),
+# ~100 KiB per image of the TinyImageNet cache on this project's machines, so ~100 MiB of
+# the split stay mapped instead of all of it (1.2 GB) by the end of an epoch (README, Memory).
+RELEASE_IMAGES = 1024
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, bs: int) -> None:
+
+class FastBatches:
+    """Training batches for a built-in recipe: gather + batched augmentation on the device.
+
+    `release`, when given, is called after every `release_images` images read (whole
+    batches): `drop_resident` of a memory-mapped split, which keeps only the recent batches'
+    pages in the process's resident set."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, bs: int,
+                 release: Callable[[], object] | None = None, release_images: int | None = None) -> None:
         self.x, self.y, self.augment, self.bs = x, y, augment, bs
+        self.release = release
+        self.release_every = max(1, (release_images or RELEASE_IMAGES) // bs)
 
     def __call__(self, order: torch.Tensor, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dev = self.augment.device
@@ -88,7 +109,10 @@ class FastBatches:
         for b in range(start, len(order) // self.bs):
             idx = order[b * self.bs:(b + 1) * self.bs]
             # the augmentation reads the batch's images straight out of the cache
-            yield self.augment(self.x, train=True, ids=idx), self.y[idx].to(dev, non_blocking=True)
+            xb = self.augment(self.x, train=True, ids=idx)
+            if self.release is not None and (b + 1) % self.release_every == 0:
+                self.release()  # the batch is copied out: its pages can go
+            yield xb, self.y[idx].to(dev, non_blocking=True)
 
 
 class _PerImage(Dataset):

@@ -32,7 +32,7 @@ from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
 from alexnet.errors import ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
-from alexnet.loader import FastBatches, PerImageBatches, drop_resident, epoch_order, step_seed, to_memory
+from alexnet.loader import FastBatches, PerImageBatches, drop_resident, epoch_order, releaser, step_seed, to_memory
 from alexnet.memory import peak_memory_mib, reset_peak
 from alexnet.metrics import MetricsLog
 from alexnet.models import VARIANTS, AlexNet, create_model
@@ -196,7 +196,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     augment = BatchAugment(recipe, cfg.img_size, st["mean"], st["std"], st.get("eigval"), st.get("eigvec"),
                            device=device, generator=aug_gen)
     if isinstance(transform, Recipe):
-        batches = FastBatches(to_memory(cache.train.x, device), torch.from_numpy(np.array(cache.train.y)).to(device), augment, cfg.bs)
+        batches = FastBatches(to_memory(cache.train.x, device), torch.from_numpy(np.array(cache.train.y)).to(device),
+                              augment, cfg.bs, release=releaser(cache.train.x, device))
     else:
         batches = PerImageBatches(cache.train.x, cache.train.y, transform, augment, cfg.bs, cfg.workers, cfg.seed, source)
         batches.probe()

@@ -1,15 +1,17 @@
 """Peak resident set of a full training run, estimated in a minute: a short run whose
 training split is read into the process first.
 
-A full run's peak comes late, once every page of the memory-mapped cache has been read;
-the process's own memory reaches its high-water mark within a few steps. So this reads the
-whole training split into the run's mapping before training, then trains a few steps and
-evaluates, twice (the heap is laid out again after an evaluation), and prints the run's
-peak. The README's per-variant memory table came from it. Repeated, it moves with glibc's
-heap layout, which differs from run to run: for the Baseline at batch 128 with bf16 on
-PyTorch 2.14.1+cu130 it printed 2.97-3.04 GB in 7 probes where a full run under
-`/usr/bin/time -v` peaked at 2.99 GB; on 2.13.0+cpu, 2.66 GB (twice) where a full run
-peaked at 2.64 GB.
+The process's own memory reaches its high-water mark within a few steps, and on the CPU the
+training split's pages leave the resident set every 1,024 images (`loader.RELEASE_IMAGES`),
+so a few steps see what a full run holds late in an epoch. (Before that release, a full
+run's peak came once every page of the mapped split had been read, and this script read the
+whole split into the run's mapping first; it still does where the batches are not released.)
+It trains a few steps and evaluates, twice (the heap is laid out again after an evaluation),
+and prints the run's peak. The README's per-variant memory tables came from it. Repeated, it
+moves with glibc's heap layout, which differs from run to run: for the Baseline at batch 128
+with bf16 on PyTorch 2.14.1+cu130 it printed 2.97-3.04 GB in 7 probes where a full run under
+`/usr/bin/time -v` peaked at 2.99 GB (both before the release within an epoch); on
+2.13.0+cpu, 2.66 GB (twice) where a full run peaked at 2.64 GB.
 
     python scripts/peak_memory.py --variant paper --steps 40 --data /tmp/tin_cache -- --bs 128 --amp
 
@@ -31,13 +33,15 @@ from alexnet.memory import peak_rss_mib
 
 
 class ReadFirst(FastBatches):
-    """The run's training batches, with every page of its mapping of the training split read
-    in at the start of each round, as late in an epoch of a full run (evaluation drops them,
-    and reads the validation split, which then leaves the resident set, as in a full run)."""
+    """The run's training batches; where they do not release the split's pages as they go,
+    every page of its mapping is read in at the start of each round, as late in an epoch of
+    a full run (evaluation drops them, and reads the validation split, which then leaves the
+    resident set, as in a full run)."""
 
     def __call__(self, order: torch.Tensor, start: int):
-        self.x.max()
-        print(f"read in: {self.x.nbytes / 2**20:.1f} MiB of the training split")
+        if self.release is None:
+            self.x.max()
+            print(f"read in: {self.x.nbytes / 2**20:.1f} MiB of the training split")
         return super().__call__(order, start)
 
 

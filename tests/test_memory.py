@@ -1,5 +1,6 @@
 """What keeps a CPU run's resident set down: the cache's pages leave it between the phases that
-read them, and the optimizer's buffers made up front (for the heap's sake) change no number."""
+read them and every 1,024 training images within an epoch, and the optimizer's buffers made up
+front (for the heap's sake) change no number."""
 
 import sys
 from pathlib import Path
@@ -9,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet import train
+from alexnet import loader, train
+from alexnet.augment import RECIPES, BatchAugment
 from alexnet.cli import main
 from alexnet.config import TrainConfig
-from alexnet.loader import drop_resident
+from alexnet.loader import FastBatches, drop_resident, to_memory
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
@@ -65,12 +67,58 @@ def test_each_phase_holds_only_the_split_it_reads(tiny_cache, tmp_path, monkeypa
         events.append("evaluate")
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(train, "drop_resident", drop)
+    monkeypatch.setattr(train, "drop_resident", drop)  # around evaluation
+    monkeypatch.setattr(loader, "drop_resident", drop)  # within an epoch
     monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(loader, "RELEASE_IMAGES", 24)  # every 3 batches of 8
     assert main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(tmp_path / "o"),
-                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "2", "--epochs", "2",
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "4", "--epochs", "2",
                  "--no-progress"]) == 0
-    assert events == ["train_x.npy", "evaluate", "val_x.npy"] * 2
+    # within an epoch, after batch 3; then before and after each evaluation
+    assert events == ["train_x.npy", "train_x.npy", "evaluate", "val_x.npy"] * 2
+
+
+def mapping_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+                inside = len(head) >= 6 and Path(head[5]) == path
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@linux
+@pytest.mark.parametrize("release", [False, True], ids=["kept", "released"])
+def test_an_epoch_keeps_only_recent_pages_of_the_mapped_split(tmp_path, release):
+    x, data = mapped_split(tmp_path)  # 4,096 images of 12 KiB
+    path = tmp_path / "x.npy"
+    drop_resident(x)
+    after_release = []
+
+    def release_pages():
+        drop_resident(x)
+        after_release.append(mapping_rss_kib(path))
+
+    aug = BatchAugment(RECIPES["randomcrop"], 64, [0.5] * 3, [0.25] * 3, generator=torch.Generator().manual_seed(0))
+    batches = FastBatches(to_memory(x, torch.device("cpu")), torch.zeros(len(x), dtype=torch.long), aug, 64,
+                          release=release_pages if release else None, release_images=128)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    seen = [xb for xb, _ in batches(order, 0)]
+    read = mapping_rss_kib(path)
+    # the same pixels either way: pages dropped mid-epoch read back the same
+    aug.generator.manual_seed(0)
+    plain = FastBatches(torch.from_numpy(data), torch.zeros(len(x), dtype=torch.long), aug, 64)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(seen, plain(order, 0)))
+    if release:
+        # every 2 batches the split leaves the resident set (how much a read maps back in
+        # between depends on the kernel: 64 KiB around each read, or whole large folios)
+        assert after_release == [0] * (len(x) // 128)
+    else:
+        assert read > 40 * 1024, read
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])

@@ -264,7 +264,7 @@ def test_peak_memory_script(tiny_cache):
                         "--data", str(tiny_cache), "--", "--device", "cpu", "--num_classes", "4", "--bs", "8"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    # the run's own mapping of the training images was read in before each of the two
-    # rounds (the validation images are read by the evaluation, as in a full run)
-    assert r.stdout.count("MiB of the training split") == 2, r.stdout
+    # a CPU run releases the training split's pages as it reads them, so the script does not
+    # read the whole split in first (it does for batches that keep them)
+    assert "MiB of the training split" not in r.stdout, r.stdout
     assert "epoch 2/2" in r.stdout and "combined_gap: peak resident set" in r.stdout
