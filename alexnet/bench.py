@@ -67,9 +67,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         f"and --reference-bs play no part)")
 
 
-def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict, np.ndarray]:
-    """(train x NHWC uint8, labels, stats, the x array) from a cache (x over its memory-mapped
-    split, as in training), or a random stand-in of the same shape."""
+def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict, np.ndarray | None]:
+    """(train x NHWC uint8, labels, stats, the memory-mapped split under x) from a cache, or a
+    random stand-in of the same shape (in memory: nothing to release)."""
     if data:
         from alexnet.data import open_cache
 
@@ -79,7 +79,7 @@ def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tens
     x = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 200, (n,), generator=g)
     eig = {"eigval": [0.2, 0.02, 0.005], "eigvec": torch.linalg.qr(torch.randn(3, 3, generator=g))[0].tolist()}
-    return x, y, {"mean": [0.48, 0.45, 0.40], "std": [0.27, 0.26, 0.27], **eig}, x.numpy()
+    return x, y, {"mean": [0.48, 0.45, 0.40], "std": [0.27, 0.26, 0.27], **eig}, None
 
 
 def _jpeg_folder(zip_path: str | None, root: Path, per_class: int = 20, classes: int = 200) -> Path:
