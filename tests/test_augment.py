@@ -169,3 +169,33 @@ def test_noise_window_copy_equals_view():
     view = _window(table, start, 300, copy=False)
     assert view.data_ptr() == table[123:].data_ptr()
     assert torch.equal(_window(table, start, 300, copy=True), view)
+
+
+@pytest.mark.parametrize("per_image_matrix", [False, True])
+def test_saturation_both_ways_match_torchvision(per_image_matrix):
+    # The CPU's 1x1 convolution + lerp and the GPUs' per-image 3x3 matmul give torchvision's numbers.
+    aug = make(RECIPES["combined"])
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(8, 3, 64, 64, generator=g).contiguous(memory_format=torch.channels_last)
+    s = torch.tensor([0.0, 0.5, 0.7, 0.99, 1.0, 1.01, 1.3, 2.0])
+    out = aug.saturate(x, s, per_image_matrix=per_image_matrix)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    for i in range(len(x)):
+        torch.testing.assert_close(out[i].clamp(0, 1), TF.adjust_saturation(x[i], float(s[i])), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["randomcrop", "paper"])
+def test_every_crop_offset_and_mirror(name):
+    # The crop tables hold one row per offset and mirror: read every one of them once.
+    recipe = RECIPES[name]
+    aug = make(recipe)
+    side, pad = aug.frame(64)
+    span = side + 2 * pad - 64 + 1
+    x = batch(2 * span)
+    p = aug.sample(2 * span, 64)
+    p.oy = torch.arange(2 * span).flip(0) % span
+    p.ox = torch.arange(2 * span) % span
+    p.flip = torch.arange(2 * span) >= span
+    out = aug(x, train=True, params=p)
+    for i in range(len(x)):
+        torch.testing.assert_close(out[i], reference(x[i], recipe, p, i, 64, aug), atol=2e-4, rtol=1e-4)
