@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
 class Params:
     """Random parameters for one batch, drawn once so that a reference can reuse them."""
 
-    oy: torch.Tensor  # (N,) int64 crop offsets in the padded/scaled frame
+    oy: torch.Tensor  # (N,) int64 crop offsets in the padded/scaled frame, in [0, span) (see `sample`)
     ox: torch.Tensor
     flip: torch.Tensor  # (N,) bool
     brightness: torch.Tensor  # (N,) float factors
@@ -132,6 +132,7 @@ class BatchAugment:
         self.scale = 1 / self.std
         self.shift = -self.mean / self.std
         self.luma = torch.tensor(_LUMA, device=self.device)
+        self.gray3 = self.luma.view(1, 3, 1, 1).expand(3, 3, 1, 1).contiguous()  # 1x1 conv: gray on each channel
         self._noise_table: torch.Tensor | None = None  # built on first use (see `noise`)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_crop_tables`
 
@@ -296,11 +297,12 @@ class BatchAugment:
         (10-bit mantissa) and the gray image would lose precision."""
         if per_image_matrix is None:
             per_image_matrix = x.device.type != "cpu"
-        if per_image_matrix:
-            s = s.view(-1, 1, 1)
-            m = s * torch.eye(3, device=x.device) + (1 - s) * self.luma.view(1, 3, 1).expand(-1, 3, 3)
-            return _from_pixels(torch.bmm(_pixels(x), m), x.shape)
-        gray3 = F.conv2d(x, self.luma.view(1, 3, 1, 1).expand(3, 3, 1, 1))  # (N,3,S,S), x's layout
+        with torch.autocast(x.device.type, enabled=False):  # bmm and conv2d would run in bf16 under autocast
+            if per_image_matrix:
+                s = s.view(-1, 1, 1)
+                m = s * torch.eye(3, device=x.device) + (1 - s) * self.luma.view(1, 3, 1).expand(-1, 3, 3)
+                return _from_pixels(torch.bmm(_pixels(x), m), x.shape)
+            gray3 = F.conv2d(x, self.gray3)  # (N,3,S,S), x's layout
         gray3 = gray3.contiguous(memory_format=torch.channels_last)  # a no-op for channels_last x
         return gray3.lerp_(x, s.view(-1, 1, 1, 1))  # gray + s * (x - gray), one pass
 

@@ -182,6 +182,8 @@ def test_saturation_both_ways_match_torchvision(per_image_matrix):
     assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
     for i in range(len(x)):
         torch.testing.assert_close(out[i].clamp(0, 1), TF.adjust_saturation(x[i], float(s[i])), atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a batch made inside autocast stays float32
+        torch.testing.assert_close(aug.saturate(x, s, per_image_matrix=per_image_matrix), out, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["randomcrop", "paper"])
