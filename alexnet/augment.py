@@ -4,7 +4,9 @@ A `Recipe` is data: the strength of each augmentation. `BatchAugment` applies it
 batch at once with independent random parameters per image: no per-image Python. Geometry
 (scale, crop, flip) is one gather on uint8; photometric changes run in float on [0, 1];
 normalisation comes last. Each op's formula matches torchvision's functional op of the same
-name, so `tests/test_augment.py` can check pixels against a per-image reference.
+name, so `tests/test_augment.py` can check pixels against a per-image reference. On the CPU,
+the photometric ops and normalisation of a training batch run instead as one kernel compiled
+from the same formulas (alexnet/fused.py), checked against the same reference.
 
 Shapes: input (N, H, W, 3) uint8 (the cache's layout) or (N, 3, H, W) uint8;
 output (N, 3, S, S) float32 normalised, S = the training size.
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from alexnet import fused
 from alexnet.errors import ConfigError
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
@@ -135,6 +138,12 @@ class BatchAugment:
         self.gray3 = self.luma.view(1, 3, 1, 1).expand(3, 3, 1, 1).contiguous()  # 1x1 conv: gray on each channel
         self._noise_table: torch.Tensor | None = None  # built on first use (see `noise`)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_crop_tables`
+        # On the CPU the colour ops and normalisation of a training batch at the cache's size
+        # run as one compiled kernel (alexnet/fused.py); `fused.failed` says why they do not.
+        r = recipe
+        self.fused = (fused.FusedPhotometric((r.brightness > 0, r.contrast > 0, r.saturation > 0, r.lighting_std > 0,
+                                              r.noise_std > 0), _LUMA, self.mean, self.std)
+                      if r.photometric and fused.enabled(self.device) else None)
 
     # -- random parameters -------------------------------------------------------------
     def frame(self, h: int) -> tuple[int, int]:
@@ -189,12 +198,15 @@ class BatchAugment:
         return window.view(n, s, s, 3).permute(0, 3, 1, 2)
 
     # -- the ops -----------------------------------------------------------------------
-    def geometry(self, x: torch.Tensor, p: Params, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def geometry(self, x: torch.Tensor, p: Params, ids: torch.Tensor | None = None,
+                 planar: bool = False) -> torch.Tensor:
         """Resize (if the recipe scales or the size differs), reflect-pad, crop and flip.
 
         x: (N,3,H,W) uint8, or with `ids` (N,) the whole cache (M,3,H,W) the N images are read
         from. Returns (N,3,S,S) with channels_last strides: uint8 when no resize was needed,
-        else float in 0..255. Two reads, no per-image Python: an `index_select` of whole
+        else float in 0..255; with `planar`, (N,S,3,S) instead, each row's red, green and blue
+        rows one after another (the fused kernel's input, alexnet/fused.py), also when the
+        recipe neither crops nor flips. Two reads, no per-image Python: an `index_select` of whole
         source rows (W*3 contiguous values each) out of the NHWC memory, which image and the
         vertical reflection folded into the row ids; then a `gather` of each image's columns
         (horizontal reflection and flip folded into one index per image, shared by its rows)
@@ -210,32 +222,36 @@ class BatchAugment:
         n, c = (x.shape[0] if ids is None else len(ids)), x.shape[1]
         if side != h:
             x = F.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=False)
-        if pad == 0 and side == self.size and not self.recipe.flip:
+        if pad == 0 and side == self.size and not self.recipe.flip and not planar:
             return x if ids is None else _take(x, ids)
         s, dev = self.size, x.device
-        rows_of, values_of = self._crop_tables(side, pad, c, dev)
+        rows_of, values_of = self._crop_tables(side, pad, c, dev, planar)
         image = torch.arange(n, device=dev) if ids is None else ids
         rows = rows_of.index_select(0, p.oy) + image[:, None] * side  # (N, S) rows of the batch (or cache)
         nhwc = x.permute(0, 2, 3, 1).contiguous()  # a view for the cache's NHWC batches
         picked = nhwc.view(-1, side * c).index_select(0, rows.flatten()).view(n, s, side * c)
         values = values_of.index_select(0, p.ox + p.flip * (len(values_of) // 2)).view(n, 1, s * c)
         out = torch.gather(picked, 2, values.expand(n, s, s * c))
-        return out.view(n, s, s, c).permute(0, 3, 1, 2)
+        return out.view(n, s, c, s) if planar else out.view(n, s, s, c).permute(0, 3, 1, 2)
 
-    def _crop_tables(self, side: int, pad: int, c: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _crop_tables(self, side: int, pad: int, c: int, dev: torch.device,
+                     planar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Every crop's source indices, one row per offset, made once per frame: (span, S)
         source rows of the frame for each vertical offset, and (2 * span, S * C) values of a
         source row for each horizontal offset, then for each offset mirrored (reflection
         folded in, span = side + 2 * pad - S + 1). A batch's indices are then two row lookups
-        instead of a dozen small ops over (N, S) (0.6 ms per 256-image batch on two cores)."""
-        key = (side, pad, c, dev)
+        instead of a dozen small ops over (N, S) (0.6 ms per 256-image batch on two cores).
+        `planar` orders each row's values channel by channel: (2 * span, C * S)."""
+        key = (side, pad, c, dev, planar)
         if key not in self._tables:
             s = self.size
             span = side + 2 * pad - s + 1
             pos = torch.arange(span, device=dev)[:, None] + torch.arange(s, device=dev) - pad  # (span, S), padded frame
             rows = _reflect(pos, side)
             cols = torch.cat([rows, _reflect(pos.flip(1), side)])  # forward, then mirrored
-            values = (cols[:, :, None] * c + torch.arange(c, device=dev)).view(2 * span, s * c)
+            channel = torch.arange(c, device=dev)
+            values = (cols[:, None, :] * c + channel[:, None]) if planar else (cols[:, :, None] * c + channel)
+            values = values.reshape(2 * span, s * c)
             self._tables[key] = (rows, values)
         return self._tables[key]
 
@@ -271,9 +287,7 @@ class BatchAugment:
         if p.alpha is not None:
             if pending:
                 x.clamp_(0, 1)
-            # Paper section 4.1: add eigvec @ (alpha * eigval) to every pixel.
-            shift = (p.alpha * self.eigval) @ self.eigvec.T  # (N, 3)
-            _rows(x).add_(shift.repeat(1, x.shape[3]).unsqueeze(1))
+            _rows(x).add_(self.lighting(p.alpha).repeat(1, x.shape[3]).unsqueeze(1))
             pending = True
         if p.noise is not None:
             if pending:
@@ -281,6 +295,12 @@ class BatchAugment:
             x.add_(p.noise)
             pending = True
         return x, pending
+
+    def lighting(self, alpha: torch.Tensor) -> torch.Tensor:
+        """(N, 3) RGB shift of the paper's PCA lighting (section 4.1), eigvec @ (alpha * eigval)
+        for (N, 3) alpha, added to every pixel; in float32 whatever the caller's context."""
+        with torch.autocast(alpha.device.type, enabled=False):
+            return (alpha * self.eigval) @ self.eigvec.T
 
     def saturate(self, x: torch.Tensor, s: torch.Tensor, per_image_matrix: bool | None = None) -> torch.Tensor:
         """s * x + (1 - s) * gray(x) for a channels_last float batch x and (N,) factors s, as
@@ -349,6 +369,13 @@ class BatchAugment:
         x = x.to(self.device, non_blocking=True)
         if train:
             p = params or self.sample(x.shape[0] if ids is None else len(ids), x.shape[2])
+            if self.fused is not None and self.frame(x.shape[2])[0] == x.shape[2]:  # no resize: uint8 crops
+                rows = self.geometry(x, p, ids, planar=True)
+                shift = None if p.alpha is None else self.lighting(p.alpha)
+                noise = None if p.noise is None else p.noise.permute(0, 2, 3, 1)
+                out = self.fused(rows, p.brightness, p.contrast, p.saturation, shift, noise)
+                if out is not None:
+                    return out
             x = self.geometry(x, p, ids)
         else:
             p = None

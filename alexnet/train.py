@@ -370,6 +370,11 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             f"images, {run.steps_per_epoch} steps of {cfg.bs}{'x' + str(d.world) if d.enabled else ''} per epoch, "
             f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}, "
             f"{'channels_last' if cfg.channels_last else 'NCHW'}")
+    if run.augment.fused is not None and isinstance(run.batches, FastBatches):
+        # Compiled here, not inside the first epoch's timing: seconds the first time on a
+        # machine, then from PyTorch's cache. (The step reseeds the generator it draws from.)
+        say("compiling the augmentation kernel (torch.compile; cached after the first run)")
+        run.augment(run.batches.x[:cfg.bs], train=True)
 
     def save(ep: int, batch: int, best: bool = False) -> None:
         # Every rank takes part: the epoch's partial meters are summed over ranks first, so

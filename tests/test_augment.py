@@ -1,10 +1,13 @@
 """Batched augmentation: the same pixels as a per-image torchvision reference given the same
 random parameters; identity at zero strength; independent parameters per image."""
 
+import warnings
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from alexnet import fused
 from alexnet.augment import RECIPES, BatchAugment, Recipe, _window, as_nchw_uint8
 from alexnet.errors import ConfigError
 
@@ -50,17 +53,88 @@ def reference(img, recipe, p, i, size, aug):
     return TF.normalize(x, MEAN, STD)
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
-@pytest.mark.parametrize("size", [64, 72, 224])
-def test_batched_equals_per_image_reference(name, size):
-    recipe = RECIPES[name]
+# Colour recipes at the cache's size on the CPU run as one compiled kernel (alexnet/fused.py);
+# "eager" is their path elsewhere (CUDA, other sizes, or where compiling fails).
+WITH_COLOUR = {**RECIPES, "lighting64": Recipe(crop_pad=2, flip=True, lighting_std=0.1, noise_std=0.05),
+               "brightness": Recipe(brightness=0.4)}
+
+
+PATHS = [(name, size, "eager") for name in WITH_COLOUR for size in (64, 72, 224)] + \
+        [(name, 64, "fused") for name, r in WITH_COLOUR.items() if r.photometric and r.scale == 1]
+
+
+@pytest.mark.parametrize("name,size,path", PATHS)
+def test_batched_equals_per_image_reference(name, size, path):
+    recipe = WITH_COLOUR[name]
     aug = make(recipe, size)
+    if path == "eager":
+        aug.fused = None
     x = batch()
     p = aug.sample(len(x), 64)
     out = aug(x, train=True, params=p)
     assert out.shape == (len(x), 3, size, size) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    if path == "fused":
+        assert aug.fused.calls == 1 and aug.fused.failed is None  # the kernel made this batch
     for i in range(len(x)):
         torch.testing.assert_close(out[i], reference(x[i], recipe, p, i, size, aug), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["pixel", "combined", "lighting64"])
+def test_fused_kernel_equals_eager_ops(name):
+    # The same batches both ways, read by ids out of a cache as training does, also under
+    # autocast (the kernel computes in float32 whatever the caller's context).
+    aug = make(WITH_COLOUR[name])
+    cache, ids = batch(40), torch.tensor([3, 17, 3, 39, 0, 22, 8, 9])
+    p = aug.sample(len(ids), 64)
+    fused = aug(cache, train=True, params=p, ids=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(aug(cache, train=True, params=p, ids=ids), fused, atol=0, rtol=0)
+    assert aug.fused.calls == 2
+    aug.fused = None
+    torch.testing.assert_close(fused, aug(cache, train=True, params=p, ids=ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["randomcrop", "pixel", "paper"])
+def test_planar_crops_are_the_same_pixels(name):
+    # The kernel's (N, S, 3, S) rows hold exactly the crops of the channels_last layout.
+    aug = make(RECIPES[name])
+    cache, ids = batch(20), torch.tensor([5, 1, 19, 5])
+    p = aug.sample(len(ids), 64)
+    nchw = as_nchw_uint8(cache)
+    planar = aug.geometry(nchw, p, ids, planar=True)
+    assert planar.shape == (4, 64, 3, 64) and planar.is_contiguous()
+    torch.testing.assert_close(planar.permute(0, 2, 1, 3), aug.geometry(nchw, p, ids), atol=0, rtol=0)
+
+
+def test_fused_kernel_falls_back_to_eager_once(monkeypatch):
+    def no_compiler(fn, **kw):
+        def raises(*a):
+            calls.append(1)
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore text")
+        return raises
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    aug = make(RECIPES["combined"])
+    x = batch()
+    p = aug.sample(len(x), 64)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the augmentation kernel failed .*no working C"):
+        out = aug(x, train=True, params=p)
+    assert aug.fused.failed == "RuntimeError: InvalidCxxCompiler: no working C++ compiler found"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        assert torch.equal(aug(x, train=True, params=p), out)
+    assert len(calls) == 1
+    aug.fused = None
+    assert torch.equal(aug(x, train=True, params=p), out)  # the eager ops made the batch
+
+
+def test_fused_kernel_only_on_the_cpu_and_not_when_turned_off(monkeypatch):
+    assert fused.enabled(torch.device("cpu")) and not fused.enabled(torch.device("cuda", 0))
+    assert make(RECIPES["combined"]).fused is not None and make(RECIPES["randomcrop"]).fused is None
+    monkeypatch.setenv("ALEXNET_FUSED_AUGMENT", "0")
+    assert make(RECIPES["combined"]).fused is None
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
