@@ -371,8 +371,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}, "
             f"{'channels_last' if cfg.channels_last else 'NCHW'}")
     if run.augment.fused is not None and isinstance(run.batches, FastBatches):
-        # Compiled here, not inside the first epoch's timing: seconds the first time on a
-        # machine, then from PyTorch's cache. (The step reseeds the generator it draws from.)
+        # Compiled here, not inside the first epoch's timing: half a minute the first time on
+        # a machine, seconds from PyTorch's cache. (Each step reseeds the generator used here.)
         say("compiling the augmentation kernel (torch.compile; cached after the first run)")
         run.augment(run.batches.x[:cfg.bs], train=True)
 
