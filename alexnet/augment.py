@@ -138,12 +138,16 @@ class BatchAugment:
         self.gray3 = self.luma.view(1, 3, 1, 1).expand(3, 3, 1, 1).contiguous()  # 1x1 conv: gray on each channel
         self._noise_table: torch.Tensor | None = None  # built on first use (see `noise`)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_crop_tables`
-        # On the CPU the colour ops and normalisation of a training batch at the cache's size
-        # run as one compiled kernel (alexnet/fused.py); `fused.failed` says why they do not.
-        r = recipe
-        self.fused = (fused.FusedPhotometric((r.brightness > 0, r.contrast > 0, r.saturation > 0, r.lighting_std > 0,
-                                              r.noise_std > 0), _LUMA, self.mean, self.std)
-                      if r.photometric and fused.enabled(self.device) else None)
+        # On the CPU the colour ops and normalisation of a training batch run as one compiled
+        # kernel where no resize is needed (alexnet/fused.py, `fuses`).
+        self.fused = (fused.FusedPhotometric(_LUMA, self.mean, self.std)
+                      if recipe.photometric and fused.enabled(self.device) else None)
+
+    def fuses(self, h: int) -> bool:
+        """Whether training batches of side h from the cache run the fused kernel: on the
+        CPU, for a recipe with colour ops, when the crops come straight out of the uint8 cache
+        (no resize) and the kernel could be compiled (or has not been tried yet)."""
+        return self.fused is not None and self.fused.failed is None and self.frame(h)[0] == h
 
     # -- random parameters -------------------------------------------------------------
     def frame(self, h: int) -> tuple[int, int]:
@@ -369,7 +373,7 @@ class BatchAugment:
         x = x.to(self.device, non_blocking=True)
         if train:
             p = params or self.sample(x.shape[0] if ids is None else len(ids), x.shape[2])
-            if self.fused is not None and self.frame(x.shape[2])[0] == x.shape[2]:  # no resize: uint8 crops
+            if self.fuses(x.shape[2]):
                 rows = self.geometry(x, p, ids, planar=True)
                 shift = None if p.alpha is None else self.lighting(p.alpha)
                 noise = None if p.noise is None else p.noise.permute(0, 2, 3, 1)

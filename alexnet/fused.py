@@ -18,32 +18,27 @@ red, green and blue rows one after another, so that every load in the kernel is 
 augmentation took up to twice as long). The output is (N, S, S, 3): channels_last memory, as
 the model reads it.
 
-Compilation happens at the first batch of each shape: 27-31 s the first time on this
-project's machine, 4-5 s once PyTorch's on-disk cache holds the result. Where it fails (no C++ compiler, an unsupported platform), the eager ops run
-instead, after one warning. `ALEXNET_FUSED_AUGMENT=0` keeps the eager ops; CUDA always runs
-them (there each op is one small kernel over memory that is fast anyway).
+One kernel serves every colour recipe: a jitter a recipe leaves out gets the factor 1 that
+`BatchAugment.sample` draws for it, which leaves pixels in [0, 1] exactly as they are; the
+lighting and the noise, absent from most recipes, are left out of the kernel when their
+tensors are None (another kernel). Its batch dimension is dynamic. Compilation happens at
+the first batch: 27-31 s the first time on this project's machine, 4-5 s once PyTorch's
+on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) holds it. Where there is no kernel (no C++ compiler, a
+platform `torch.compile` does not support), the eager ops run instead, after one warning.
+`ALEXNET_FUSED_AUGMENT=0` keeps the eager ops; CUDA always runs them (there each op is one
+small kernel over memory that is fast anyway).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
-
-
-class _NoCudaHomeNote(logging.Filter):
-    """Drops the one line PyTorch's CUDA build logs when it compiles on a machine without CUDA
-    ("No CUDA runtime is found, using CUDA_HOME=..."): it reads like an error in a CPU run and
-    concerns CUDA extensions only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No CUDA runtime is found" not in record.getMessage()
-
-
-logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaHomeNote())
 
 
 def enabled(device: torch.device) -> bool:
@@ -51,49 +46,56 @@ def enabled(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("ALEXNET_FUSED_AUGMENT", "1") != "0"
 
 
-def photometric_planes(brightness: bool, contrast: bool, saturation: bool, lighting: bool, noise: bool,
-                       luma: tuple[float, float, float]) -> Callable:
-    """The function that is compiled, for one recipe's set of ops (Python constants, so that
-    the ops a recipe leaves out are not in its kernel). torchvision's formulas and order, a
-    clamp to [0, 1] after each op, then (x - mean) / std; `luma`: the grey image's weights.
+def photometric_planes(luma: tuple[float, float, float]) -> Callable:
+    """The function that is compiled: torchvision's formulas and order (brightness, contrast,
+    saturation, then the paper's lighting and the pixel noise), a clamp to [0, 1] after each
+    op, then (x - mean) / std; `luma`: the grey image's weights.
 
-    rows: (N,S,3,S) uint8; b, c, s: (N,1,1) factors; shift: (N,3) lighting shifts; eps:
-    (N,S,S,3) noise; mean, std: (3,). Returns (N,S,S,3) float32."""
+    rows: (N,S,3,S) uint8; b, c, s: (N,1,1) factors (1 for an op that is off); shift: (N,3)
+    lighting shifts or None; eps: (N,S,S,3) noise or None; mean, std: (3,).
+    Returns (N,S,S,3) float32."""
 
     def gray(x: list[torch.Tensor]) -> torch.Tensor:
         return luma[0] * x[0] + luma[1] * x[1] + luma[2] * x[2]
 
     def kernel(rows, b, c, s, shift, eps, mean, std):
-        x = list(rows.unbind(2))  # three (N,S,S) uint8 planes
-        if brightness:
-            x = [(v.float() * (b / 255)).clamp(0, 1) for v in x]
-        else:
-            x = [v.float() * (1 / 255) for v in x]
-        if contrast:
-            m = gray(x).mean(dim=(1, 2), keepdim=True)  # (N,1,1)
-            x = [(c * v + (1 - c) * m).clamp(0, 1) for v in x]
-        if saturation:
-            g = gray(x)
-            x = [(s * v + (1 - s) * g).clamp(0, 1) for v in x]
-        if lighting:
+        x = [(v.float() * (b / 255)).clamp(0, 1) for v in rows.unbind(2)]  # three (N,S,S) planes
+        m = gray(x).mean(dim=(1, 2), keepdim=True)  # (N,1,1)
+        x = [(c * v + (1 - c) * m).clamp(0, 1) for v in x]
+        g = gray(x)
+        x = [(s * v + (1 - s) * g).clamp(0, 1) for v in x]
+        if shift is not None:
             x = [(v + shift[:, i, None, None]).clamp(0, 1) for i, v in enumerate(x)]
-        if noise:
-            e = eps.unbind(3)
-            x = [(v + e[i]).clamp(0, 1) for i, v in enumerate(x)]
-        else:
-            x = [v.clamp(0, 1) for v in x]
+        if eps is not None:
+            x = [(v + e).clamp(0, 1) for v, e in zip(x, eps.unbind(3))]
         return torch.stack([(v - mean[i]) / std[i] for i, v in enumerate(x)], dim=-1)
 
     return kernel
 
 
-class FusedPhotometric:
-    """One recipe's compiled kernel, and the fallback decision if compiling fails."""
+@contextmanager
+def _without_cuda_home_note() -> Iterator[None]:
+    """PyTorch's CUDA build logs "No CUDA runtime is found, using CUDA_HOME=..." when it
+    first compiles on a machine without CUDA: a line that reads like an error in a CPU run and
+    concerns CUDA extensions only. It is dropped while the kernel compiles, nowhere else."""
 
-    def __init__(self, flags: tuple[bool, bool, bool, bool, bool], luma: tuple[float, float, float],
-                 mean: torch.Tensor, std: torch.Tensor) -> None:
-        """flags: brightness, contrast, saturation, lighting, noise on or off."""
-        self.flags, self.luma = flags, luma
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No CUDA runtime is found" not in record.getMessage()
+
+    log, drop = logging.getLogger("torch.utils.cpp_extension"), Drop()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+class FusedPhotometric:
+    """A BatchAugment's compiled kernel, and the fallback decision if there is none."""
+
+    def __init__(self, luma: tuple[float, float, float], mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.luma = luma
         self.mean, self.std = mean.reshape(3), std.reshape(3)
         self.kernel: Callable | None = None  # compiled at the first batch
         self.failed: str | None = None  # why the eager ops run instead, once compiling failed
@@ -101,22 +103,30 @@ class FusedPhotometric:
 
     def __call__(self, rows: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
                  shift: torch.Tensor | None, eps: torch.Tensor | None) -> torch.Tensor | None:
-        """(N,3,S,S) channels_last normalised batch, or None when the kernel cannot be had
-        (the caller then runs the eager ops)."""
+        """(N,3,S,S) channels_last normalised batch, or None when there is no kernel (the
+        caller then runs the eager ops; `failed` says why)."""
         if self.failed is not None:
             return None
         n = rows.shape[0]
-        args = (rows, b.view(n, 1, 1), c.view(n, 1, 1), s.view(n, 1, 1), shift, eps, self.mean, self.std)
+        args = (rows, b.view(n, 1, 1), c.view(n, 1, 1), s.view(n, 1, 1), shift, eps)
+        for t in args:
+            if t is not None:  # one kernel for every batch size (batches of 1 excepted)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         try:
             if self.kernel is None:  # torch.compile itself raises where dynamo does not run (a new Python)
-                self.kernel = torch.compile(photometric_planes(*self.flags, self.luma), dynamic=False, fullgraph=True)
-            with torch.autocast("cpu", enabled=False):  # float32 pixels whatever the caller's context
-                out = self.kernel(*args)
+                # Its own recompile budget where this torch offers one per compiled function:
+                # other compiled code in the process, and other BatchAugments, do not use it up.
+                own = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+                self.kernel = torch.compile(photometric_planes(self.luma), fullgraph=True,
+                                            **({"isolate_recompiles": True} if own else {}))
+            # float32 pixels whatever the caller's autocast; no autograd state to guard on
+            with torch.autocast("cpu", enabled=False), torch.no_grad(), _without_cuda_home_note():
+                out = self.kernel(*args, self.mean, self.std)
         except Exception as e:  # inductor's errors have no common base; any of them means "no kernel"
             first_line = (str(e).strip().splitlines() or [""])[0]
             self.failed = f"{type(e).__name__}: {first_line}"
-            warnings.warn(f"torch.compile of the augmentation kernel failed ({self.failed}); "
-                          "running the eager ops instead (the same formulas, slower)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"no compiled augmentation kernel ({self.failed}); running the eager ops instead "
+                          "(the same formulas, slower)", RuntimeWarning, stacklevel=3)
             return None
         self.calls += 1
         return out.permute(0, 3, 1, 2)

@@ -370,12 +370,6 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             f"images, {run.steps_per_epoch} steps of {cfg.bs}{'x' + str(d.world) if d.enabled else ''} per epoch, "
             f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}, "
             f"{'channels_last' if cfg.channels_last else 'NCHW'}")
-    if run.augment.fused is not None and isinstance(run.batches, FastBatches):
-        # Compiled here, not inside the first epoch's timing: half a minute the first time on
-        # a machine, seconds from PyTorch's cache. (Each step reseeds the generator used here.)
-        say("compiling the augmentation kernel (torch.compile; cached after the first run)")
-        run.augment(run.batches.x[:cfg.bs], train=True)
-
     def save(ep: int, batch: int, best: bool = False) -> None:
         # Every rank takes part: the epoch's partial meters are summed over ranks first, so
         # that rank 0's checkpoint holds the whole run's progress (rank 0 restores them).
@@ -393,6 +387,12 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     for s in previous:
         signal.signal(s, lambda signum, frame: run.stop_signal.append(signum))
     try:
+        if isinstance(run.batches, FastBatches) and run.augment.fuses(run.cache.img_size):
+            # Compiled here, not inside the first epoch's timing: half a minute the first time
+            # on a machine, seconds from PyTorch's cache; a stop request during it is honoured
+            # at the first step. (Each step reseeds the generator this batch draws from.)
+            say("compiling the augmentation kernel (torch.compile; PyTorch caches it for later runs)")
+            run.augment(run.batches.x[:cfg.bs], train=True)
         for ep in range(epoch, cfg.epochs):
             if not train_one_epoch(run, ep, start, state, save):
                 sig = run.stop_signal[0]

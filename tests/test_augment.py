@@ -1,8 +1,6 @@
 """Batched augmentation: the same pixels as a per-image torchvision reference given the same
 random parameters; identity at zero strength; independent parameters per image."""
 
-import os
-import shutil
 import warnings
 
 import pytest
@@ -12,6 +10,7 @@ import torchvision.transforms.v2.functional as TF
 from alexnet import fused
 from alexnet.augment import RECIPES, BatchAugment, Recipe, _window, as_nchw_uint8
 from alexnet.errors import ConfigError
+from tests.conftest import needs_compiler
 
 MEAN, STD = [0.48, 0.45, 0.40], [0.27, 0.26, 0.28]
 EIGVAL = [0.2, 0.02, 0.004]
@@ -56,19 +55,15 @@ def reference(img, recipe, p, i, size, aug):
 
 
 # Colour recipes at the cache's size on the CPU run as one compiled kernel (alexnet/fused.py);
-# "eager" is their path elsewhere (CUDA, other sizes, or where compiling fails).
+# the eager ops are their path elsewhere (CUDA, other sizes, or where there is no kernel).
 WITH_COLOUR = {**RECIPES, "lighting64": Recipe(crop_pad=2, flip=True, lighting_std=0.1, noise_std=0.05),
                "brightness": Recipe(brightness=0.4)}
+FUSING = [name for name, r in WITH_COLOUR.items() if r.photometric and r.scale == 1]
 
-
-# torch.compile's CPU backend builds C++ with $CXX, else g++ (clang++ on macOS); without one
-# the kernel cannot exist there and training runs the eager ops (tested below by faking it).
-compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "clang++" if os.uname().sysname == "Darwin"
-                                                                else "g++")),
-                              reason="no C++ compiler for torch.compile's CPU backend")
-PATHS = [(name, size, "eager") for name in WITH_COLOUR for size in (64, 72, 224)] + \
-        [pytest.param(name, 64, "fused", marks=compiler)
-         for name, r in WITH_COLOUR.items() if r.photometric and r.scale == 1]
+# "default": as BatchAugment decides (the kernel at size 64 for a colour recipe, else the
+# eager ops); "eager": the eager ops where the kernel would run.
+PATHS = [pytest.param(name, size, "default", marks=[needs_compiler] if name in FUSING and size == 64 else [])
+         for name in WITH_COLOUR for size in (64, 72, 224)] + [(name, 64, "eager") for name in FUSING]
 
 
 @pytest.mark.parametrize("name,size,path", PATHS)
@@ -82,13 +77,14 @@ def test_batched_equals_per_image_reference(name, size, path):
     out = aug(x, train=True, params=p)
     assert out.shape == (len(x), 3, size, size) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
-    if path == "fused":
-        assert aug.fused.calls == 1 and aug.fused.failed is None  # the kernel made this batch
+    kernel_batches = 1 if path == "default" and name in FUSING and size == 64 else 0
+    assert (aug.fused.calls if aug.fused else 0) == kernel_batches  # the kernel made the batch, or not
+    assert aug.fused is None or aug.fused.failed is None
     for i in range(len(x)):
         torch.testing.assert_close(out[i], reference(x[i], recipe, p, i, size, aug), atol=2e-4, rtol=1e-4)
 
 
-@compiler
+@needs_compiler
 @pytest.mark.parametrize("name", ["pixel", "combined", "lighting64"])
 def test_fused_kernel_equals_eager_ops(name):
     # The same batches both ways, read by ids out of a cache as training does, also under
@@ -96,12 +92,12 @@ def test_fused_kernel_equals_eager_ops(name):
     aug = make(WITH_COLOUR[name])
     cache, ids = batch(40), torch.tensor([3, 17, 3, 39, 0, 22, 8, 9])
     p = aug.sample(len(ids), 64)
-    fused = aug(cache, train=True, params=p, ids=ids)
+    out = aug(cache, train=True, params=p, ids=ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(aug(cache, train=True, params=p, ids=ids), fused, atol=0, rtol=0)
+        torch.testing.assert_close(aug(cache, train=True, params=p, ids=ids), out, atol=0, rtol=0)
     assert aug.fused.calls == 2
     aug.fused = None
-    torch.testing.assert_close(fused, aug(cache, train=True, params=p, ids=ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, aug(cache, train=True, params=p, ids=ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["randomcrop", "pixel", "paper"])
@@ -123,18 +119,21 @@ def test_fused_kernel_falls_back_to_eager_once(monkeypatch):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore text")
         return raises
 
-    calls = []
+    calls, layouts = [], []
     monkeypatch.setattr(torch, "compile", no_compiler)
     aug = make(RECIPES["combined"])
+    geometry = aug.geometry
+    monkeypatch.setattr(aug, "geometry", lambda *a, planar=False: (layouts.append(planar), geometry(*a, planar=planar))[1])
     x = batch()
     p = aug.sample(len(x), 64)
-    with pytest.warns(RuntimeWarning, match="torch.compile of the augmentation kernel failed .*no working C"):
+    with pytest.warns(RuntimeWarning, match=r"no compiled augmentation kernel \(RuntimeError: .*no working C"):
         out = aug(x, train=True, params=p)
     assert aug.fused.failed == "RuntimeError: InvalidCxxCompiler: no working C++ compiler found"
+    assert layouts == [True, False]  # the kernel's crops, then the eager ops' own
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning, no second attempt
+        warnings.simplefilter("error")  # no second warning, no second attempt, no planar crops
         assert torch.equal(aug(x, train=True, params=p), out)
-    assert len(calls) == 1
+    assert len(calls) == 1 and layouts == [True, False, False] and not aug.fuses(64)
     aug.fused = None
     assert torch.equal(aug(x, train=True, params=p), out)  # the eager ops made the batch
 

@@ -11,6 +11,7 @@ import torch
 from alexnet.bench import _jpeg_folder, _reference_loader, add_bench_args, run_bench
 from alexnet.cli import main
 from alexnet.augment import RECIPES
+from tests.conftest import needs_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +70,17 @@ def test_reference_pipeline_yields_normalised_batches(tmp_path):
     stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
     x, y = next(_reference_loader(folder, RECIPES["combined"], 4, stats))
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32 and y.max() < 3
+
+
+@needs_compiler
+def test_training_runs_the_fused_kernel_and_learns_as_the_eager_ops(learnable_cache, tmp_path, capsys, monkeypatch,
+                                                                   recwarn):
+    # The colour recipe through the compiled kernel (on the CPU, by default) and through the
+    # eager ops: the same batches up to rounding, so the same losses to training's amplification.
+    fused = _train(learnable_cache, tmp_path / "fused", "--recipe", "combined")
+    assert "compiling the augmentation kernel" in capsys.readouterr().out
+    assert not [w for w in recwarn if "augmentation kernel" in str(w.message)]  # it was compiled
+    monkeypatch.setenv("ALEXNET_FUSED_AUGMENT", "0")
+    eager = _train(learnable_cache, tmp_path / "eager", "--recipe", "combined")
+    assert "compiling the augmentation kernel" not in capsys.readouterr().out
+    assert fused == pytest.approx(eager, rel=1e-3, abs=1e-3)
