@@ -9,8 +9,8 @@ same formulas are written once over the three colour planes of a batch and `torc
 its three channels together and writes the normalised float pixel once, after a first loop
 that takes each image's grey mean for the contrast. Measured on this project's 2-core CPU
 (README, Speed), the whole augmentation of a batch read from the cache, crops included, took
-0.61-0.64 of the eager ops' time for the combined recipe at 256 images (about 5 ms against
-9) and 0.79-0.81 at 64; the pixels differ from the eager ops' by rounding (under 1e-5).
+0.61-0.65 of the eager ops' time for the combined recipe at 256 images (about 5 ms against
+9) and 0.79-0.83 at 64; the pixels differ from the eager ops' by rounding (under 1e-5).
 
 The planes come from the crop's gather in "row-planar" order, (N, S, 3, S): each image row's
 red, green and blue rows one after another, so that every load in the kernel is contiguous
@@ -23,10 +23,10 @@ One kernel serves every colour recipe: a jitter a recipe leaves out gets the fac
 lighting and the noise, absent from most recipes, are left out of the kernel when their
 tensors are None (another kernel). Its batch dimension is dynamic. Compilation happens at
 the first batch: 27-31 s the first time on this project's machine, 4-5 s once PyTorch's
-on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) holds it. Where there is no kernel (no C++ compiler, a
-platform `torch.compile` does not support), the eager ops run instead, after one warning.
-`ALEXNET_FUSED_AUGMENT=0` keeps the eager ops; CUDA always runs them (there each op is one
-small kernel over memory that is fast anyway).
+on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) holds it.
+Where there is no kernel (no C++ compiler, a platform `torch.compile` does not support), the
+eager ops run instead, after one warning. `ALEXNET_FUSED_AUGMENT=0` keeps the eager ops;
+CUDA always runs them (there each op is one small kernel over memory that is fast anyway).
 """
 
 from __future__ import annotations

@@ -370,6 +370,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             f"images, {run.steps_per_epoch} steps of {cfg.bs}{'x' + str(d.world) if d.enabled else ''} per epoch, "
             f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}, "
             f"{'channels_last' if cfg.channels_last else 'NCHW'}")
+
     def save(ep: int, batch: int, best: bool = False) -> None:
         # Every rank takes part: the epoch's partial meters are summed over ranks first, so
         # that rank 0's checkpoint holds the whole run's progress (rank 0 restores them).

@@ -123,7 +123,12 @@ def test_fused_kernel_falls_back_to_eager_once(monkeypatch):
     monkeypatch.setattr(torch, "compile", no_compiler)
     aug = make(RECIPES["combined"])
     geometry = aug.geometry
-    monkeypatch.setattr(aug, "geometry", lambda *a, planar=False: (layouts.append(planar), geometry(*a, planar=planar))[1])
+
+    def recorded(*a, planar=False):
+        layouts.append(planar)
+        return geometry(*a, planar=planar)
+
+    monkeypatch.setattr(aug, "geometry", recorded)
     x = batch()
     p = aug.sample(len(x), 64)
     with pytest.warns(RuntimeWarning, match=r"no compiled augmentation kernel \(RuntimeError: .*no working C"):
