@@ -14,8 +14,9 @@ which blocks of steps did not cancel. (3) runs in blocks of `--steps` steps (its
 workers prefetch, so single steps would not measure it), one block per round between the pairs.
 Each mode's figure is the median of its images / wall seconds; (2)/(3) is the ratio of those.
 
-`--compare amp channels_last compile` measures instead what each of those settings does to
-speed: the training step alone (as (1)) with the setting on and off, everything else as the
+`--compare amp channels_last compile small_map_grad` measures instead what each of those
+settings does to speed (small_map_grad: alexnet/smallconv.py's weight gradient, an
+environment switch rather than a config key): the training step alone (as (1)) with the setting on and off, everything else as the
 command says, alternating single steps the same way, and prints on/off as the median of the
 per-pair ratios.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet import smallconv
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
@@ -42,7 +44,7 @@ from alexnet.models import VARIANTS, create_model
 from alexnet.train import build_optimizer, pick_device, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
-SETTINGS = ("amp", "channels_last", "compile")
+SETTINGS = ("amp", "channels_last", "compile", "small_map_grad")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -244,10 +246,17 @@ def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -
     y = torch.randint(0, 200, (a.bs,), generator=g).to(dev)
     steps = []
     for on in (True, False):
-        s = {"amp": a.amp, "channels_last": a.channels_last, "compile": a.compile, setting: on}
+        s = {"amp": a.amp, "channels_last": a.channels_last, "compile": a.compile}
+        if setting in s:
+            s[setting] = on
         cfg = TrainConfig(variant=name, bs=a.bs, **s)
         model, opt = _trainable(cfg, dev)
-        step = (lambda model=model, opt=opt, cfg=cfg: (train_step(model, opt, x, y, cfg, dev), _sync(dev)))
+        switch = smallconv.switched(on if setting == "small_map_grad" else smallconv.enabled())
+
+        def step(model=model, opt=opt, cfg=cfg, switch=switch):
+            with switch():
+                train_step(model, opt, x, y, cfg, dev)
+            _sync(dev)
         step(), step()  # warm-up: allocator, kernels, compilation
         steps.append(step)
     f_on, f_off = _paired(steps[0], steps[1], a.steps * a.rounds, a.bs)

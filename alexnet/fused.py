@@ -52,7 +52,7 @@ def photometric_planes(luma: tuple[float, float, float]) -> Callable:
     op, then (x - mean) / std; `luma`: the grey image's weights.
 
     rows: (N,S,3,S) uint8; b, c, s: (N,1,1) factors (1 for an op that is off); shift: (N,3)
-    lighting shifts or None; eps: (N,S,S,3) noise or None; mean, std: (3,).
+    lighting shifts or None; eps: (N,S,3,S) noise (planar, as rows) or None; mean, std: (3,).
     Returns (N,S,S,3) float32."""
 
     def gray(x: list[torch.Tensor]) -> torch.Tensor:
@@ -67,7 +67,7 @@ def photometric_planes(luma: tuple[float, float, float]) -> Callable:
         if shift is not None:
             x = [(v + shift[:, i, None, None]).clamp(0, 1) for i, v in enumerate(x)]
         if eps is not None:
-            x = [(v + e).clamp(0, 1) for v, e in zip(x, eps.unbind(3))]
+            x = [(v + e).clamp(0, 1) for v, e in zip(x, eps.unbind(2))]
         return torch.stack([(v - mean[i]) / std[i] for i, v in enumerate(x)], dim=-1)
 
     return kernel

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from alexnet.errors import ConfigError
+from alexnet.smallconv import Conv2d
 
 Norm = Literal["none", "batchnorm", "lrn"]
 Head = Literal["large", "small", "gap"]
@@ -95,7 +96,7 @@ class AlexNet(nn.Module):
         bn_first = cfg.norm == "batchnorm"
 
         def block(i: int, cin: int, cout: int, k: int, s: int, p: int) -> list[nn.Module]:
-            conv = nn.Conv2d(cin, cout, k, s, p, bias=not (bn_first and i in cfg.norm_layers))
+            conv = Conv2d(cin, cout, k, s, p, bias=not (bn_first and i in cfg.norm_layers))
             norm = _norm(cfg, i, cout)
             return [conv, *norm, nn.ReLU(inplace=True)] if bn_first else [conv, nn.ReLU(inplace=True), *norm]
 

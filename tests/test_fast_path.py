@@ -83,4 +83,9 @@ def test_training_runs_the_fused_kernel_and_learns_as_the_eager_ops(learnable_ca
     monkeypatch.setenv("ALEXNET_FUSED_AUGMENT", "0")
     eager = _train(learnable_cache, tmp_path / "eager", "--recipe", "combined")
     assert "compiling the augmentation kernel" not in capsys.readouterr().out
-    assert fused == pytest.approx(eager, rel=1e-3, abs=1e-3)
+    # Epoch 1 agrees to ~1e-5; by epoch 2, training at lr 0.05 has amplified the rounding
+    # differences to 0.3-1.1% on some seeds (measured: 0.4453 against 0.4503), so that epoch
+    # is held to "learns as much", not to the last digits.
+    assert fused[0] == pytest.approx(eager[0], rel=1e-3)
+    assert fused[1] == pytest.approx(eager[1], rel=3e-2)
+    assert fused[1] < 0.8 * fused[0]

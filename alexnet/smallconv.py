@@ -1,0 +1,117 @@
+"""A convolution whose weight gradient on small feature maps is computed as matrix products.
+
+At 64x64 input, AlexNet's conv3-conv5 run on 3x3 maps. On the CPU in bf16, oneDNN computes
+the weight gradient of such a convolution 3-3.5x slower than k*k matrix products do (the
+gradient of a kxk kernel is, for each tap (i, j), the output gradient times the input shifted
+by (i, j): (C_out x NHW) @ (NHW x C_in)). Measured on this project's 2-core CPU at batch
+256, bf16, channels_last: conv4 (384 -> 256 on 3x3) 21.2 ms against 5.8, conv3 16.0 against
+4.5; at 6x6 maps 24.2 against 13.7; at 7x7 with a 5x5 kernel (conv2) 9.9 against 18.4, and
+at 13x13 (224-pixel input) 54 against 152, so oneDNN keeps those. In fp32 the two are level
+(18.2 against 15.7, 11.7 against 12.2), so fp32 keeps oneDNN too. The forward pass and the
+input gradient stay with oneDNN everywhere (they are fast).
+
+`Conv2d` is `nn.Conv2d` with the same parameters and state-dict keys; its forward pass takes
+this path only where it was measured to pay: on the CPU, bf16 (autocast or a bf16 model),
+gradients wanted, stride 1, no dilation or groups, an output map of at most `SMALL_MAP`
+positions. `ALEXNET_SMALL_MAP_GRAD=0` keeps oneDNN's weight gradient everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV = "ALEXNET_SMALL_MAP_GRAD"
+SMALL_MAP = 36  # output positions (6x6) up to which the matrix products were faster
+
+
+def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    """d loss / d weight of a stride-1 kxk convolution with zero padding `pad`.
+
+    x: (N, C_in, H, W) input; grad_out: (N, C_out, H', W'). One (C_out x NHW) @ (NHW x C_in)
+    product per kernel tap, over NHWC views (free for channels_last tensors)."""
+    n, c_in, _, _ = x.shape
+    c_out, h, w = grad_out.shape[1:]
+    xp = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # N, H+2p, W+2p, C_in
+    g = grad_out.permute(0, 2, 3, 1).reshape(n * h * w, c_out).t()  # C_out, NHW
+    taps = [g @ xp[:, i:i + h, j:j + w, :].reshape(n * h * w, c_in) for i in range(k) for j in range(k)]
+    return torch.stack(taps, -1).view(c_out, c_in, k, k)
+
+
+class _SmallMapConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad: int):
+        ctx.save_for_backward(x, weight)
+        ctx.pad, ctx.has_bias = pad, bias is not None
+        return F.conv2d(x, weight, bias, 1, pad)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        pad = ctx.pad
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, 1, pad)
+        if ctx.needs_input_grad[1]:
+            gw = weight_grad(x, grad_out, weight.shape[-1], pad)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad_out.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def conv2d_small_map(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride=1, padding=pad) with the weight gradient above."""
+    return _SmallMapConv.apply(x, weight, bias, pad)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def switched(on: bool) -> Callable[[], ContextManager[None]]:
+    """A context-manager factory that sets the switch to `on` for its duration (alexnet bench)."""
+
+    @contextmanager
+    def scope() -> Iterator[None]:
+        old = os.environ.get(ENV)
+        os.environ[ENV] = "1" if on else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[ENV]
+            else:
+                os.environ[ENV] = old
+
+    return scope
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that takes `conv2d_small_map` where it was measured to be faster (module doc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._small_map(x):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if dtype != torch.bfloat16:
+            return super().forward(x)
+        # Autocast would cast inside F.conv2d; the backward needs the bf16 copies, so cast here
+        # (the casts' own backward carries the gradients to the fp32 parameters).
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return conv2d_small_map(x.to(dtype), self.weight.to(dtype), bias, self.padding[0])
+
+    def _small_map(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return False
+        if self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1 or x.dim() != 4:
+            return False
+        k, p = self.kernel_size, self.padding
+        if k[0] != k[1] or not isinstance(p, tuple) or p[0] != p[1] or self.padding_mode != "zeros":
+            return False
+        out = (x.shape[-2] + 2 * p[0] - k[0] + 1) * (x.shape[-1] + 2 * p[1] - k[1] + 1)
+        return 0 < out <= SMALL_MAP and enabled()

@@ -1,0 +1,127 @@
+"""The small-map convolution (alexnet/smallconv.py): its gradients against autograd through
+F.conv2d, and the layers where the models take it, for every registered variant."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet import smallconv
+from alexnet.models import VARIANTS, create_model
+from alexnet.smallconv import Conv2d, conv2d_small_map, weight_grad
+
+
+@pytest.mark.parametrize("k,pad,size", [(3, 1, 3), (3, 1, 5), (5, 2, 4), (3, 0, 5), (1, 0, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(k, pad, size, bias):
+    g = torch.Generator().manual_seed(k * 10 + size)
+    x = torch.randn(3, 4, size, size, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, k, k, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+    assert torch.autograd.gradcheck(lambda x, w, b=None: conv2d_small_map(x, w, b, pad), inputs)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_weight_grad_matches_onednn(layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 3, 3, generator=g).to(memory_format=layout)
+    w = torch.randn(24, 16, 3, 3, generator=g)
+    go = torch.randn(8, 24, 3, 3, generator=g).to(memory_format=layout)
+    ref = torch.ops.aten.convolution_backward(go, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                              [False, True, False])[1]
+    torch.testing.assert_close(weight_grad(x, go, 3, 1), ref, rtol=1e-4, atol=1e-4)
+    bf = weight_grad(x.bfloat16(), go.bfloat16(), 3, 1)
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def _step_grads(model, x, y, on: bool) -> tuple[int, dict[str, torch.Tensor]]:
+    """One bf16-autocast forward/backward; (calls of the small-map path, gradients)."""
+    calls = 0
+    real = smallconv._SmallMapConv.apply
+
+    def spy(*a):
+        nonlocal calls
+        calls += 1
+        return real(*a)
+
+    model.zero_grad(set_to_none=True)
+    with smallconv.switched(on)(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(smallconv._SmallMapConv, "apply", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+    return calls, {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_gradients_same_on_both_paths(name):
+    """conv3-conv5 (3x3 maps at 64x64 input) take the small-map path under bf16; the
+    gradients of every parameter agree with oneDNN's to bf16 rounding."""
+    torch.manual_seed(0)
+    model = create_model(name, 200).to(memory_format=torch.channels_last)
+    model.eval()  # no dropout, BatchNorm on running statistics: both passes see the same function
+    x = torch.randn(8, 3, 64, 64).to(memory_format=torch.channels_last)
+    y = torch.arange(8)
+    n_on, on = _step_grads(model, x, y, True)
+    n_off, off = _step_grads(model, x, y, False)
+    assert (n_on, n_off) == (3, 0)
+    for pname in on:
+        a, b = on[pname].flatten(), off[pname].flatten()
+        cos = F.cosine_similarity(a, b, dim=0).item()
+        assert cos > 0.999, f"{name}: {pname} gradient differs between paths (cosine {cos:.5f})"
+
+
+def test_where_the_path_is_not_taken():
+    torch.manual_seed(0)
+    model = create_model("combined_gap", 10)
+    y = torch.arange(2)
+
+    def calls(x, amp=True, grad=True):
+        n = 0
+        real = smallconv._SmallMapConv.apply
+
+        def spy(*a):
+            nonlocal n
+            n += 1
+            return real(*a)
+
+        with pytest.MonkeyPatch.context() as mp, torch.set_grad_enabled(grad):
+            mp.setattr(smallconv._SmallMapConv, "apply", spy)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                model(x)
+        return n
+
+    assert calls(torch.randn(2, 3, 64, 64)) == 3
+    assert calls(torch.randn(2, 3, 64, 64), amp=False) == 0  # fp32: oneDNN is as fast
+    assert calls(torch.randn(2, 3, 64, 64), grad=False) == 0  # evaluation
+    assert calls(torch.randn(2, 3, 224, 224)) == 0  # 13x13 maps: oneDNN is faster
+    with smallconv.switched(False)():
+        assert calls(torch.randn(2, 3, 64, 64)) == 0
+
+
+def test_module_keeps_conv2d_parameters():
+    conv = Conv2d(4, 6, 3, 1, 1)
+    assert isinstance(conv, torch.nn.Conv2d)
+    assert list(conv.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
+
+
+def test_bench_compares_the_switch(monkeypatch, capsys):
+    import argparse
+
+    from alexnet.bench import add_bench_args, run_bench
+
+    taken = []  # whether each alternating step took the small-map path
+    real = smallconv._SmallMapConv.apply
+    monkeypatch.setattr(smallconv._SmallMapConv, "apply", lambda *a: (taken.append(smallconv.enabled()), real(*a))[1])
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--compare", "small_map_grad", "--variants", "combined_gap", "--bs", "4", "--steps", "2",
+                      "--rounds", "1", "--device", "cpu"])
+    rows = run_bench(a, log=print)
+    assert rows[0]["setting"] == "small_map_grad" and rows[0]["on"] > 0 and rows[0]["off"] > 0
+    # 2 warm-up and 2 timed steps with it on, 3 convolutions each; none with it off
+    assert taken == [True] * 12
+    assert "on/off" in capsys.readouterr().out
