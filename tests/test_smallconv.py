@@ -1,6 +1,9 @@
 """The small-map convolution (alexnet/smallconv.py): its gradients against autograd through
 F.conv2d, and the layers where the models take it, for every registered variant."""
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,23 +38,24 @@ def test_weight_grad_matches_onednn(layout):
     torch.testing.assert_close(bf.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
+@contextmanager
+def counted() -> Iterator[list[bool]]:
+    """Records, for each call of the small-map path, whether the switch was on."""
+    taken: list[bool] = []
+    real = smallconv._SmallMapConv.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(smallconv._SmallMapConv, "apply", lambda *a: (taken.append(smallconv.enabled()), real(*a))[1])
+        yield taken
+
+
 def _step_grads(model, x, y, on: bool) -> tuple[int, dict[str, torch.Tensor]]:
     """One bf16-autocast forward/backward; (calls of the small-map path, gradients)."""
-    calls = 0
-    real = smallconv._SmallMapConv.apply
-
-    def spy(*a):
-        nonlocal calls
-        calls += 1
-        return real(*a)
-
     model.zero_grad(set_to_none=True)
-    with smallconv.switched(on)(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(smallconv._SmallMapConv, "apply", spy)
+    with smallconv.switched(on)(), counted() as taken:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
-    return calls, {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    return len(taken), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -78,19 +82,10 @@ def test_where_the_path_is_not_taken():
     y = torch.arange(2)
 
     def calls(x, amp=True, grad=True):
-        n = 0
-        real = smallconv._SmallMapConv.apply
-
-        def spy(*a):
-            nonlocal n
-            n += 1
-            return real(*a)
-
-        with pytest.MonkeyPatch.context() as mp, torch.set_grad_enabled(grad):
-            mp.setattr(smallconv._SmallMapConv, "apply", spy)
+        with counted() as taken, torch.set_grad_enabled(grad):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 model(x)
-        return n
+        return len(taken)
 
     assert calls(torch.randn(2, 3, 64, 64)) == 3
     assert calls(torch.randn(2, 3, 64, 64), amp=False) == 0  # fp32: oneDNN is as fast
@@ -108,19 +103,17 @@ def test_module_keeps_conv2d_parameters():
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
 
 
-def test_bench_compares_the_switch(monkeypatch, capsys):
+def test_bench_compares_the_switch(capsys):
     import argparse
 
     from alexnet.bench import add_bench_args, run_bench
 
-    taken = []  # whether each alternating step took the small-map path
-    real = smallconv._SmallMapConv.apply
-    monkeypatch.setattr(smallconv._SmallMapConv, "apply", lambda *a: (taken.append(smallconv.enabled()), real(*a))[1])
     p = argparse.ArgumentParser()
     add_bench_args(p)
     a = p.parse_args(["--compare", "small_map_grad", "--variants", "combined_gap", "--bs", "4", "--steps", "2",
                       "--rounds", "1", "--device", "cpu"])
-    rows = run_bench(a, log=print)
+    with counted() as taken:  # whether each call came from a step with the switch on
+        rows = run_bench(a, log=print)
     assert rows[0]["setting"] == "small_map_grad" and rows[0]["on"] > 0 and rows[0]["off"] > 0
     # 2 warm-up and 2 timed steps with it on, 3 convolutions each; none with it off
     assert taken == [True] * 12
