@@ -279,6 +279,9 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
         log(f"the training step alone on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
             f"batch {a.bs}, each setting on and off with the others at amp={'bf16' if a.amp else 'off'}, "
             f"channels_last={a.channels_last}, compile={a.compile}; {a.rounds * a.steps} alternating pairs")
+        if "small_map_grad" in a.compare and (dev.type != "cpu" or not a.amp):
+            log("note: small_map_grad is taken only in bf16 steps on the CPU; here both sides run oneDNN's "
+                "gradient, so its on/off measures the bench's own noise")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
     x, y, stats, array = _source(a.data)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "

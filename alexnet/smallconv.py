@@ -76,7 +76,8 @@ def enabled() -> bool:
 
 
 def switched(on: bool) -> Callable[[], ContextManager[None]]:
-    """A context-manager factory that sets the switch to `on` for its duration (alexnet bench)."""
+    """A context-manager factory that sets the switch to `on` for its duration (alexnet bench).
+    It sets the environment variable: process-wide, not per thread."""
 
     @contextmanager
     def scope() -> Iterator[None]:
@@ -86,7 +87,7 @@ def switched(on: bool) -> Callable[[], ContextManager[None]]:
             yield
         finally:
             if old is None:
-                del os.environ[ENV]
+                os.environ.pop(ENV, None)
             else:
                 os.environ[ENV] = old
 
@@ -99,7 +100,12 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._small_map(x):
             return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        elif x.dtype == self.weight.dtype:  # a bf16 model; mixed dtypes get nn.Conv2d's own error
+            dtype = x.dtype
+        else:
+            return super().forward(x)
         if dtype != torch.bfloat16:
             return super().forward(x)
         # Autocast would cast inside F.conv2d; the backward needs the bf16 copies, so cast here
@@ -115,5 +121,5 @@ class Conv2d(nn.Conv2d):
         k, p = self.kernel_size, self.padding
         if k[0] != k[1] or not isinstance(p, tuple) or p[0] != p[1] or self.padding_mode != "zeros":
             return False
-        out = (x.shape[-2] + 2 * p[0] - k[0] + 1) * (x.shape[-1] + 2 * p[1] - k[1] + 1)
-        return 0 < out <= SMALL_MAP and enabled()
+        h, w = x.shape[-2] + 2 * p[0] - k[0] + 1, x.shape[-1] + 2 * p[1] - k[1] + 1
+        return h > 0 and w > 0 and h * w <= SMALL_MAP and enabled()

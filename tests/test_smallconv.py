@@ -74,6 +74,7 @@ def test_variant_gradients_same_on_both_paths(name):
         a, b = on[pname].flatten(), off[pname].flatten()
         cos = F.cosine_similarity(a, b, dim=0).item()
         assert cos > 0.999, f"{name}: {pname} gradient differs between paths (cosine {cos:.5f})"
+        assert (a - b).norm() <= 2e-2 * b.norm(), f"{name}: {pname} gradient's scale differs between paths"
 
 
 def test_where_the_path_is_not_taken():
@@ -93,6 +94,56 @@ def test_where_the_path_is_not_taken():
     assert calls(torch.randn(2, 3, 224, 224)) == 0  # 13x13 maps: oneDNN is faster
     with smallconv.switched(False)():
         assert calls(torch.randn(2, 3, 64, 64)) == 0
+
+
+# (Conv2d keyword arguments, input side, whether the small-map path is taken); 8 -> 16 channels
+CONFIGS = [
+    (dict(kernel_size=3, padding=1), 3, True),
+    (dict(kernel_size=3, padding=1), 6, True),  # 36 output positions, the limit
+    (dict(kernel_size=3, padding=1), 7, False),  # 49
+    (dict(kernel_size=5, padding=2), 4, True),
+    (dict(kernel_size=3, padding=0), 5, True),
+    (dict(kernel_size=3, padding=1, bias=False), 3, True),
+    (dict(kernel_size=3, padding=1, stride=2), 3, False),
+    (dict(kernel_size=3, padding=2, dilation=2), 3, False),
+    (dict(kernel_size=3, padding=1, groups=2), 3, False),
+    (dict(kernel_size=3, padding="same"), 3, False),
+    (dict(kernel_size=3, padding=(1, 0)), 3, False),
+    (dict(kernel_size=(3, 1), padding=1), 3, False),
+    (dict(kernel_size=3, padding=1, padding_mode="reflect"), 3, False),
+    (dict(kernel_size=3, padding=1, padding_mode="circular"), 3, False),
+]
+
+
+@pytest.mark.parametrize("kw,side,taken", CONFIGS, ids=[f"{i}" for i in range(len(CONFIGS))])
+@pytest.mark.parametrize("mode", ["autocast", "bf16_model"])
+def test_conv2d_dispatch_and_equivalence(kw, side, taken, mode):
+    """Each configuration takes the path exactly where it should, and its output and
+    gradients match nn.Conv2d's with the same parameters, to bf16 rounding."""
+    torch.manual_seed(0)
+    ours = Conv2d(8, 16, **kw)
+    ref = torch.nn.Conv2d(8, 16, **kw)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 8, side, side)
+    if mode == "bf16_model":
+        ours, ref, x = ours.bfloat16(), ref.bfloat16(), x.bfloat16()
+    results = []
+    for conv, count in ((ours, True), (ref, False)):
+        xi = x.clone().requires_grad_()
+        with counted() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            out = conv(xi)
+        out.float().square().sum().backward()
+        if count:
+            assert len(seen) == (1 if taken else 0)
+        results.append([out.float(), xi.grad.float(), *(p.grad.float() for p in conv.parameters())])
+    for a, b in zip(*results):
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6
+
+
+def test_mixed_dtypes_fail_as_nn_conv2d_does():
+    conv = Conv2d(4, 6, 3, 1, 1)
+    with pytest.raises(RuntimeError, match="should be the same"):
+        conv(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True))
 
 
 def test_module_keeps_conv2d_parameters():
