@@ -251,10 +251,10 @@ def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -
             s[setting] = on
         cfg = TrainConfig(variant=name, bs=a.bs, **s)
         model, opt = _trainable(cfg, dev)
-        switch = smallconv.switched(on if setting == "small_map_grad" else smallconv.enabled())
+        small_map = on if setting == "small_map_grad" else smallconv.enabled()
 
-        def step(model=model, opt=opt, cfg=cfg, switch=switch):
-            with switch():
+        def step(model=model, opt=opt, cfg=cfg, small_map=small_map):
+            with smallconv.switched(small_map):
                 train_step(model, opt, x, y, cfg, dev)
             _sync(dev)
         step(), step()  # warm-up: allocator, kernels, compilation

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,23 +75,19 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
-def switched(on: bool) -> Callable[[], ContextManager[None]]:
-    """A context-manager factory that sets the switch to `on` for its duration (alexnet bench).
-    It sets the environment variable: process-wide, not per thread."""
-
-    @contextmanager
-    def scope() -> Iterator[None]:
-        old = os.environ.get(ENV)
-        os.environ[ENV] = "1" if on else "0"
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop(ENV, None)
-            else:
-                os.environ[ENV] = old
-
-    return scope
+@contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """Sets the switch to `on` for the duration of the block (alexnet bench). It sets the
+    environment variable: process-wide, not per thread."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
 
 
 class Conv2d(nn.Conv2d):

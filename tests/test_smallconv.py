@@ -51,7 +51,7 @@ def counted() -> Iterator[list[bool]]:
 def _step_grads(model, x, y, on: bool) -> tuple[int, dict[str, torch.Tensor]]:
     """One bf16-autocast forward/backward; (calls of the small-map path, gradients)."""
     model.zero_grad(set_to_none=True)
-    with smallconv.switched(on)(), counted() as taken:
+    with smallconv.switched(on), counted() as taken:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
@@ -92,7 +92,7 @@ def test_where_the_path_is_not_taken():
     assert calls(torch.randn(2, 3, 64, 64), amp=False) == 0  # fp32: oneDNN is as fast
     assert calls(torch.randn(2, 3, 64, 64), grad=False) == 0  # evaluation
     assert calls(torch.randn(2, 3, 224, 224)) == 0  # 13x13 maps: oneDNN is faster
-    with smallconv.switched(False)():
+    with smallconv.switched(False):
         assert calls(torch.randn(2, 3, 64, 64)) == 0
 
 
