@@ -41,7 +41,8 @@ from alexnet.errors import UserError
 from alexnet.loader import to_memory, FastBatches, epoch_order, releaser, step_seed
 from alexnet.distributed import Dist
 from alexnet.models import VARIANTS, create_model
-from alexnet.train import build_optimizer, pick_device, settle_device, train_step
+from alexnet.data import Cache
+from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
 SETTINGS = ("amp", "channels_last", "compile", "small_map_grad")
@@ -62,6 +63,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-zip", help="TinyImageNet zip whose train JPEGs feed (3) (default: synthetic JPEGs)")
     p.add_argument("--reference-bs", type=int, default=PUBLISHED["bs"], help="batch size of (3)")
     p.add_argument("--no-reference", action="store_true", help="skip (3) (e.g. on a GPU machine)")
+    p.add_argument("--memory-budget", type=float, default=TrainConfig.memory_budget,
+                   help="as train's: GB within which (2) keeps the cache's training split in memory "
+                        "(default: %(default)s); 0: release its pages as batches read them")
     p.add_argument("--recipe", help="augmentation recipe for (2) (default: each variant's own)")
     p.add_argument("--compare", nargs="+", choices=SETTINGS, metavar="SETTING",
                    help=f"instead of the table: the training step alone on a synthetic batch with each setting "
@@ -69,14 +73,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         f"and --reference-bs play no part)")
 
 
-def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict, np.ndarray | None]:
-    """(train x NHWC uint8, labels, stats, the memory-mapped split under x) from a cache, or a
-    random stand-in of the same shape (in memory: nothing to release)."""
+def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict, Cache | None]:
+    """(train x NHWC uint8, labels, stats, the cache whose memory-mapped split is under x) from
+    a cache, or a random stand-in of the same shape (in memory: nothing to release)."""
     if data:
         from alexnet.data import open_cache
 
         c = open_cache(Path(data))
-        return to_memory(c.train.x, torch.device("cpu")), torch.from_numpy(np.array(c.train.y)), c.stats, c.train.x
+        return to_memory(c.train.x, torch.device("cpu")), torch.from_numpy(np.array(c.train.y)), c.stats, c
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 200, (n,), generator=g)
@@ -169,19 +173,20 @@ def _sync(dev: torch.device) -> None:
 
 
 def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print,
-                  array: np.ndarray | None = None) -> dict:
-    """One row of the table. `array`: x's memory-mapped split, whose pages (2) releases as
-    training does."""
+                  cache: Cache | None = None) -> dict:
+    """One row of the table. `cache`: the cache whose memory-mapped training split x is, whose
+    pages (2) keeps or releases as training does (`SplitResidency`)."""
     dev = settle_device(pick_device(a.device))
     recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
-    cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile)
+    cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile,
+                      memory_budget=a.memory_budget).validate()
     ref_cfg = replace(cfg, **{**PUBLISHED, "bs": a.reference_bs})
     model, opt = _trainable(cfg, dev)
     gen = torch.Generator(device=dev)
     aug = BatchAugment(recipe, 64, stats["mean"], stats["std"], stats.get("eigval"), stats.get("eigvec"), device=dev, generator=gen)
     xs = aug(x[:a.bs], train=True)
     ys = y[:a.bs].to(dev)
-    release = None if array is None else releaser(array, dev)
+    release = None if cache is None else releaser(cache.train.x, dev, **residency(cfg, cache))
     batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs, release=release)
     state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
 
@@ -229,8 +234,11 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
            "project/model": statistics.median(p / m for p, m in zip(figures["project"], figures["model"]))}
     if "typical" in med:
         row["project/typical"] = med["project"] / med["typical"]
+    if release is not None:  # what (2) did with the cache's pages (SplitResidency)
+        row["split"] = "kept" if release.kept else "released"
     log(f"{name:<15} " + "  ".join(f"({i}) {k} {med[k]:8.1f}" for i, k in enumerate(modes, 1) if k in med)
-        + f"  | (2)/(1) {row['project/model']:.3f}" + (f"  (2)/(3) {row['project/typical']:.2f}" if "typical" in row else ""))
+        + f"  | (2)/(1) {row['project/model']:.3f}" + (f"  (2)/(3) {row['project/typical']:.2f}" if "typical" in row else "")
+        + (f"  | split {row['split']}" if "split" in row else ""))
     return row
 
 
@@ -283,7 +291,7 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             log("note: small_map_grad is taken only in bf16 steps on the CPU; here both sides run oneDNN's "
                 "gradient, so its on/off measures the bench's own noise")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
-    x, y, stats, array = _source(a.data)
+    x, y, stats, cache = _source(a.data)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
         f"compile={a.compile}; "
@@ -294,5 +302,5 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
         for n in names:
-            rows.append(bench_variant(n, a, x, y, stats, folder, log, array))
+            rows.append(bench_variant(n, a, x, y, stats, folder, log, cache))
     return rows

@@ -32,7 +32,8 @@ from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
 from alexnet.errors import ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
-from alexnet.loader import FastBatches, PerImageBatches, drop_resident, epoch_order, releaser, step_seed, to_memory
+from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_resident, epoch_order, releaser,
+                            step_seed, to_memory)
 from alexnet.memory import peak_memory_mib, reset_peak
 from alexnet.metrics import MetricsLog
 from alexnet.models import VARIANTS, AlexNet, create_model
@@ -197,7 +198,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
                            device=device, generator=aug_gen)
     if isinstance(transform, Recipe):
         batches = FastBatches(to_memory(cache.train.x, device), torch.from_numpy(np.array(cache.train.y)).to(device),
-                              augment, cfg.bs, release=releaser(cache.train.x, device))
+                              augment, cfg.bs, release=releaser(cache.train.x, device, **residency(cfg, cache)))
     else:
         batches = PerImageBatches(cache.train.x, cache.train.y, transform, augment, cfg.bs, cfg.workers, cfg.seed, source)
         batches.probe()
@@ -410,6 +411,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             peak = f"peak {row['peak_rss_mib'] / 1024:.2f} GiB RSS"  # this run's, so far
             if row["peak_gpu_mib"]:
                 peak += f", {row['peak_gpu_mib'] / 1024:.2f} GiB GPU"
+            if kept_in_memory(run.batches):
+                peak += f", training split kept in memory (--memory-budget {cfg.memory_budget:g} GB)"
             say(f"epoch {ep + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_top1']:.2f}% | "
                 f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% | "
                 f"lr {row['lr']:.3g} | {row['epoch_seconds']:.0f}s, {row['images_per_s']:.0f} img/s | {peak}"
@@ -427,6 +430,24 @@ def _fresh_meters() -> dict:
     return {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
 
 
+def residency(cfg: TrainConfig, cache: Cache) -> dict:
+    """`releaser`'s budget for a run: --memory-budget, with room kept for what evaluation
+    maps beside the training split (the validation split) and a margin for the heap's
+    growth between release points (a step's peak is above what a release point reads)."""
+    return {"budget": int(cfg.memory_budget * 1e9), "reserve": cache.val.x.nbytes + RESIDENCY_MARGIN}
+
+
+# Between steps the heap is within ~0.1 GB of a step's peak (glibc keeps freed blocks:
+# alexnet/allocator.py); this is that and room to spare.
+RESIDENCY_MARGIN = 200 * 2**20
+
+
+def kept_in_memory(batches: Any) -> bool:
+    """Whether the run keeps its memory-mapped training split resident (`SplitResidency`):
+    then evaluation does not release it either, or the next epoch would fault every image in."""
+    return isinstance(batches, FastBatches) and isinstance(batches.release, SplitResidency) and batches.release.kept
+
+
 def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     """Evaluate, reduce the epoch's meters across ranks, step a plateau schedule; one row."""
     m = state["meters"]
@@ -441,7 +462,8 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     # back in costs about 0.1 s an epoch.
     run.opt.zero_grad(set_to_none=True)  # the next step would free them first anyway
     release_free_memory()
-    drop_resident(run.cache.train.x)
+    if not kept_in_memory(run.batches):
+        drop_resident(run.cache.train.x)
     val = evaluate(run.model, run.val_x, run.val_y, run.augment, run.dist, amp=run.cfg.amp,
                    channels_last=run.cfg.channels_last)
     release_free_memory()

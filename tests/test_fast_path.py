@@ -3,6 +3,7 @@ by a per-image DataLoader reaches the same loss; the benchmark runs and reports 
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,20 @@ def test_bench_prints_ratios(capsys):
     out = capsys.readouterr().out
     assert rows[0]["variant"] == "combined_gap" and rows[0]["model"] > 0 and rows[0]["project"] > 0
     assert "(2)/(1)" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the split's residency reads /proc/self")
+@pytest.mark.parametrize("budget,split", [("0", "released"), ("1000", "kept")])
+def test_bench_keeps_or_releases_the_split_as_training_would(tiny_cache, capsys, monkeypatch, budget, split):
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--variants", "combined_gap", "--bs", "8", "--steps", "1", "--rounds", "1", "--no-reference",
+                      "--device", "cpu", "--data", str(tiny_cache), "--memory-budget", budget])
+    import alexnet.loader as loader
+
+    monkeypatch.setattr(loader, "RELEASE_IMAGES", 8)  # a release point every batch
+    rows = run_bench(a, log=print)
+    assert rows[0]["split"] == split and f"split {split}" in capsys.readouterr().out
 
 
 def test_bench_compares_settings_on_and_off(capsys, monkeypatch):

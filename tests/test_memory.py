@@ -73,9 +73,72 @@ def test_each_phase_holds_only_the_split_it_reads(tiny_cache, tmp_path, monkeypa
     monkeypatch.setattr(loader, "RELEASE_IMAGES", 24)  # every 3 batches of 8
     assert main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(tmp_path / "o"),
                  "--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "4", "--epochs", "2",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--memory-budget", "0"]) == 0
     # within an epoch, after batch 3; then before and after each evaluation
     assert events == ["train_x.npy", "train_x.npy", "evaluate", "val_x.npy"] * 2
+
+
+def test_a_split_that_fits_the_budget_stays_for_the_run(tiny_cache, tmp_path, monkeypatch, capsys):
+    events = []
+    real_drop, real_eval, real_read_in = train.drop_resident, train.evaluate, loader.read_in
+
+    def drop(x):
+        events.append(Path(x.filename).name)
+        return real_drop(x)
+
+    def read_in(x):
+        events.append("read in " + Path(x.filename).name)
+        return real_read_in(x)
+
+    monkeypatch.setattr(train, "drop_resident", drop)
+    monkeypatch.setattr(loader, "drop_resident", drop)
+    monkeypatch.setattr(loader, "read_in", read_in)
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (events.append("evaluate"), real_eval(*a, **k))[1])
+    monkeypatch.setattr(loader, "RELEASE_IMAGES", 24)
+    assert main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "4", "--epochs", "2",
+                 "--no-progress", "--memory-budget", "1000"]) == 0
+    # released once at the first release point, read back in at once, then neither within
+    # the epochs nor around evaluation; the validation split still leaves after each
+    assert events == ["train_x.npy", "read in train_x.npy", "evaluate", "val_x.npy", "evaluate", "val_x.npy"]
+    assert "training split kept in memory (--memory-budget 1000 GB)" in capsys.readouterr().out
+
+
+def residency(x, budget, rss, reserve=0):
+    return loader.SplitResidency(x, budget, reserve, rss=lambda: rss[0])
+
+
+@linux
+def test_the_split_is_kept_only_where_it_fits(tmp_path):
+    x, _ = mapped_split(tmp_path)  # 48 MiB
+    path = tmp_path / "x.npy"
+    rss = [100 * 2**20]  # what the process reads right after a release
+    fits = residency(x, budget=160 * 2**20, rss=rss, reserve=10 * 2**20)
+    assert fits() is True and fits.kept  # released, then read back in whole
+    assert mapping_rss_kib(path) >= 48 * 1024
+    assert [fits() for _ in range(3)] == [False] * 3 and mapping_rss_kib(path) >= 48 * 1024
+    tight = residency(x, budget=150 * 2**20, rss=rss, reserve=10 * 2**20)  # 100 + 48 + 10 > 150
+    assert [tight() for _ in range(3)] == [True] * 3 and not tight.kept
+    assert mapping_rss_kib(path) < 48 * 1024
+    never = residency(x, budget=0, rss=rss)
+    assert [never() for _ in range(3)] == [True] * 3 and not never.kept
+
+
+@linux
+def test_a_kept_split_over_the_budget_is_released_for_good(tmp_path):
+    x, _ = mapped_split(tmp_path)
+    rss = [100 * 2**20]
+    r = residency(x, budget=200 * 2**20, rss=rss)
+    assert r() and r.kept and not r()
+    rss[0] = 201 * 2**20  # the process grew past the budget
+    assert r() is True and not r.kept
+    rss[0] = 100 * 2**20  # and shrank again: no second read-in
+    assert [r() for _ in range(2)] == [True, True] and not r.kept
+
+
+def test_an_array_in_memory_is_never_kept_or_released():
+    r = residency(np.zeros((4, 64, 64, 3), dtype=np.uint8), budget=2**40, rss=[0])
+    assert r() is False and not r.kept and r() is False
 
 
 def mapping_rss_kib(path: Path) -> int:
