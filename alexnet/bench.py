@@ -24,6 +24,7 @@ per-pair ratios.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 
 from alexnet import smallconv
+from alexnet.allocator import release_free_memory
+from alexnet.memory import rss_bytes
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
@@ -176,6 +179,11 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
                   cache: Cache | None = None) -> dict:
     """One row of the table. `cache`: the cache whose memory-mapped training split x is, whose
     pages (2) keeps or releases as training does (`SplitResidency`)."""
+    # What the rows before left free goes back to the OS (glibc keeps it: allocator.py), so
+    # that this one starts from what a training run of it would hold, which is what decides
+    # whether (2) keeps the split in memory.
+    gc.collect()
+    release_free_memory()
     dev = settle_device(pick_device(a.device))
     recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
     cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile,
@@ -207,6 +215,14 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         train_step(model, opt, xb, yb, cfg, dev)
 
     modes = {"model": (model_only, a.bs), "project": (project, a.bs)}
+    for fn, _ in modes.values():  # warm-up: allocator, kernels
+        fn(), fn()
+    held = None
+    if release is not None:
+        # The decision a training run takes at its first release point, taken now, with
+        # the heap as warm as that run's and before (3) adds a model that a run does not hold.
+        release()
+        held = rss_bytes()
     if folder is not None:
         ref_model = create_model(name, 200).to(dev)
         # Typical code: the default (foreach) SGD, no channels_last, no autocast.
@@ -218,9 +234,11 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
             train_step(ref_model, ref_opt, xb.to(dev), yb.to(dev), ref_cfg, dev)
 
         modes["typical"] = (reference, a.reference_bs)
+        reference(), reference()  # warm-up: its DataLoader workers too
+        now = rss_bytes()
+        if release is not None and held is not None and now is not None:
+            release.budget += max(0, now - held)  # (3)'s memory is the bench's, not the run's
     figures: dict[str, list[float]] = {k: [] for k in modes}
-    for fn, _ in modes.values():  # warm-up: allocator, kernels, DataLoader workers
-        fn(), fn()
     _sync(dev)
     for _ in range(a.rounds):
         fm, fp = _paired(lambda: (model_only(), _sync(dev)), lambda: (project(), _sync(dev)), a.steps, a.bs)
