@@ -41,7 +41,7 @@ from alexnet.memory import rss_bytes
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
-from alexnet.loader import to_memory, FastBatches, epoch_order, releaser, step_seed
+from alexnet.loader import FastBatches, drop_resident, epoch_order, releaser, step_seed, to_memory
 from alexnet.distributed import Dist
 from alexnet.models import VARIANTS, create_model
 from alexnet.data import Cache
@@ -176,14 +176,20 @@ def _sync(dev: torch.device) -> None:
 
 
 def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print,
-                  cache: Cache | None = None) -> dict:
+                  cache: Cache | None = None, start_rss: int | None = None) -> dict:
     """One row of the table. `cache`: the cache whose memory-mapped training split x is, whose
-    pages (2) keeps or releases as training does (`SplitResidency`)."""
+    pages (2) keeps or releases as training does (`SplitResidency`); `start_rss`: the bench
+    process's resident set before its first row."""
     # What the rows before left free goes back to the OS (glibc keeps it: allocator.py), so
-    # that this one starts from what a training run of it would hold, which is what decides
-    # whether (2) keeps the split in memory.
+    # that this one starts near what a training run of it would hold, which is what decides
+    # whether (2) keeps the split in memory; what they leave resident all the same (compiled
+    # code, caches) is the bench's, not the run's, and does not count against the budget.
     gc.collect()
     release_free_memory()
+    if cache is not None:
+        drop_resident(cache.train.x)  # a row before may have kept it
+    now = rss_bytes()
+    leftover = 0 if start_rss is None or now is None else max(0, now - start_rss)
     dev = settle_device(pick_device(a.device))
     recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
     cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile,
@@ -195,6 +201,8 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     xs = aug(x[:a.bs], train=True)
     ys = y[:a.bs].to(dev)
     release = None if cache is None else releaser(cache.train.x, dev, **residency(cfg, cache))
+    if release is not None:
+        release.budget += leftover
     batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs, release=release)
     state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
 
@@ -309,6 +317,7 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             log("note: small_map_grad is taken only in bf16 steps on the CPU; here both sides run oneDNN's "
                 "gradient, so its on/off measures the bench's own noise")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
+    start_rss = rss_bytes()
     x, y, stats, cache = _source(a.data)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
@@ -320,5 +329,5 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
         for n in names:
-            rows.append(bench_variant(n, a, x, y, stats, folder, log, cache))
+            rows.append(bench_variant(n, a, x, y, stats, folder, log, cache, start_rss))
     return rows
