@@ -24,7 +24,7 @@ per-pair ratios.
 from __future__ import annotations
 
 import argparse
-import gc
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from alexnet import smallconv
-from alexnet.allocator import release_free_memory
+from alexnet.allocator import keep_freed_memory
 from alexnet.memory import rss_bytes
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
-from alexnet.loader import FastBatches, drop_resident, epoch_order, releaser, step_seed, to_memory
+from alexnet.loader import FastBatches, epoch_order, releaser, step_seed, to_memory
 from alexnet.distributed import Dist
 from alexnet.models import VARIANTS, create_model
 from alexnet.data import Cache
@@ -69,7 +69,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=float, default=TrainConfig.memory_budget,
                    help="as train's: GB within which (2) keeps the cache's training split in memory "
                         "(default: %(default)s); 0: release its pages as batches read them")
-    p.add_argument("--recipe", help="augmentation recipe for (2) (default: each variant's own)")
+    p.add_argument("--recipe", choices=list(RECIPES), help="augmentation recipe for (2) (default: each variant's own)")
     p.add_argument("--compare", nargs="+", choices=SETTINGS, metavar="SETTING",
                    help=f"instead of the table: the training step alone on a synthetic batch with each setting "
                         f"on and off ({', '.join(SETTINGS)}), the rest as given (--data, --jpeg-zip, --recipe "
@@ -176,20 +176,10 @@ def _sync(dev: torch.device) -> None:
 
 
 def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print,
-                  cache: Cache | None = None, start_rss: int | None = None) -> dict:
+                  cache: Cache | None = None) -> dict:
     """One row of the table. `cache`: the cache whose memory-mapped training split x is, whose
-    pages (2) keeps or releases as training does (`SplitResidency`); `start_rss`: the bench
-    process's resident set before its first row."""
-    # What the rows before left free goes back to the OS (glibc keeps it: allocator.py), so
-    # that this one starts near what a training run of it would hold, which is what decides
-    # whether (2) keeps the split in memory; what they leave resident all the same (compiled
-    # code, caches) is the bench's, not the run's, and does not count against the budget.
-    gc.collect()
-    release_free_memory()
-    if cache is not None:
-        drop_resident(cache.train.x)  # a row before may have kept it
-    now = rss_bytes()
-    leftover = 0 if start_rss is None or now is None else max(0, now - start_rss)
+    pages (2) keeps or releases as training does (`SplitResidency`), from the memory of this
+    process, which should hold nothing but this row (`run_bench`)."""
     dev = settle_device(pick_device(a.device))
     recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
     cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile,
@@ -201,8 +191,6 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     xs = aug(x[:a.bs], train=True)
     ys = y[:a.bs].to(dev)
     release = None if cache is None else releaser(cache.train.x, dev, **residency(cfg, cache))
-    if release is not None:
-        release.budget += leftover
     batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs, release=release)
     state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
 
@@ -262,10 +250,46 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         row["project/typical"] = med["project"] / med["typical"]
     if release is not None:  # what (2) did with the cache's pages (SplitResidency)
         row["split"] = "kept" if release.kept else "released"
-    log(f"{name:<15} " + "  ".join(f"({i}) {k} {med[k]:8.1f}" for i, k in enumerate(modes, 1) if k in med)
-        + f"  | (2)/(1) {row['project/model']:.3f}" + (f"  (2)/(3) {row['project/typical']:.2f}" if "typical" in row else "")
-        + (f"  | split {row['split']}" if "split" in row else ""))
+    log(row_line(row))
     return row
+
+
+def row_line(row: dict) -> str:
+    figures = [f"({i}) {k} {row[k]:8.1f}" for i, k in enumerate(("model", "project", "typical"), 1) if k in row]
+    return (f"{row['variant']:<15} " + "  ".join(figures) + f"  | (2)/(1) {row['project/model']:.3f}"
+            + (f"  (2)/(3) {row['project/typical']:.2f}" if "project/typical" in row else "")
+            + (f"  | split {row['split']}" if "split" in row else ""))
+
+
+def _row_in_child(name: str, a: argparse.Namespace, folder: Path | None, threads: int, conn) -> None:
+    """A fresh process's row (`run_bench`), sent back through `conn`."""
+    keep_freed_memory()  # as `alexnet` itself does at start
+    torch.set_num_threads(threads)
+    try:
+        x, y, stats, cache = _source(a.data)
+        conn.send(("row", bench_variant(name, a, x, y, stats, folder, lambda *_: None, cache)))
+    except Exception as e:  # the parent reports it; a traceback here would interleave with its output
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _row_in_fresh_process(name: str, a: argparse.Namespace, folder: Path | None) -> dict:
+    ctx = multiprocessing.get_context("spawn")  # a new interpreter, not a fork of this one's memory
+    parent, child = ctx.Pipe(duplex=False)
+    # Not a Pool: its daemonic workers could not start (3)'s DataLoader workers.
+    proc = ctx.Process(target=_row_in_child, args=(name, a, folder, torch.get_num_threads(), child))
+    proc.start()
+    child.close()
+    try:
+        kind, payload = parent.recv()
+    except EOFError:  # it died before sending anything
+        proc.join()
+        kind, payload = "error", f"the process died (exit code {proc.exitcode})"
+    proc.join()
+    if kind == "error":
+        raise UserError(f"bench of {name}: {payload}")
+    return payload
 
 
 def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -> dict:
@@ -317,7 +341,6 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             log("note: small_map_grad is taken only in bf16 steps on the CPU; here both sides run oneDNN's "
                 "gradient, so its on/off measures the bench's own noise")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
-    start_rss = rss_bytes()
     x, y, stats, cache = _source(a.data)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
@@ -329,5 +352,12 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
         for n in names:
-            rows.append(bench_variant(n, a, x, y, stats, folder, log, cache, start_rss))
+            if len(names) == 1:
+                rows.append(bench_variant(n, a, x, y, stats, folder, log, cache))
+                continue
+            # Each row in a fresh process: what the rows before leave resident (heap,
+            # compiled code, caches) would otherwise count in its memory, which decides
+            # whether (2) keeps the split in memory as a training run of it would.
+            rows.append(_row_in_fresh_process(n, a, folder))
+            log(row_line(rows[-1]))
     return rows

@@ -59,6 +59,33 @@ def test_bench_keeps_or_releases_the_split_as_training_would(tiny_cache, capsys,
     assert rows[0]["split"] == split and f"split {split}" in capsys.readouterr().out
 
 
+def test_bench_runs_each_of_several_rows_in_a_fresh_process(capsys, monkeypatch):
+    import alexnet.bench as bench
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("a row of several ran in the bench's own process")
+
+    monkeypatch.setattr(bench, "bench_variant", in_this_process)  # a fresh process imports its own
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--variants", "combined_gap", "combined_small", "--bs", "4", "--steps", "1", "--rounds", "1",
+                      "--no-reference", "--device", "cpu"])
+    rows = run_bench(a, log=print)
+    assert [r["variant"] for r in rows] == ["combined_gap", "combined_small"]
+    assert all(r["model"] > 0 and r["project"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "combined_gap " in out and "combined_small " in out and out.count("(2)/(1)") == 2
+
+
+def test_a_bench_row_that_fails_in_its_own_process_is_a_clear_error():
+    from alexnet.bench import _row_in_fresh_process
+    from alexnet.errors import UserError
+
+    incomplete = argparse.Namespace(data=None, device="cpu")  # no --recipe: the row fails over there
+    with pytest.raises(UserError, match="bench of combined_gap: AttributeError: .*'recipe'"):
+        _row_in_fresh_process("combined_gap", incomplete, None)
+
+
 def test_bench_compares_settings_on_and_off(capsys, monkeypatch):
     import alexnet.bench as bench
 
