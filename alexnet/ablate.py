@@ -63,7 +63,7 @@ ROWS: dict[str, StudyRow] = {r.key: r for r in STUDY}
 DONE = "done.json"
 # Config keys that may differ between the runs of one study (and between a run and its
 # resumption) without changing what is measured.
-NOT_COMPARED = frozenset({"out", "resume", "progress", "workers", "device"})
+NOT_COMPARED = frozenset({"out", "resume", "progress", "workers", "device", "memory_budget"})
 
 
 def add_ablate_args(p: argparse.ArgumentParser) -> None:

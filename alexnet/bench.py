@@ -179,7 +179,7 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
                   cache: Cache | None = None) -> dict:
     """One row of the table. `cache`: the cache whose memory-mapped training split x is, whose
     pages (2) keeps or releases as training does (`SplitResidency`), from the memory of this
-    process, which should hold nothing but this row (`run_bench`)."""
+    process: one that holds nothing but this row, where there is a cache (`run_bench`)."""
     dev = settle_device(pick_device(a.device))
     recipe = RECIPES[a.recipe or VARIANTS[name].recipe]
     cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile,
@@ -249,7 +249,7 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     if "typical" in med:
         row["project/typical"] = med["project"] / med["typical"]
     if release is not None:  # what (2) did with the cache's pages (SplitResidency)
-        row["split"] = "kept" if release.kept else "released"
+        row["split"] = release.state
     log(row_line(row))
     return row
 
@@ -281,12 +281,24 @@ def _row_in_fresh_process(name: str, a: argparse.Namespace, folder: Path | None)
     proc = ctx.Process(target=_row_in_child, args=(name, a, folder, torch.get_num_threads(), child))
     proc.start()
     child.close()
+    kind, payload = "died", None
     try:
-        kind, payload = parent.recv()
-    except EOFError:  # it died before sending anything
+        # (3)'s DataLoader workers hold the pipe's other end too: a child that died is seen
+        # by its exit, not by the pipe closing.
+        while not parent.poll(1.0) and proc.is_alive():
+            pass
+        if parent.poll():
+            try:
+                kind, payload = parent.recv()
+            except EOFError:
+                pass
+    except BaseException:  # interrupted here: the child goes too
+        proc.terminate()
+        raise
+    finally:
         proc.join()
+    if kind == "died":
         kind, payload = "error", f"the process died (exit code {proc.exitcode})"
-    proc.join()
     if kind == "error":
         raise UserError(f"bench of {name}: {payload}")
     return payload
@@ -341,7 +353,6 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             log("note: small_map_grad is taken only in bf16 steps on the CPU; here both sides run oneDNN's "
                 "gradient, so its on/off measures the bench's own noise")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
-    x, y, stats, cache = _source(a.data)
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
         f"compile={a.compile}; "
@@ -351,13 +362,13 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
+        if len(names) == 1 and not a.data:  # a synthetic cache in memory: nothing to keep or release
+            x, y, stats, _ = _source(None)
+            return [bench_variant(names[0], a, x, y, stats, folder, log)]
         for n in names:
-            if len(names) == 1:
-                rows.append(bench_variant(n, a, x, y, stats, folder, log, cache))
-                continue
-            # Each row in a fresh process: what the rows before leave resident (heap,
-            # compiled code, caches) would otherwise count in its memory, which decides
-            # whether (2) keeps the split in memory as a training run of it would.
+            # Each row in a fresh process: what this one holds (the rows before it, the zip's
+            # reads for (3)) would otherwise count in its memory, which decides whether (2)
+            # keeps the split in memory as a training run of it would.
             rows.append(_row_in_fresh_process(n, a, folder))
             log(row_line(rows[-1]))
     return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,10 @@ class TrainConfig:
     resume: str | None = opt(None, "checkpoint to resume from; 'auto' takes OUT/last.pth", nargs="?", const="auto")
     save_every: int = opt(0, "also save last.pth every N steps inside an epoch (0: only at epoch ends)")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes (torchrun)")
-    memory_budget: float = opt(3.0, "resident-set budget in GB (CPU): the training split stays in memory for the "
-                                    "run when the process fits in it with the split, else its pages are released "
-                                    "as batches read them; 0: always release (README, Memory)")
+    memory_budget: float = opt(3.0, "resident-set budget in GB per process (Linux CPU runs with a built-in recipe): "
+                                    "the training split stays in memory for the run when the process fits in it "
+                                    "with the split, else its pages are released as batches read them; 0: always "
+                                    "release (README, Memory)")
     max_steps: int = opt(0, "stop each epoch after N steps (0: full epochs); for smoke tests")
     progress: bool = opt(True, "progress bar when the output is a terminal")
 
@@ -85,7 +87,8 @@ class TrainConfig:
         need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.img_size >= 63, f"--img-size must be at least 63 (AlexNet's pooling needs it), got {self.img_size}")
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        need(self.memory_budget >= 0, f"--memory-budget must be >= 0 (GB), got {self.memory_budget}")
+        need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,
+             f"--memory-budget must be a number of GB >= 0, got {self.memory_budget}")
         need(self.save_every >= 0 and self.max_steps >= 0, "--save-every and --max-steps must be >= 0")
         from alexnet.augment import RECIPES
 

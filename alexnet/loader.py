@@ -86,23 +86,28 @@ class SplitResidency:
     run, or leaves it every `RELEASE_IMAGES` images; `FastBatches` calls it at those points.
 
     Releasing keeps a run's resident set up to the split's size lower (1.2 GB for
-    TinyImageNet), and costs a page fault for every image an epoch reads, in random order:
-    ~9 µs an image on this project's machines, plus the release itself, about 2.8 ms of
-    every 256-image batch (README, Speed). A process that fits within `budget` bytes with
-    the whole split resident has no reason to pay it. So at the first release point of a
-    run the split is released, the resident set read; if that plus the split plus `reserve`
-    (room for what evaluation maps: the validation split) fits in `budget`, the split is
-    read in at once (`read_in`) and kept; otherwise it is released at every point, as
-    before. A kept split whose process later reads more than `budget` at a release point is
-    released there and for the rest of the run. budget 0: always release."""
+    TinyImageNet), and costs a page fault for every image an epoch reads, in random order,
+    plus the release itself (README, Memory and Speed). A process that fits within `budget`
+    bytes with the whole split resident has no reason to pay that. So at the first release
+    point of a run the split is released and the resident set read; if that plus the split
+    plus `reserve` (room for what evaluation maps: the validation split) fits in `budget`, the
+    split is read in at once (`read_in`) and kept; otherwise it is released at every point, as
+    before. Under torchrun every process decides by its own memory, then `agree` (given this
+    process's wish, returns whether every process keeps it) makes them decide alike: one that
+    releases would set the pace of all. A kept split whose process later reads more than
+    `budget` at a release point is released there and for the rest of the run (that process's
+    alone). budget 0: always release. Where the resident set cannot be read (no
+    /proc/self/statm: macOS, Windows) or the split is not a mapping, it is never kept."""
 
-    def __init__(self, x: np.ndarray, budget: int, reserve: int = 0,
-                 rss: Callable[[], int | None] | None = None) -> None:
+    def __init__(self, x: np.ndarray, budget: int, reserve: int = 0, rss: Callable[[], int | None] | None = None,
+                 agree: Callable[[bool], bool] | None = None) -> None:
         from alexnet.memory import rss_bytes
 
         self.x, self.budget, self.reserve = x, budget, reserve
         self.rss = rss or rss_bytes
+        self.agree = agree or (lambda want: want)
         self.kept = False
+        self.was_kept = False  # kept at some point, maybe released since
         self.decided = budget <= 0  # budget 0: nothing to decide
 
     def __call__(self) -> bool:
@@ -116,17 +121,24 @@ class SplitResidency:
         if not self.decided:
             self.decided = True
             now = self.rss()
-            if released and now is not None and now + self.x.nbytes + self.reserve <= self.budget:
-                self.kept = True
+            want = released and now is not None and now + self.x.nbytes + self.reserve <= self.budget
+            if self.agree(want):
+                self.kept = self.was_kept = True
                 read_in(self.x)
         return released
 
+    @property
+    def state(self) -> str:
+        """What it did with the split so far: kept, released, or kept, then released."""
+        return "kept" if self.kept else "kept, then released" if self.was_kept else "released"
 
-def releaser(x: np.ndarray, device: torch.device, budget: int = 0, reserve: int = 0) -> SplitResidency | None:
+
+def releaser(x: np.ndarray, device: torch.device, budget: int = 0, reserve: int = 0,
+             agree: Callable[[bool], bool] | None = None) -> SplitResidency | None:
     """What `FastBatches` calls at its release points: on the CPU, where batches read the
     memory-mapped split in place, a `SplitResidency`; None on CUDA, where the split is on
     the GPU and its host pages are gone already (`to_memory`)."""
-    return None if device.type == "cuda" else SplitResidency(x, budget, reserve)
+    return None if device.type == "cuda" else SplitResidency(x, budget, reserve, agree=agree)
 
 
 def epoch_order(n: int, seed: int, epoch: int, d: Dist, bs: int) -> torch.Tensor:
@@ -144,10 +156,11 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
-# A memory-mapped training split leaves the resident set after every this many images read:
-# the kernel maps more than each read touches (64 KiB around it, or a whole large folio),
-# ~100 KiB per image of the TinyImageNet cache on this project's machines, so ~100 MiB of
-# the split stay mapped instead of all of it (1.2 GB) by the end of an epoch (README, Memory).
+# A memory-mapped training split that is not kept (SplitResidency) leaves the resident set
+# after every this many images read: the kernel maps more than each read touches (64 KiB
+# around it, or a whole large folio), ~100 KiB per image of the TinyImageNet cache on this
+# project's machines, so ~100 MiB of the split stay mapped instead of all of it (1.2 GB) by
+# the end of an epoch (README, Memory).
 RELEASE_IMAGES = 1024
 
 
@@ -155,8 +168,8 @@ class FastBatches:
     """Training batches for a built-in recipe: gather + batched augmentation on the device.
 
     `release`, when given, is called after every `release_images` images read (whole
-    batches): `drop_resident` of a memory-mapped split, which keeps only the recent batches'
-    pages in the process's resident set."""
+    batches): a `SplitResidency`, which either keeps the memory-mapped split in memory or
+    releases its pages there, so that only the recent batches' stay resident."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, bs: int,
                  release: Callable[[], object] | None = None, release_images: int | None = None) -> None:

@@ -197,8 +197,12 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     augment = BatchAugment(recipe, cfg.img_size, st["mean"], st["std"], st.get("eigval"), st.get("eigvec"),
                            device=device, generator=aug_gen)
     if isinstance(transform, Recipe):
+        def every_process_keeps(want: bool) -> bool:  # one that released would set the pace of all
+            return not distributed.any_ranks([not want], d, device)[0]
+
+        release = releaser(cache.train.x, device, **residency(cfg, cache), agree=every_process_keeps)
         batches = FastBatches(to_memory(cache.train.x, device), torch.from_numpy(np.array(cache.train.y)).to(device),
-                              augment, cfg.bs, release=releaser(cache.train.x, device, **residency(cfg, cache)))
+                              augment, cfg.bs, release=release)
     else:
         batches = PerImageBatches(cache.train.x, cache.train.y, transform, augment, cfg.bs, cfg.workers, cfg.seed, source)
         batches.probe()
@@ -458,8 +462,9 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     t = time.perf_counter()
     # Each phase holds only what it reads (README, Memory): evaluation's batches do not stack
     # on training's free heap blocks, nor the training split's pages on the validation
-    # split's, and the other way round. The splits stay in the OS page cache; mapping them
-    # back in costs about 0.1 s an epoch.
+    # split's (unless the run keeps the training split: it fits --memory-budget), and the
+    # other way round. The splits stay in the OS page cache; mapping them back in costs
+    # about 0.1 s an epoch.
     run.opt.zero_grad(set_to_none=True)  # the next step would free them first anyway
     release_free_memory()
     if not kept_in_memory(run.batches):

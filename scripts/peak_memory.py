@@ -5,7 +5,8 @@ The process's own memory reaches its high-water mark within a few steps, and on 
 training split's pages leave the resident set every 1,024 images (`loader.RELEASE_IMAGES`),
 so a few steps see what a full run holds late in an epoch; where the process fits
 `--memory-budget` with the whole split, the run reads it all in at its first release point
-and keeps it (`loader.SplitResidency`), which the probe sees too. (Before that release, a full
+and keeps it (`loader.SplitResidency`), which the probe sees too as long as its steps read
+1,024 images or more (--steps 40 at any batch size over 25). (Before that release, a full
 run's peak came once every page of the mapped split had been read, and this script read the
 whole split into the run's mapping first; it still does where the batches are not released.)
 It trains a few steps and evaluates, twice (the heap is laid out again after an evaluation),

@@ -3,6 +3,7 @@ by a per-image DataLoader reaches the same loss; the benchmark runs and reports 
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -46,16 +47,14 @@ def test_bench_prints_ratios(capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the split's residency reads /proc/self")
-@pytest.mark.parametrize("budget,split", [("0", "released"), ("1000", "kept")])
-def test_bench_keeps_or_releases_the_split_as_training_would(tiny_cache, capsys, monkeypatch, budget, split):
+@pytest.mark.parametrize("budget,split", [("0", "released"), ("0.001", "released"), ("1000", "kept")],
+                         ids=["never", "over the budget", "fits"])
+def test_bench_keeps_or_releases_the_split_as_training_would(tiny_cache, capsys, budget, split):
     p = argparse.ArgumentParser()
     add_bench_args(p)
     a = p.parse_args(["--variants", "combined_gap", "--bs", "8", "--steps", "1", "--rounds", "1", "--no-reference",
                       "--device", "cpu", "--data", str(tiny_cache), "--memory-budget", budget])
-    import alexnet.loader as loader
-
-    monkeypatch.setattr(loader, "RELEASE_IMAGES", 8)  # a release point every batch
-    rows = run_bench(a, log=print)
+    rows = run_bench(a, log=print)  # decided after the warm-up, in a process of its own
     assert rows[0]["split"] == split and f"split {split}" in capsys.readouterr().out
 
 
@@ -75,6 +74,21 @@ def test_bench_runs_each_of_several_rows_in_a_fresh_process(capsys, monkeypatch)
     assert all(r["model"] > 0 and r["project"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "combined_gap " in out and "combined_small " in out and out.count("(2)/(1)") == 2
+
+
+class _ExitOnArrival:
+    """Unpickled in the row's process, it ends that process at once, with exit code 3."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_bench_row_whose_process_dies_is_a_clear_error():
+    from alexnet.bench import _row_in_fresh_process
+    from alexnet.errors import UserError
+
+    with pytest.raises(UserError, match=r"bench of combined_gap: the process died \(exit code 3\)"):
+        _row_in_fresh_process("combined_gap", argparse.Namespace(data=_ExitOnArrival()), None)
 
 
 def test_a_bench_row_that_fails_in_its_own_process_is_a_clear_error():

@@ -1,6 +1,7 @@
 """What keeps a CPU run's resident set down: the cache's pages leave it between the phases that
-read them and every 1,024 training images within an epoch, and the optimizer's buffers made up
-front (for the heap's sake) change no number."""
+read them and every 1,024 training images within an epoch, unless the run fits --memory-budget
+with the training split kept; and the optimizer's buffers made up front (for the heap's sake)
+change no number."""
 
 import sys
 from pathlib import Path
@@ -78,6 +79,7 @@ def test_each_phase_holds_only_the_split_it_reads(tiny_cache, tmp_path, monkeypa
     assert events == ["train_x.npy", "train_x.npy", "evaluate", "val_x.npy"] * 2
 
 
+@linux
 def test_a_split_that_fits_the_budget_stays_for_the_run(tiny_cache, tmp_path, monkeypatch, capsys):
     events = []
     real_drop, real_eval, real_read_in = train.drop_resident, train.evaluate, loader.read_in
@@ -108,9 +110,15 @@ def residency(x, budget, rss, reserve=0):
     return loader.SplitResidency(x, budget, reserve, rss=lambda: rss[0])
 
 
+def populate_read_or_skip(x):
+    if not loader.read_in(x):
+        pytest.skip("no MADV_POPULATE_READ (Linux 5.14+) here")
+
+
 @linux
 def test_the_split_is_kept_only_where_it_fits(tmp_path):
     x, _ = mapped_split(tmp_path)  # 48 MiB
+    populate_read_or_skip(x)
     path = tmp_path / "x.npy"
     rss = [100 * 2**20]  # what the process reads right after a release
     fits = residency(x, budget=160 * 2**20, rss=rss, reserve=10 * 2**20)
@@ -129,11 +137,27 @@ def test_a_kept_split_over_the_budget_is_released_for_good(tmp_path):
     x, _ = mapped_split(tmp_path)
     rss = [100 * 2**20]
     r = residency(x, budget=200 * 2**20, rss=rss)
-    assert r() and r.kept and not r()
+    assert r() and r.kept and not r() and r.state == "kept"
     rss[0] = 201 * 2**20  # the process grew past the budget
     assert r() is True and not r.kept
     rss[0] = 100 * 2**20  # and shrank again: no second read-in
-    assert [r() for _ in range(2)] == [True, True] and not r.kept
+    assert [r() for _ in range(2)] == [True, True] and not r.kept and r.state == "kept, then released"
+
+
+@linux
+@pytest.mark.parametrize("others", [False, True], ids=["all fit", "another process does not"])
+def test_processes_keep_the_split_all_or_none(tmp_path, others):
+    x, _ = mapped_split(tmp_path)
+    wishes = []
+
+    def agree(want):  # as torchrun's all-reduce: keep only if no process wants to release
+        wishes.append(want)
+        return want and not others
+
+    r = loader.SplitResidency(x, 2**40, rss=lambda: 0, agree=agree)
+    assert r() and wishes == [True] and r.kept is (not others)
+    r()
+    assert wishes == [True]  # asked once, at the decision
 
 
 def test_an_array_in_memory_is_never_kept_or_released():

@@ -167,7 +167,8 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--lr", "0"], "--lr must be positive"),
     (["--variant", "baseline", "--lr", "-0.1"], "--lr must be positive"),
     (["--variant", "baseline", "--epochs", "0"], "--epochs must be at least 1"),
-    (["--variant", "baseline", "--memory-budget", "-1"], "--memory-budget must be >= 0 (GB), got -1.0"),
+    (["--variant", "baseline", "--memory-budget", "-1"], "--memory-budget must be a number of GB >= 0, got -1.0"),
+    (["--variant", "baseline", "--memory-budget", "inf"], "--memory-budget must be a number of GB >= 0, got inf"),
     (["--variant", "baseline", "--num_classes", "7"], "--num_classes 7 does not match the data"),
 ])
 def test_bad_options(tiny_cache, out_with_files, capsys, args, match):

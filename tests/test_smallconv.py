@@ -80,7 +80,6 @@ def test_variant_gradients_same_on_both_paths(name):
 def test_where_the_path_is_not_taken():
     torch.manual_seed(0)
     model = create_model("combined_gap", 10)
-    y = torch.arange(2)
 
     def calls(x, amp=True, grad=True):
         with counted() as taken, torch.set_grad_enabled(grad):
