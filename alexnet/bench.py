@@ -37,14 +37,14 @@ import torch
 
 from alexnet import smallconv
 from alexnet.allocator import keep_freed_memory
-from alexnet.memory import rss_bytes
 from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.config import TrainConfig
+from alexnet.data import Cache
+from alexnet.distributed import Dist
 from alexnet.errors import UserError
 from alexnet.loader import FastBatches, epoch_order, releaser, step_seed, to_memory
-from alexnet.distributed import Dist
+from alexnet.memory import rss_bytes
 from alexnet.models import VARIANTS, create_model
-from alexnet.data import Cache
 from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from alexnet.augment import BatchAugment, as_nchw_uint8
 from alexnet.distributed import Dist
 from alexnet.errors import UserError
+from alexnet.memory import rss_bytes
 
 
 def to_memory(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -101,8 +102,6 @@ class SplitResidency:
 
     def __init__(self, x: np.ndarray, budget: int, reserve: int = 0, rss: Callable[[], int | None] | None = None,
                  agree: Callable[[bool], bool] | None = None) -> None:
-        from alexnet.memory import rss_bytes
-
         self.x, self.budget, self.reserve = x, budget, reserve
         self.rss = rss or rss_bytes
         self.agree = agree or (lambda want: want)
