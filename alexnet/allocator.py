@@ -5,7 +5,7 @@ and trims the heap when its top frees up, so every CPU training step page-faults
 activations, gradients and augmented batches back in, and the kernel zeroes each page again.
 PyTorch's CPU tuning guide suggests jemalloc or tcmalloc for this; without adding a native
 dependency, the same effect comes from two glibc settings: no mmap for large blocks and no
-trimming. Measured on a 2-core CPU (README, Speed): the augmentation of a 256-image batch
+trimming. Measured on a 2-core CPU (docs/speed.md): the augmentation of a 256-image batch
 40 ms -> 15 ms; system time of short training runs cut by two thirds in every run; their
 wall time a median 5-11% lower in paired series, with one noisy series the other way; peak
 resident set 2-7% higher.

@@ -323,7 +323,7 @@ class BatchAugment:
         over a third of the combined recipe's whole augmentation. There the gray image on all
         three channels, the same 3x3 matrix for every image, is one 1x1 convolution that oneDNN
         runs straight over the NHWC memory, and the per-image blend one `lerp`: 2.6-2.8 ms in
-        all (README: Speed). Not on CUDA, where cuDNN may run fp32 convolutions in TF32
+        all (docs/speed.md). Not on CUDA, where cuDNN may run fp32 convolutions in TF32
         (10-bit mantissa) and the gray image would lose precision."""
         if per_image_matrix is None:
             per_image_matrix = x.device.type != "cpu"

@@ -8,7 +8,7 @@ same formulas are written once over the three colour planes of a batch and `torc
 (inductor's C++ backend) turns them into one loop that reads each uint8 pixel once, computes
 its three channels together and writes the normalised float pixel once, after a first loop
 that takes each image's grey mean for the contrast. Measured on this project's 2-core CPU
-(README, Speed), the whole augmentation of a batch read from the cache, crops included, took
+(docs/speed.md), the whole augmentation of a batch read from the cache, crops included, took
 0.61-0.65 of the eager ops' time for the combined recipe at 256 images (about 5 ms against
 9) and 0.79-0.83 at 64; the pixels differ from the eager ops' by rounding (under 1e-5).
 

@@ -88,7 +88,7 @@ class SplitResidency:
 
     Releasing keeps a run's resident set up to the split's size lower (1.2 GB for
     TinyImageNet), and costs a page fault for every image an epoch reads, in random order,
-    plus the release itself (README, Memory and Speed). A process that fits within `budget`
+    plus the release itself (docs/speed.md). A process that fits within `budget`
     bytes with the whole split resident has no reason to pay that. So at the first release
     point of a run the split is released and the resident set read; if that plus the split
     plus `reserve` (room for what evaluation maps: the validation split) fits in `budget`, the
@@ -159,7 +159,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 # after every this many images read: the kernel maps more than each read touches (64 KiB
 # around it, or a whole large folio), ~100 KiB per image of the TinyImageNet cache on this
 # project's machines, so ~100 MiB of the split stay mapped instead of all of it (1.2 GB) by
-# the end of an epoch (README, Memory).
+# the end of an epoch (docs/speed.md, Memory).
 RELEASE_IMAGES = 1024
 
 

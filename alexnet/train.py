@@ -92,7 +92,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool) -> torch.op
     if cfg.momentum > 0:
         # Made now, next to the weights, instead of by the first step: on the CPU the heap
         # then keeps its long-lived blocks together below each step's short-lived ones, and
-        # fragments less (README, Memory). Without dampening, a zero buffer gives the first
+        # fragments less (docs/speed.md, Memory). Without dampening, a zero buffer gives the first
         # step exactly the gradient, as the lazily made one does.
         for p in model.parameters():
             if p.requires_grad:
@@ -263,7 +263,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # Last step's gradients go before the forward pass, whose bf16 weight copies and
     # activations can then reuse their memory: the Baseline's most memory in use during a
-    # CPU step went from 944 to 827 MiB (README, Memory).
+    # CPU step went from 944 to 827 MiB (docs/speed.md, Memory).
     opt.zero_grad(set_to_none=True)
     with autocast(device, cfg.amp):
         logits = model(x.contiguous(memory_format=fmt))
@@ -460,7 +460,7 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     sums = distributed.all_reduce_sum(sums, run.dist).cpu()
     loss_sum, correct, n = sums.tolist()
     t = time.perf_counter()
-    # Each phase holds only what it reads (README, Memory): evaluation's batches do not stack
+    # Each phase holds only what it reads (docs/speed.md, Memory): evaluation's batches do not stack
     # on training's free heap blocks, nor the training split's pages on the validation
     # split's (unless the run keeps the training split: it fits --memory-budget), and the
     # other way round. The splits stay in the OS page cache; mapping them back in costs
