@@ -29,15 +29,23 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint on the CPU; unreadable or foreign files raise CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give the checkpoint file in it (best.pth or last.pth)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickle garbage, wrong file type
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
+        # PyTorch's own messages run to several lines of advice about other cases; the kind
+        # of failure is what helps here.
+        raise CheckpointError(f"{path}: not a readable checkpoint: the file is truncated, corrupted or of "
+                              f"another kind ({e.__class__.__name__} from torch.load)") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint written by this project (a readable file without the "
+                              f"training state this project saves)")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: written by another version of this project (checkpoint format "
+                              f"{ckpt.get('format')!r}; this version reads format {FORMAT})")
     return ckpt
 
 

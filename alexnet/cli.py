@@ -44,6 +44,9 @@ def _evaluate(a: argparse.Namespace) -> int:
     if len(a.paths) > 2:
         raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT, got {len(a.paths)} paths: {' '.join(a.paths)}")
     model, ckpt = (a.paths[0], a.paths[1]) if len(a.paths) == 2 else (None, a.paths[0])
+    if model is not None and not model.endswith(".py"):
+        raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT, and the model file is a .py file; got {model} "
+                        f"(one checkpoint at a time)")
     run_evaluate(model, ckpt, data=a.data, device=a.device, bs=a.bs, tta=a.tta, per_class=a.per_class, amp=a.amp)
     return 0
 
@@ -51,6 +54,10 @@ def _evaluate(a: argparse.Namespace) -> int:
 def _predict(a: argparse.Namespace) -> int:
     from alexnet.inference import run_predict
 
+    from alexnet.errors import UserError
+
+    if a.topk < 1:
+        raise UserError(f"--topk must be at least 1, got {a.topk}")
     run_predict(a.checkpoint, a.images, model_file=a.model, device=a.device, topk=a.topk)
     return 0
 
@@ -106,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(s)
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("evaluate", help="top-1/top-5/loss of a checkpoint on the val split")
-    s.add_argument("paths", nargs="+", metavar="[MODEL_FILE] CHECKPOINT")
+    s = sub.add_parser("evaluate", help="top-1/top-5/loss of a checkpoint on the val split",
+                       usage="alexnet evaluate [-h] [options] [MODEL_FILE] CHECKPOINT")
+    s.add_argument("paths", nargs="+", metavar="PATH",
+                   help="[MODEL_FILE] CHECKPOINT: a checkpoint, optionally after the model file (.py) it was trained from")
     s.add_argument("--data", help="cache directory (default ./data or $ALEXNET_DATA)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     s.add_argument("--bs", type=int, default=500)

@@ -77,16 +77,17 @@ class TrainConfig:
 
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         need(self.bs >= 1, f"--bs must be at least 1, got {self.bs}")
-        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive finite number, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        need(self.wd >= 0, f"--wd must be >= 0, got {self.wd}")
+        need(math.isfinite(self.wd) and self.wd >= 0, f"--wd must be a finite number >= 0, got {self.wd}")
         need(self.num_classes >= 2, f"--num_classes must be at least 2, got {self.num_classes}")
         need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.img_size >= 63, f"--img-size must be at least 63 (AlexNet's pooling needs it), got {self.img_size}")
-        need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        need(math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,
              f"--memory-budget must be a number of GB >= 0, got {self.memory_budget}")
         need(self.save_every >= 0 and self.max_steps >= 0, "--save-every and --max-steps must be >= 0")
@@ -108,7 +109,30 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls(**{f.name: _typed(f.name, str(f.type), d[f.name], source) for f in fields(cls) if f.name in d})
+
+
+# What a JSON value may be for each annotation of a TrainConfig field. A JSON file can hold
+# any type; without this check {"amp": "no"} would switch autocast on (a non-empty string is
+# true) and {"epochs": "two"} would fail deep inside training.
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
+def _typed(name: str, ftype: str, value: Any, source: str) -> Any:
+    """`value` for field `name` (annotation `ftype`), checked; ints become floats where a
+    float is expected. Raises ConfigError naming the key, the value and what was expected."""
+    base, optional = ftype.removesuffix(" | None"), ftype.endswith(" | None")
+    if value is None and optional:
+        return None
+    types, what = _JSON_TYPES[base]
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, types):
+        raise ConfigError(f"{source}: {name} must be {what}{' or null' if optional else ''}, got {value!r}")
+    return float(value) if base == "float" else value
 
 
 def _flag(f) -> str:

@@ -110,8 +110,8 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
         except (http.client.HTTPException, OSError) as e:
             error = f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__
     raise DataError(f"{url}: download failed after {retries + 1} attempts (last: {error}); "
-                    f"check the network, or fetch the file another way and pass its path as the "
-                    f"source (--source or $ALEXNET_SOURCE)")
+                    f"check the network, or fetch the file another way and make the cache from it "
+                    f"(`alexnet prepare --source FILE`, or $ALEXNET_SOURCE=FILE for train and evaluate)")
 
 
 def _attempt(url: str, part: Path, progress: bool, timeout: float) -> None:

@@ -28,7 +28,7 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
     """(model in eval mode, checkpoint dict, BatchAugment for its eval view)."""
     c = ckpt_io.load(ckpt_path)
     if model_file is not None:
-        model = load_model_file(model_file, c["num_classes"])
+        model = load_model_file(model_file, c["num_classes"], c.get("img_size", 64))
         ckpt_io.check_compatible(c, ckpt_path, getattr(model, "variant", None), c["num_classes"])
     elif c.get("model_cfg") is not None:
         cfg = dict(c["model_cfg"])

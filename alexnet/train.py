@@ -68,7 +68,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, str | None]:
     """The model and its variant name (None for a custom module from a user's file)."""
     if cfg.variant is not None:
         return create_model(cfg.variant, cfg.num_classes), cfg.variant
-    model = load_model_file(cfg.model, cfg.num_classes)
+    model = load_model_file(cfg.model, cfg.num_classes, cfg.img_size)
     return model, getattr(model, "variant", None)
 
 
@@ -252,14 +252,24 @@ def checkpoint_state(run: Run, epoch: int, batch: int, state: dict) -> dict:
         "stats": {k: c.stats[k] for k in ("mean", "std", "eigval", "eigvec") if k in c.stats},
         "wnids": c.wnids,
         "names": c.names,
+        "data": data_identity(c),
     }
 
 
+def data_identity(cache: Cache) -> dict:
+    """The training split's checksums from the cache's manifest: a resumed run must read the
+    same images and labels in the same order (the cache's folder may move)."""
+    files = cache.manifest.get("files", {})
+    algorithm = cache.manifest.get("hash")
+    return {name: files[name][algorithm] for name in ("train_x.npy", "train_y.npy")
+            if name in files and algorithm in files[name]}
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, device: torch.device, check: Callable[[torch.Tensor], bool] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One SGD step on a normalised batch; returns (logits, loss), or None without updating
-    the weights when `check(loss)` says to stop (non-finite loss, or a stop request)."""
+               cfg: TrainConfig, device: torch.device, check: Callable[[torch.Tensor], None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a normalised batch; returns (logits, loss). `check(loss)` runs before
+    the backward pass and raises to abandon the step (a non-finite loss)."""
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # Last step's gradients go before the forward pass, whose bf16 weight copies and
     # activations can then reuse their memory: the Baseline's most memory in use during a
@@ -268,8 +278,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     with autocast(device, cfg.amp):
         logits = model(x.contiguous(memory_format=fmt))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-    if check is not None and check(loss):
-        return None
+    if check is not None:
+        check(loss)
     loss.backward()
     opt.step()
     return logits, loss
@@ -303,16 +313,15 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
     acc = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss sum, correct, n
     last = {"loss": float("nan"), "stop": False}
 
-    def check(loss: torch.Tensor) -> bool:
+    def check(loss: torch.Tensor) -> None:
         value = loss.item()
         bad, stop = distributed.any_ranks([not math.isfinite(value), bool(run.stop_signal)], d, run.device)
         if bad:
             raise NonFiniteLoss(f"loss became {value if not math.isfinite(value) else 'non-finite on another rank'} "
-                                f"at epoch {epoch + 1}, step {state['step']} (lr {run.opt.param_groups[0]['lr']:.3g}): "
-                                f"the learning rate is probably too high; the last good checkpoint is "
-                                f"{run.out / 'last.pth'}")
+                                f"at epoch {epoch + 1}, step {b + 1} of {run.steps_per_epoch} "
+                                f"(lr {run.opt.param_groups[0]['lr']:.3g}): the learning rate is probably too high; "
+                                f"{last_good(run)}")
         last.update(loss=value, stop=stop)
-        return stop
 
     t0 = time.perf_counter()
     for b in range(start, run.steps_per_epoch):
@@ -321,14 +330,7 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
         x, y = next(it)
         torch.manual_seed(s)  # dropout; after the batch, which a per-image transform may have reseeded
         checking = (b - start) % every == 0 or b == run.steps_per_epoch - 1
-        out = train_step(run.model, run.opt, x, y, cfg, run.device, check if checking else None)
-        if out is None:  # stop requested: save the position before this step and leave
-            m["seconds"] += time.perf_counter() - t0
-            _flush(acc, m)
-            save(epoch, b)
-            bar.close()
-            return False
-        logits, loss = out
+        logits, loss = train_step(run.model, run.opt, x, y, cfg, run.device, check if checking else None)
         if run.per_step:
             run.sched.step()
         state["step"] += 1
@@ -344,6 +346,16 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
             if plain and (b + 1) % max(1, run.steps_per_epoch // 10) < every:
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {b + 1}/{run.steps_per_epoch} "
                       f"loss {last['loss']:.4f} {rate:.0f} img/s", flush=True)
+        if last["stop"]:
+            # A stop request (agreed by every rank) is acted on once the step is complete: its
+            # forward pass has already moved BatchNorm's running statistics, so saving the
+            # position before it would make a resumed run apply this batch to them twice.
+            m["seconds"] += time.perf_counter() - t0
+            _flush(acc, m)
+            save(epoch, b + 1)
+            bar.close()
+            state["stopped_at"] = b + 1
+            return False
         if cfg.save_every and state["step"] % cfg.save_every == 0:
             m["seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -372,11 +384,18 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         (run.out / "config.json").write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
         say(f"training {run.variant or cfg.model} ({sum(p.numel() for p in run.raw.parameters()):,} parameters) "
             f"on {run.device.type}{f' x{d.world}' if d.enabled else ''}: {run.train_n:,} train / {len(run.val_y):,} val "
-            f"images, {run.steps_per_epoch} steps of {cfg.bs}{'x' + str(d.world) if d.enabled else ''} per epoch, "
+            f"images, {run.steps_per_epoch} {'step' if run.steps_per_epoch == 1 else 'steps'} of "
+            f"{cfg.bs}{'x' + str(d.world) if d.enabled else ''} per epoch, "
             f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}, "
             f"{'channels_last' if cfg.channels_last else 'NCHW'}")
 
     def save(ep: int, batch: int, best: bool = False) -> None:
+        # Weights a too-high learning rate has blown up are never saved over a good
+        # checkpoint (the loss that shows it is only computed at the next step).
+        if not weights_finite(run.raw):
+            raise NonFiniteLoss(f"the weights became non-finite by epoch {ep + 1}, step {batch} "
+                                f"(lr {run.opt.param_groups[0]['lr']:.3g}) and were not saved: the learning rate is "
+                                f"probably too high; {last_good(run)}")
         # Every rank takes part: the epoch's partial meters are summed over ranks first, so
         # that rank 0's checkpoint holds the whole run's progress (rank 0 restores them).
         m = state["meters"]
@@ -390,8 +409,16 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 ckpt_io.save_atomic(obj, run.out / "best.pth")
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if run.stop_signal:  # a second request: stop now, keeping the last checkpoint
+            raise KeyboardInterrupt
+        run.stop_signal.append(signum)
+        say(f"{signal.Signals(signum).name}: stopping after the current step, with {run.out / 'last.pth'} saved "
+            "(once more to stop at once, without saving)")
+
     for s in previous:
-        signal.signal(s, lambda signum, frame: run.stop_signal.append(signum))
+        signal.signal(s, request_stop)
     try:
         if isinstance(run.batches, FastBatches) and run.augment.fuses(run.cache.img_size):
             # Compiled here, not inside the first epoch's timing: half a minute the first time
@@ -401,12 +428,13 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             run.augment(run.batches.x[:cfg.bs], train=True)
         for ep in range(epoch, cfg.epochs):
             if not train_one_epoch(run, ep, start, state, save):
-                sig = run.stop_signal[0]
-                say(f"stopped by {signal.Signals(sig).name} at epoch {ep + 1}, step {state['step']}; "
-                    f"{run.out / 'last.pth'} saved. Resume with: {resume_command(cfg)}")
-                raise SystemExit(128 + sig)
+                _stopped(run, f"epoch {ep + 1}, step {state.pop('stopped_at')} of {run.steps_per_epoch}", say)
             start = 0
             row = _end_epoch(run, ep, state)
+            if not math.isfinite(row["val_loss"]):
+                raise NonFiniteLoss(f"val loss became {row['val_loss']} after epoch {ep + 1} "
+                                    f"(lr {run.opt.param_groups[0]['lr']:.3g}): the weights are no longer finite and "
+                                    f"were not saved; the learning rate is probably too high; {last_good(run)}")
             improved = row["val_top1"] > state["best_top1"]
             if improved:
                 state["best_top1"], state["best_epoch"] = row["val_top1"], ep + 1
@@ -421,6 +449,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% | "
                 f"lr {row['lr']:.3g} | {row['epoch_seconds']:.0f}s, {row['images_per_s']:.0f} img/s | {peak}"
                 + (" | best" if improved else ""))
+            # A request that came during the evaluation: the epoch is saved, stop here.
+            if ep + 1 < cfg.epochs and distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]:
+                _stopped(run, f"the end of epoch {ep + 1}", say)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -428,6 +459,27 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     best = max(state["history"], key=lambda r: r["val_top1"]) if state["history"] else {}
     return {"best_top1": state["best_top1"], "best_epoch": state["best_epoch"], "best": best,
             "history": state["history"], "out": str(run.out)}
+
+
+def _stopped(run: Run, where: str, say) -> None:
+    """Leave after a stop request, last.pth saved at `where`: exit status 128 + the signal."""
+    sig = run.stop_signal[0] if run.stop_signal else signal.SIGTERM  # a rank that got none stops with the others
+    say(f"stopped by {signal.Signals(sig).name} at {where}; {run.out / 'last.pth'} saved. "
+        f"Resume with: {resume_command(run.cfg)}")
+    raise SystemExit(128 + sig)
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite: one reduction per tensor and one read on the host
+    (a NaN or inf anywhere makes its tensor's sum non-finite)."""
+    sums = [p.detach().float().sum() for p in model.parameters()]
+    return bool(torch.stack(sums).isfinite().all()) if sums else True
+
+
+def last_good(run: Run) -> str:
+    """Where a failed run's last good state is, for its error message."""
+    path = run.out / "last.pth"
+    return f"the last good checkpoint is {path}" if path.exists() else "no checkpoint had been saved yet"
 
 
 def _fresh_meters() -> dict:
@@ -491,6 +543,10 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
     c = ckpt_io.load(path)
     ckpt_io.check_compatible(c, path, run.variant, run.cfg.num_classes)
     _check_same_trajectory(c, path, run)
+    saved, now = c.get("data") or {}, data_identity(run.cache)
+    if saved and now and saved != now:
+        raise UserError(f"{path}: the run was trained on other data than the cache in {run.cache.root} "
+                        "(its training images or labels differ); resume with the run's own --data")
     ckpt_io.load_weights(run.raw, c["model"], path)
     try:
         run.opt.load_state_dict(c["optimizer"])
@@ -503,7 +559,11 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
     # batch == steps_per_epoch: saved after the last step of an epoch, before its evaluation;
     # train_one_epoch then does nothing and the evaluation runs.
     epoch, batch = c["epoch"], c["batch"]
-    say(f"resumed from {path}: epoch {epoch + 1}, step {state['step']}")
+    if epoch >= run.cfg.epochs:
+        say(f"{path}: the run is already complete ({epoch} of {run.cfg.epochs} epochs); nothing to do "
+            f"(a larger --epochs continues it)")
+    else:
+        say(f"resumed from {path}: epoch {epoch + 1}, step {batch} of {run.steps_per_epoch}")
     return epoch, batch
 
 
@@ -511,7 +571,7 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
 # keep them, or it would continue a different run. (--epochs may grow; --out, --device and
 # the like do not change the maths.)
 TRAJECTORY = ("seed", "bs", "lr", "momentum", "wd", "nesterov", "schedule", "warmup_epochs", "label_smoothing",
-              "transforms", "recipe", "img_size", "max_steps", "amp", "channels_last")
+              "transforms", "recipe", "img_size", "max_steps", "amp", "channels_last", "deterministic")
 
 
 def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+import torch
 from torch import nn
 
 from alexnet.augment import Recipe
@@ -65,7 +66,11 @@ def _call(path: Path, fn: Callable, what: str, *args):
         raise UserError(f"{path}: {what} raised {e.__class__.__name__}{_where(e, path)}: {e}") from None
 
 
-def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
+def load_model_file(path: str | Path, num_classes: int, img_size: int = 64) -> nn.Module:
+    """The file's model, checked on a batch of two blank `img_size` images: it must take them
+    and return (2, num_classes) logits. Without the check, a model with another number of
+    outputs trains on (and evaluation indexes past its logits), and a model for another input
+    size fails inside PyTorch."""
     path = Path(path)
     module = load_python_file(path, MODEL_CONTRACT)
     build = getattr(module, "build_model", None)
@@ -75,7 +80,28 @@ def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UserError(f"{path}: build_model returned {type(model).__name__}, not a torch.nn.Module; "
                         f"the file {MODEL_CONTRACT}")
+    _check_output(path, model, num_classes, img_size)
     return model
+
+
+def _check_output(path: Path, model: nn.Module, num_classes: int, img_size: int) -> None:
+    """One forward pass in eval mode (no BatchNorm statistics move, no dropout drawn)."""
+    was_training = model.training
+    x = torch.zeros(2, 3, img_size, img_size)
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images "
+                        f"(shape (2, 3, {img_size}, {img_size})): {e.__class__.__name__}{_where(e, path)}: {first}"
+                        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{path}: the model returns {got} for a batch of 2 images; expected logits of shape "
+                        f"(2, {num_classes}) for --num_classes {num_classes}")
 
 
 def load_transforms_file(path: str | Path) -> Recipe | Callable:

@@ -102,10 +102,8 @@ def test_killed_study_resumes_and_report_reproduces_the_table(tiny_cache, tmp_pa
         proc = subprocess.Popen([sys.executable, "-m", "alexnet", *args], cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 240
-            while not first.exists():
+            while not first.exists():  # no time limit here: the suite's own limit catches a hang
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()
-                assert time.monotonic() < deadline, "the first run did not finish in time"
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
         finally:

@@ -43,11 +43,67 @@ def test_variant_trains_one_step(name):
     torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: {pname} got no gradient"
+    before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # every tensor was updated
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+# What each variant is, written out from the README's variants table rather than read from
+# the registry, so that a registry row that loses its dropout or its BatchNorm is caught:
+# dropout probabilities in the head, BatchNorm and LRN layers, linear layers, pooled map side.
+STRUCTURE = {
+    "baseline": ([0.0, 0.0], 0, 0, 3, 6),
+    "dropout": ([0.5, 0.5], 0, 0, 3, 6),
+    "batchnorm": ([0.0, 0.0], 5, 0, 3, 6),
+    "combined": ([0.5, 0.5], 5, 0, 3, 6),
+    "combined_small": ([0.5], 5, 0, 2, 6),
+    "combined_gap": ([0.5], 5, 0, 1, 1),
+    "paper": ([0.5, 0.5], 0, 2, 3, 6),
+}
+
+
+def test_structure_covers_every_variant():
+    assert set(STRUCTURE) == set(VARIANTS)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_has_its_documented_layers(name):
+    model = create_model(name, 200)
+    dropout, bn, lrn, linear, pooled = STRUCTURE[name]
+    mods = list(model.modules())
+    assert [m.p for m in mods if isinstance(m, torch.nn.Dropout)] == dropout
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in mods) == bn
+    assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in mods) == lrn
+    assert sum(isinstance(m, torch.nn.Linear) for m in mods) == linear
+    assert model.avgpool.output_size in (pooled, (pooled, pooled))
+    # BatchNorm sits between each convolution (without bias) and its ReLU; LRN after the ReLU.
+    f = list(model.features)
+    for i, m in enumerate(f):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert isinstance(f[i - 1], torch.nn.Conv2d) and f[i - 1].bias is None and isinstance(f[i + 1], torch.nn.ReLU)
+        if isinstance(m, torch.nn.LocalResponseNorm):
+            assert isinstance(f[i - 1], torch.nn.ReLU)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_dropout_is_active_in_training_only(name):
+    """Two training-mode passes over one batch differ exactly where the variant has dropout;
+    evaluation is deterministic for all."""
+    torch.manual_seed(0)
+    model = create_model(name, 10)
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        for m in model.modules():  # BatchNorm's batch statistics are the same in both passes anyway;
+            if isinstance(m, torch.nn.BatchNorm2d):  # its running ones would move between them
+                m.momentum = 0.0
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model.train()(x), model(x)
+        assert torch.equal(model.eval()(x), model(x))
+    assert (not torch.equal(a, b)) == any(p > 0 for p in STRUCTURE[name][0])
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

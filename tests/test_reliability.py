@@ -47,17 +47,18 @@ def test_deterministic_runs_match(learnable_cache, tmp_path):
 def test_sigkill_then_resume_equals_uninterrupted(learnable_cache, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["train", *run_args(learnable_cache, full)]) == 0
-    # Same run in a child process, saving every 3 steps; killed once it is past epoch 1.
-    cmd = [sys.executable, "-m", "alexnet", "train", *run_args(learnable_cache, cut, "--save-every", "3")]
+    # The same run in a child process, saving every 3 steps, killed once it is past epoch 1.
+    # It is given 50 epochs so that no machine is fast enough for it to finish first (the
+    # plateau schedule does not depend on --epochs, and a resume may change it).
+    cmd = [sys.executable, "-m", "alexnet", "train", *run_args(learnable_cache, cut, "--save-every", "3"),
+           "--epochs", "50"]
     child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = child.stdout.readline()
-        if line.startswith("epoch 1/3"):
+    for line in child.stdout:
+        if line.startswith("epoch 1/50"):
             break
     # Killed as soon as a checkpoint from inside epoch 2 is there: resuming mid-epoch is the
     # harder case (the batch order, the augmentation draws and the meters carry over).
-    while time.time() < deadline and child.poll() is None:
+    while child.poll() is None:
         try:
             if torch.load(cut / "last.pth", weights_only=False)["batch"] > 0:
                 break
@@ -68,9 +69,92 @@ def test_sigkill_then_resume_equals_uninterrupted(learnable_cache, tmp_path):
     child.wait()
     assert child.returncode == -signal.SIGKILL
     saved = torch.load(cut / "last.pth", weights_only=False)
-    assert saved["epoch"] < 3 and saved["batch"] > 0
+    assert 1 <= saved["epoch"] < 3 and saved["batch"] > 0
     assert main(["train", *run_args(learnable_cache, cut), "--resume"]) == 0
     assert_same_run(full / "last.pth", cut / "last.pth")
+
+
+@pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation"])
+def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path, monkeypatch, capsys, when):
+    """A stop request (the signal sent to this process) mid-epoch, at an epoch's last step
+    (12 steps of 16 per epoch) or during an evaluation: the resumed run ends bit for bit where
+    the uninterrupted one does, BatchNorm's running statistics included (combined_gap has
+    BatchNorm: a position saved before a step whose forward pass had already run would apply
+    that batch to them twice)."""
+    from alexnet import train
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", *run_args(learnable_cache, full), "--epochs", "2"]) == 0
+    steps, real_step, real_eval = [], train.train_step, train.evaluate
+
+    def step(*a, **k):
+        steps.append(1)
+        if when == f"step {len(steps)}":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step runs
+        return real_step(*a, **k)
+
+    def evaluate(*a, **k):
+        if when == "evaluation":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *run_args(learnable_cache, cut), "--epochs", "2"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    where = {"step 5": "epoch 1, step 5 of 12", "step 12": "epoch 1, step 12 of 12",
+             "evaluation": "the end of epoch 1"}[when]
+    assert f"stopped by SIGTERM at {where}; {cut / 'last.pth'} saved" in capsys.readouterr().out
+    saved = torch.load(cut / "last.pth", weights_only=False)
+    assert (saved["epoch"], saved["batch"]) == {"step 5": (0, 5), "step 12": (0, 12), "evaluation": (1, 0)}[when]
+    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(train, "evaluate", real_eval)
+    assert main(["train", *run_args(learnable_cache, cut), "--epochs", "2", "--resume"]) == 0
+    assert_same_run(full / "last.pth", cut / "last.pth")
+    assert any("running_mean" in k for k in saved["model"])  # the statistics were compared
+
+
+def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatch, capsys):
+    """The first request is acknowledged at once; a second one stops without waiting for the
+    step, leaving the last checkpoint as it was (exit 130, as for Ctrl-C)."""
+    from alexnet import train
+
+    steps, real = [], train.train_step
+
+    def step(*a, **k):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert "SIGINT: stopping after the current step" in capsys.readouterr().out
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    out = tmp_path / "o"
+    assert main(["train", *run_args(learnable_cache, out), "--save-every", "1"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert torch.load(out / "last.pth", weights_only=False)["batch"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_resume_of_a_finished_run_says_so(learnable_cache, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", *run_args(learnable_cache, out), "--epochs", "1"]) == 0
+    before = (out / "last.pth").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--resume"]) == 0
+    assert "the run is already complete (1 of 1 epochs); nothing to do" in capsys.readouterr().out
+    assert (out / "last.pth").read_bytes() == before
+
+
+def test_resume_on_other_data_is_refused(learnable_cache, tiny_cache, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", *run_args(tiny_cache, out), "--epochs", "2", "--max-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the run was trained on other data than the cache in" in err and "--data" in err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -102,6 +186,44 @@ def test_nan_loss_stops_with_reason(learnable_cache, tmp_path, capsys):
     assert not (out / "best.pth").exists()
 
 
+def test_weights_blown_up_in_an_epochs_last_step_are_not_saved(learnable_cache, tmp_path, capsys):
+    """One step per epoch: its loss is finite, the update it makes is not. The evaluation's
+    loss shows it, and neither checkpoint is written from those weights."""
+    out = tmp_path / "nan"
+    code = main(["train", "--variant", "baseline", "--data", str(learnable_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "16", "--epochs", "2", "--max-steps", "1", "--lr", "1e30",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "val loss became nan after epoch 1" in err and "no checkpoint had been saved yet" in err
+    assert not (out / "best.pth").exists() and not (out / "last.pth").exists()
+
+
+def test_weights_blown_up_before_a_save_every_save_are_not_saved(learnable_cache, tmp_path, capsys, monkeypatch):
+    """The update of step 3 leaves a NaN in the weights; its loss was finite, and the save that
+    --save-every 1 makes right after it is refused."""
+    from alexnet import train
+
+    real, steps = train.train_step, []
+
+    def step(model, opt, *a, **k):
+        out = real(model, opt, *a, **k)
+        steps.append(1)
+        if len(steps) == 3:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(train, "train_step", step)
+    out = tmp_path / "nan"
+    code = main(["train", "--variant", "baseline", "--data", str(learnable_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "16", "--epochs", "1", "--save-every", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the weights became non-finite by epoch 1, step 3" in err and "were not saved" in err
+    assert f"the last good checkpoint is {out / 'last.pth'}" in err
+    assert torch.load(out / "last.pth", weights_only=False)["batch"] == 2
+
+
 def test_nan_loss_leaves_the_last_good_checkpoint(learnable_cache, tmp_path, capsys, monkeypatch):
     from alexnet import train
 
@@ -116,7 +238,8 @@ def test_nan_loss_leaves_the_last_good_checkpoint(learnable_cache, tmp_path, cap
     monkeypatch.setattr(train, "train_step", step)
     out = tmp_path / "o"
     assert main(["train", *run_args(learnable_cache, out)]) == 2  # 12 steps of 16 per epoch
-    assert "loss became nan at epoch 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss became nan at epoch 2, step 1 of 12" in err and f"the last good checkpoint is {out / 'last.pth'}" in err
     last = torch.load(out / "last.pth", weights_only=False)
     assert (last["epoch"], last["batch"], len(last["history"])) == (1, 0, 1)  # epoch 1, whole
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
@@ -138,6 +261,19 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_atomic({"format": 1, "model": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pth"]  # no temporary left
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Not mkstemp's private 0600: a checkpoint is as readable as the run's other files."""
+    from alexnet import checkpoint
+
+    old = os.umask(0o027)
+    try:
+        checkpoint.save_atomic({"format": 1, "model": {}}, tmp_path / "a.pth")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
 
 
 # ---- bad input: one line, non-zero exit, nothing overwritten ------------------------------
@@ -164,8 +300,18 @@ def _bad(cache, out, capsys, *args):
     (["models/nope.py"], "models/nope.py: file not found"),
     (["--variant", "alexnet9000"], "unknown variant 'alexnet9000'; known variants: baseline"),
     (["--variant", "baseline", "--bs", "0"], "--bs must be at least 1, got 0"),
-    (["--variant", "baseline", "--lr", "0"], "--lr must be positive"),
-    (["--variant", "baseline", "--lr", "-0.1"], "--lr must be positive"),
+    (["--variant", "baseline", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+    (["--variant", "baseline", "--lr", "-0.1"], "--lr must be a positive finite number"),
+    (["--variant", "baseline", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--variant", "baseline", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--variant", "baseline", "--wd", "inf"], "--wd must be a finite number >= 0, got inf"),
+    (["--variant", "baseline", "--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0"),
+    (["--variant", "baseline", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--variant", "baseline", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--variant", "baseline", "--img-size", "32"], "--img-size must be at least 63"),
+    (["--variant", "baseline", "--recipe", "pixel", "--transforms", "utils/transforms_pixel.py"],
+     "give --recipe or --transforms, not both"),
+    (["models/alexnet_baseline.py", "--variant", "baseline"], "give exactly one of a model file"),
     (["--variant", "baseline", "--epochs", "0"], "--epochs must be at least 1"),
     (["--variant", "baseline", "--memory-budget", "-1"], "--memory-budget must be a number of GB >= 0, got -1.0"),
     (["--variant", "baseline", "--memory-budget", "inf"], "--memory-budget must be a number of GB >= 0, got inf"),
@@ -173,6 +319,47 @@ def _bad(cache, out, capsys, *args):
 ])
 def test_bad_options(tiny_cache, out_with_files, capsys, args, match):
     assert match in _bad(tiny_cache, out_with_files, capsys, *args)  # later options win: --num_classes 7
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"epochs": "two"}', "epochs must be an integer, got 'two'"),
+    ('{"lr": "0.1"}', "lr must be a number, got '0.1'"),
+    ('{"bs": 16.5}', "bs must be an integer, got 16.5"),
+    ('{"bs": true}', "bs must be an integer, got True"),
+    ('{"amp": "no"}', "amp must be true or false, got 'no'"),
+    ('{"channels_last": 1}', "channels_last must be true or false or null, got 1"),
+    ('{"data": 5}', "data must be a string or null, got 5"),
+    ('{"epochs": 2, "bogus": 1}', "unknown key(s) bogus"),
+    ('{"epochs": 2', "not valid JSON"),
+])
+def test_config_file_values_are_checked(tiny_cache, out_with_files, capsys, tmp_path, content, match):
+    """A JSON value of the wrong type is refused by name, not converted or passed on: a
+    non-empty string would switch a flag on, a string epoch count fail inside training."""
+    f = tmp_path / "c.json"
+    f.write_text(content)
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--config", str(f))
+    assert err.startswith(f"error: {f}: ") and match in err
+
+
+def test_config_file_ints_are_accepted_as_floats(tmp_path):
+    from alexnet.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"variant": "baseline", "lr": 1, "momentum": 0, "amp": True, "data": None})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.momentum == 0.0 and cfg.amp is True
+
+
+@pytest.mark.parametrize("body,match", [
+    ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 200))",
+     "the model returns (2, 200) for a batch of 2 images; expected logits of shape (2, 4) for --num_classes 4"),
+    ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))",
+     "the model does not take a batch of 64x64 RGB images (shape (2, 3, 64, 64)): RuntimeError"),
+    ("return nn.Identity()", "the model returns (2, 3, 64, 64) for a batch of 2 images"),
+])
+def test_model_file_with_wrong_outputs_or_input(tiny_cache, out_with_files, capsys, tmp_path, body, match):
+    m = tmp_path / "m.py"
+    m.write_text(f"from torch import nn\n\ndef build_model(num_classes):\n    {body}\n")
+    err = _bad(tiny_cache, out_with_files, capsys, str(m))
+    assert err.startswith(f"error: {m}: ") and match in err
 
 
 def test_transforms_file_that_raises(tiny_cache, out_with_files, capsys, tmp_path):
@@ -194,6 +381,25 @@ def test_out_not_writable(tiny_cache, tmp_path, capsys):
     code = main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(blocker / "sub"),
                  "--device", "cpu", "--num_classes", "4", "--no-progress"])
     assert code == 2 and "not a writable directory" in capsys.readouterr().err
+
+
+def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_with_files, capsys, monkeypatch):
+    """--data at the extracted data set or at its zip: told to run prepare, no download is
+    started (the source is poisoned so that one would fail differently)."""
+    monkeypatch.setenv("ALEXNET_SOURCE", "http://127.0.0.1:9/never.zip")
+    err = _bad(tiny_layout, out_with_files, capsys, "--variant", "baseline")
+    assert f"--data {tiny_layout}: holds no cache (no manifest.json) but other files" in err
+    assert f"alexnet prepare --source {tiny_layout} --data DIR" in err
+    assert not (tiny_layout / "downloads").exists() and not (tiny_layout / ".prepare.lock").exists()
+    err = _bad(tiny_zip, out_with_files, capsys, "--variant", "baseline")
+    assert f"--data {tiny_zip}: is a file, not a cache directory" in err
+
+
+def test_failed_first_prepare_leaves_no_folder(tmp_path, capsys):
+    data = tmp_path / "new_cache"
+    assert main(["prepare", "--source", str(tmp_path / "no_such_source"), "--data", str(data)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert not data.exists()  # so that a later --data names a missing folder, not an empty cache
 
 
 def test_missing_data_path(out_with_files, capsys, tmp_path):
@@ -229,6 +435,24 @@ def test_truncated_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
     code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"),
                  "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(bad)])
     assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["directory", "foreign", "old format"])
+def test_checkpoint_that_is_not_one(small_ckpt, tiny_cache, tmp_path, capsys, kind):
+    path = tmp_path / "x.pth"
+    if kind == "directory":
+        path.mkdir()
+        match = f"{path}: is a directory; give the checkpoint file in it"
+    elif kind == "foreign":
+        torch.save({"state_dict": {}}, path)
+        match = f"{path}: not a checkpoint written by this project"
+    else:
+        c = torch.load(small_ckpt, weights_only=False)
+        torch.save({**c, "format": 0}, path)
+        match = f"{path}: written by another version of this project (checkpoint format 0; this version reads format"
+    assert main(["evaluate", str(path), "--data", str(tiny_cache), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", ["evaluate", "ablate"])
@@ -279,6 +503,41 @@ def test_resume_command_for_each_entry_point(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert resume_command(None).startswith("torchrun --nproc_per_node=2 train.py models/alexnet_bn.py")
+
+
+@pytest.mark.parametrize("args,change", [
+    (["--seed", "1"], "--seed 0 -> 1"),
+    (["--lr", "0.02"], "--lr 0.01 -> 0.02"),
+    (["--momentum", "0.8"], "--momentum 0.9 -> 0.8"),
+    (["--wd", "0"], "--wd 0.0005 -> 0.0"),
+    (["--nesterov"], "--nesterov False -> True"),
+    (["--schedule", "cosine"], "--schedule plateau -> cosine"),
+    (["--warmup-epochs", "1"], "--warmup-epochs 0.0 -> 1.0"),
+    (["--label-smoothing", "0.1"], "--label-smoothing 0.0 -> 0.1"),
+    (["--recipe", "baseline"], "--recipe None -> baseline"),
+    (["--transforms", "utils/transforms_combined.py"], "--transforms None -> utils/transforms_combined.py"),
+    (["--img-size", "72"], "--img-size 64 -> 72"),
+    (["--max-steps", "2"], "--max-steps 1 -> 2"),
+    (["--amp"], "--amp False -> True"),
+    (["--deterministic"], "--deterministic False -> True"),
+])
+def test_resume_refuses_each_setting_that_shapes_the_run(small_ckpt, tiny_cache, tmp_path, capsys, args, change):
+    from alexnet.train import TRAJECTORY
+
+    assert change.split()[0][2:].replace("-", "_") in TRAJECTORY
+    base = ["--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"), "--device", "cpu",
+            "--num_classes", "4", "--bs", "8", "--epochs", "2", "--max-steps", "1", "--no-progress"]
+    code = main(["train", *base, *args, "--resume", str(small_ckpt)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"made with other settings ({change}" in err
+
+
+def test_every_setting_that_shapes_the_run_is_tested():
+    from alexnet.train import TRAJECTORY
+
+    tested = {c.split()[0][2:].replace("-", "_") for _, c in
+              test_resume_refuses_each_setting_that_shapes_the_run.pytestmark[0].args[1]}
+    assert set(TRAJECTORY) == tested | {"bs", "channels_last"}  # those two: the test below
 
 
 def test_resume_with_other_settings_is_refused(small_ckpt, tiny_cache, tmp_path, capsys):

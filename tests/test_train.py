@@ -200,10 +200,16 @@ def test_torchvision_path_checks_output(tiny_cache, tmp_path, capsys):
     assert "must return a (3, H, W) tensor" in capsys.readouterr().err
 
 
-def test_img_size_224(tiny_cache, tmp_path):
+def test_img_size_224(tiny_cache, tmp_path, monkeypatch):
+    from alexnet import train
+
+    shapes, real = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda model, opt, x, *a, **k: shapes.append(tuple(x.shape))
+                        or real(model, opt, x, *a, **k))
     assert main(["train", "--variant", "combined_gap", "--img-size", "224", "--data", str(tiny_cache),
                  "--out", str(tmp_path), "--device", "cpu", "--num_classes", "4", "--bs", "4", "--max-steps", "1",
                  "--epochs", "1", "--no-progress"]) == 0
+    assert shapes == [(4, 3, 224, 224)]  # the model trained on 224-pixel batches
     assert torch.load(tmp_path / "best.pth", weights_only=False)["img_size"] == 224
 
 
