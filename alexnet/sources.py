@@ -79,6 +79,9 @@ def _open_source(path: Path) -> tuple[_Reader, str]:
                 return _Reader("dir", str(root)), "tinyimagenet"
         if (path / "train").is_dir() and not (path / "val" / "val_annotations.txt").exists():
             return _Reader("dir", str(path)), "imagefolder"
+        if (path / "val" / "val_annotations.txt").exists():  # the TinyImageNet layout, less its class list
+            raise DataError(f"{path / 'wnids.txt'}: missing; a TinyImageNet-200 folder has wnids.txt (the 200 class "
+                            f"ids, one per line) beside train/ and val/")
         raise DataError(f"{path}: neither a TinyImageNet-200 folder (wnids.txt, train/, "
                         f"val/val_annotations.txt) nor an image folder (train/<class>/*, val/<class>/*)")
     reader = _Reader("zip", str(path))
@@ -127,8 +130,9 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
     wnids = _text(reader, "wnids.txt").split()
     if len(set(wnids)) != len(wnids) or not wnids or (counts and len(wnids) != counts[0]):
         expected = f"{counts[0]} distinct" if counts else "distinct"
+        subset = " (for a subset of the data set in the same layout: prepare --counts any)" if counts else ""
         raise DataError(f"{reader.show('wnids.txt')}: {len(wnids)} class ids ({len(set(wnids))} "
-                        f"distinct), expected {expected} WordNet ids, one a line")
+                        f"distinct), expected {expected} WordNet ids, one a line{subset}")
     files = reader.names()
     words = {}
     if "words.txt" in files:

@@ -163,7 +163,8 @@ BAD_INPUTS = {
     "truncated jpeg": (_write(IMG, lambda b: b[: len(b) // 2]), [IMG, "cannot decode"]),
     "wrong size": (_resize(IMG, (65, 64)), [IMG, "65x64", "expected 64x64"]),
     "missing wnids.txt": (_rm("wnids.txt"), ["tiny-imagenet-200/wnids.txt: missing from", "bad.zip"]),
-    "too few classes": (_write("wnids.txt", lambda b: b"\n".join(b.split(b"\n")[1:])), ["wnids.txt", "3 class ids"]),
+    "too few classes": (_write("wnids.txt", lambda b: b"\n".join(b.split(b"\n")[1:])),
+                        ["wnids.txt", "3 class ids", "prepare --counts any"]),
     "unknown wnid in val": (_write(ANN, lambda b: b.replace(W1.encode(), b"n12345678", 1)), [ANN, "n12345678", "not in wnids.txt"]),
     "missing val file": (_rm("val/images/val_7.JPEG"), [ANN, "val_7.JPEG", "missing from val/images"]),
     "val count": (_write(ANN, lambda b: b.replace(wnid(0).encode(), W1.encode(), 1)), [ANN, "val images, expected 4"]),
@@ -181,6 +182,15 @@ def test_bad_input(case: str, tiny_layout: Path, tmp_path: Path) -> None:
     for needle in needles:
         assert needle in message, message
     assert not (tmp_path / "c" / "manifest.json").exists() and not list((tmp_path / "c").glob("*.tmp"))
+
+
+def test_extracted_folder_without_wnids(tiny_layout: Path, tmp_path: Path) -> None:
+    top = tmp_path / "tiny-imagenet-200"
+    shutil.copytree(next(tiny_layout.glob("**/wnids.txt")).parent, top)
+    (top / "wnids.txt").unlink()
+    with pytest.raises(DataError) as e:
+        prepare(top, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+    assert str(e.value).startswith(f"{top / 'wnids.txt'}: missing; a TinyImageNet-200 folder has wnids.txt")
 
 
 def test_bad_image_in_worker_process(tiny_layout: Path, tmp_path: Path) -> None:

@@ -122,8 +122,21 @@ def test_bench_compares_settings_on_and_off(capsys, monkeypatch):
 
 
 def test_reference_pipeline_yields_normalised_batches(tmp_path):
+    """Without augmentation each image of a batch is one of the JPEGs as PIL decodes it,
+    normalised, with its folder's label; with the combined recipe the shapes hold."""
+    import numpy as np
+    from PIL import Image
+
     folder = _jpeg_folder(None, tmp_path / "jpeg", per_class=2, classes=3)
-    stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    stats = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
+    mean, std = torch.tensor(stats["mean"]).view(3, 1, 1), torch.tensor(stats["std"]).view(3, 1, 1)
+    classes = sorted(p.name for p in folder.iterdir())
+    expected = [((torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) / 255 - mean) / std,
+                 classes.index(f.parent.name)) for f in sorted(folder.glob("*/*"))]
+    x, y = next(_reference_loader(folder, RECIPES["baseline"], 4, stats))
+    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
+    for xi, yi in zip(x, y.tolist()):
+        assert any(torch.allclose(xi, e, atol=1e-5) and yi == label for e, label in expected)
     x, y = next(_reference_loader(folder, RECIPES["combined"], 4, stats))
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32 and y.max() < 3
 

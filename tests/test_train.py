@@ -184,6 +184,20 @@ def test_predict_prints_top_classes(trained, tmp_path, capsys):
 
     res = run_predict(trained / "best.pth", [jpg], device="cpu", log=lambda *a: None)
     assert abs(sum(p for _, _, p in res[0]) - 1) < 1e-4
+    # The ranking is the model's: its softmax over the image as evaluation sees it, sorted,
+    # each index named by the checkpoint's class list; --topk cuts it.
+    from alexnet.inference import load_image, load_trained
+
+    model, c, augment = load_trained(trained / "best.pth", None, torch.device("cpu"))
+    with torch.no_grad():
+        probs = model(augment(load_image(jpg, 64)[None], train=False)).softmax(1)[0]
+    order = probs.argsort(descending=True).tolist()
+    assert [w for w, _, _ in res[0]] == [c["wnids"][i] for i in order]
+    assert [p for _, _, p in res[0]] == pytest.approx(probs[order].tolist(), abs=1e-4)
+    top2 = run_predict(trained / "best.pth", [jpg, png], device="cpu", topk=2, log=lambda *a: None)
+    assert [len(r) for r in top2] == [2, 2] and top2[0] == res[0][:2]
+    assert main(["predict", str(trained / "best.pth"), str(jpg), "--topk", "0"]) == 2
+    assert "--topk must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeypatch):
@@ -214,10 +228,17 @@ def test_img_size_224(tiny_cache, tmp_path, monkeypatch):
 
 
 def test_summary_lists_all_variants(capsys):
+    """Every registered variant, with the parameters and MFLOPs the README's table shows."""
+    import re
+
+    from alexnet.models import VARIANTS
+
     assert main(["summary"]) == 0
     out = capsys.readouterr().out
-    for name in ("baseline", "combined_gap", "paper"):
-        assert f"`{name}`" in out
+    printed = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `(\w+)` \| .* \| ([\d,]+) \| ([\d.,]+) \|$", out, re.M)}
+    readme = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `(\w+)` \| `models/\w+\.py` \| .* \| ([\d,]+) \| ([\d.,]+) \|$",
+                                                      (ROOT / "README.md").read_text(), re.M)}
+    assert set(printed) == set(VARIANTS) and printed == readme
     assert main(["summary", "models/alexnet_baseline.py"]) == 0
     assert "57,823,240" in capsys.readouterr().out
 
