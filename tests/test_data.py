@@ -3,9 +3,11 @@ error for every kind of bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -113,7 +115,13 @@ def test_image_folder_source(tmp_path: Path) -> None:
     # Shorter side to 32, then the centre 32x32 (train/class_a/img0.jpg is 80x60).
     im = Image.open(root / "train" / "class_a" / "img0.jpg").convert("RGB").resize((43, 32), Image.Resampling.BILINEAR)
     np.testing.assert_array_equal(cache.train.x[0], np.asarray(im.crop((5, 0, 37, 32))))
-    assert cache.train.x[1].std() > 0  # the palette PNG became RGB
+    png = sorted((root / "train" / "class_a").iterdir())[1]  # the palette PNG, as PIL converts it to RGB
+    assert Image.open(png).mode == "P"
+    w, h = Image.open(png).size
+    side = (round(w * 32 / min(w, h)), round(h * 32 / min(w, h)))
+    rgb = Image.open(png).convert("RGB").resize(side, Image.Resampling.BILINEAR)
+    left, top = (side[0] - 32) // 2, (side[1] - 32) // 2
+    np.testing.assert_array_equal(cache.train.x[1], np.asarray(rgb.crop((left, top, left + 32, top + 32))))
     logs: list[str] = []
     prepare(root, tmp_path / "c", img_size=32, workers=1, log=logs.append)  # counts do not apply
     assert any("cache up to date" in m for m in logs)
@@ -126,7 +134,9 @@ def test_cmyk_becomes_rgb(tiny_layout: Path, tmp_path: Path) -> None:
     path = f"train/{wnid(2)}/images/{wnid(2)}_3.JPEG"
     z = mutated_zip(tiny_layout, tmp_path, lambda top: Image.open(top / path).convert("CMYK").save(top / path, quality=95))
     cache = open_cache(prepare(z, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet))
-    assert cache.train.x[2 * 12 + 3].mean() > 10
+    with zipfile.ZipFile(z) as f:  # what PIL makes of the CMYK file, as RGB
+        expected = np.asarray(Image.open(io.BytesIO(f.read(f"tiny-imagenet-200/{path}"))).convert("RGB"))
+    np.testing.assert_array_equal(cache.train.x[2 * 12 + 3], expected)
 
 
 # -- bad input -------------------------------------------------------------------------
