@@ -8,4 +8,4 @@ import sys
 from alexnet.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(main(["evaluate", *sys.argv[1:]], script="evaluate.py"))

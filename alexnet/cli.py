@@ -90,7 +90,9 @@ def _bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(script: str | None = None) -> argparse.ArgumentParser:
+    """`script`: the seed's entry point (train.py, evaluate.py) that runs one subcommand, named
+    in that subcommand's usage and errors instead of `alexnet <command>`."""
     from alexnet.config import add_train_args
 
     p = argparse.ArgumentParser(prog="alexnet", description="AlexNet and its variants on TinyImageNet-200")
@@ -109,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
     s.set_defaults(func=_prepare)
 
-    s = sub.add_parser("train", help="train a model file or a registered variant")
+    s = sub.add_parser("train", help="train a model file or a registered variant",
+                       **({"prog": f"python {script}"} if script == "train.py" else {}))
     add_train_args(s)
     s.set_defaults(func=_train)
 
     s = sub.add_parser("evaluate", help="top-1/top-5/loss of a checkpoint on the val split",
-                       usage="alexnet evaluate [-h] [options] [MODEL_FILE] CHECKPOINT")
+                       usage="%(prog)s [-h] [options] [MODEL_FILE] CHECKPOINT",
+                       **({"prog": f"python {script}"} if script == "evaluate.py" else {}))
     s.add_argument("paths", nargs="+", metavar="PATH",
                    help="[MODEL_FILE] CHECKPOINT: a checkpoint, optionally after the model file (.py) it was trained from")
     s.add_argument("--data", help="cache directory (default ./data or $ALEXNET_DATA)")
@@ -159,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, script: str | None = None) -> int:
     from alexnet.errors import UserError
     from alexnet.allocator import keep_freed_memory
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(script).parse_args(argv)
     keep_freed_memory()
     try:
         return args.func(args)

@@ -295,3 +295,15 @@ def test_peak_memory_script(tiny_cache):
     # read the whole split in first (it does for batches that keep them)
     assert "MiB of the training split" not in r.stdout, r.stdout
     assert "epoch 2/2" in r.stdout and "combined_gap: peak resident set" in r.stdout
+
+
+@pytest.mark.parametrize("script,args,usage", [
+    ("train.py", ["--device", "gpu"], "python train.py: error: argument --device: invalid choice: 'gpu'"),
+    ("evaluate.py", [], "python evaluate.py: error: the following arguments are required"),
+])
+def test_seed_scripts_name_themselves_in_usage_errors(script, args, usage):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and usage in r.stderr and "alexnet" not in r.stderr.splitlines()[-1]
