@@ -302,8 +302,5 @@ def test_peak_memory_script(tiny_cache):
     ("evaluate.py", [], "python evaluate.py: error: the following arguments are required"),
 ])
 def test_seed_scripts_name_themselves_in_usage_errors(script, args, usage):
-    import subprocess
-    import sys
-
     r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and usage in r.stderr and "alexnet" not in r.stderr.splitlines()[-1]
