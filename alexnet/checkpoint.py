@@ -40,7 +40,7 @@ def load(path: str | Path) -> dict[str, Any]:
         # of failure is what helps here.
         raise CheckpointError(f"{path}: not a readable checkpoint: the file is truncated, corrupted or of "
                               f"another kind ({e.__class__.__name__} from torch.load)") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "format" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint written by this project (a readable file without the "
                               f"training state this project saves)")
     if ckpt.get("format") != FORMAT:

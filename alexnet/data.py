@@ -97,36 +97,10 @@ def prepare(source: str | Path | None, data_dir: Path,
         md5 = OFFICIAL_MD5
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir}: is a file, not a cache directory")
-    created = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{data_dir}: cannot create the cache directory ({e.strerror})") from None
-    try:
-        return _prepare_locked(source, url, md5, data_dir, counts, img_size, workers, force, log)
-    except BaseException:
-        if created:  # a failed first prepare leaves no empty folder that would later pass for a cache's
-            _remove_if_empty(data_dir)
-        raise
-
-
-def _remove_if_empty(data_dir: Path) -> None:
-    """Remove a folder this process created, if nothing but the lock file (and an empty
-    downloads/ folder) is in it: a partial download stays, for the next try to resume."""
-    for leftover in (data_dir / ".prepare.lock", data_dir / "downloads"):
-        try:
-            leftover.rmdir() if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        except OSError:
-            pass
-    try:
-        data_dir.rmdir()
-    except OSError:
-        pass
-
-
-def _prepare_locked(source: str | Path, url: str | None, md5: str | None, data_dir: Path,
-                    counts: tuple[int, int, int] | None, img_size: int, workers: int, force: bool,
-                    log: Log) -> Path:
     with _lock(data_dir):
         fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
         stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
@@ -484,11 +458,13 @@ def cache_for(data: str | Path | None, log: Log = print) -> Cache:
         raise DataError(f"--data {data}: is a file, not a cache directory; a data set's zip or folder is made "
                         f"into a cache with `alexnet prepare --source {data} --data DIR`, then --data DIR")
     if data and not (Path(data) / "manifest.json").is_file():
-        # Only an empty folder (or one that a prepare left its lock or downloads in) is a
-        # place to prepare into: anything else is most likely the extracted data set itself.
-        others = sorted(p.name for p in Path(data).iterdir() if p.name not in (".prepare.lock", "downloads"))
-        if others:
-            raise DataError(f"--data {data}: holds no cache (no manifest.json) but other files "
-                            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); if it is the data set, "
-                            f"make a cache from it with `alexnet prepare --source {data} --data DIR`, then --data DIR")
+        # The extracted data set (or a folder holding its zip) is an easy --data to give by
+        # mistake; preparing into it would download the archive there. Anything else (an
+        # empty folder, lost+found, what a prepare in progress writes) is a place to prepare.
+        looks = sorted(p.name for p in Path(data).iterdir()
+                       if p.name in ("wnids.txt", "train", "val", "test") or p.suffix == ".zip")
+        if looks:
+            raise DataError(f"--data {data}: holds no cache (no manifest.json) but what looks like a data set "
+                            f"({', '.join(looks[:3])}{', ...' if len(looks) > 3 else ''}); make a cache from it with "
+                            f"`alexnet prepare --source {data} --data DIR`, then give --data DIR")
     return ensure_cache(Path(data) if data else None, log=log)

@@ -21,14 +21,14 @@ from alexnet.sources import load_image_file
 from alexnet.evaluate import TTA, evaluate, logits_for, write_per_class
 from alexnet.models import AlexNet, AlexNetConfig
 from alexnet.train import pick_device
-from alexnet.userfiles import load_model_file
+from alexnet.userfiles import check_model_output, load_model_file
 
 
 def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: torch.device):
     """(model in eval mode, checkpoint dict, BatchAugment for its eval view)."""
     c = ckpt_io.load(ckpt_path)
     if model_file is not None:
-        model = load_model_file(model_file, c["num_classes"], c.get("img_size", 64))
+        model = load_model_file(model_file, c["num_classes"])
         ckpt_io.check_compatible(c, ckpt_path, getattr(model, "variant", None), c["num_classes"])
     elif c.get("model_cfg") is not None:
         cfg = dict(c["model_cfg"])
@@ -41,6 +41,9 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
     channels_last = c["config"].get("channels_last", True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if model_file is not None:
+        check_model_output(model_file, model, c["num_classes"], c.get("img_size", 64), device,
+                           c["config"].get("amp", False), channels_last)
     st = c["stats"]
     recipe = Recipe(**c["recipe"]) if c.get("recipe") else Recipe()
     augment = BatchAugment(recipe, c["img_size"], st["mean"], st["std"], st.get("eigval"), st.get("eigvec"), device=device)

@@ -49,7 +49,7 @@ def variants_table(img_size: int = 64, num_classes: int = 200) -> list[tuple[str
 
 def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200, log=print) -> None:
     if target is not None:
-        model = (load_model_file(target, num_classes, img_size) if Path(target).suffix == ".py" or Path(target).exists()
+        model = (load_model_file(target, num_classes) if Path(target).suffix == ".py" or Path(target).exists()
                  else create_model(target, num_classes))
         log(f"{target} at {img_size}x{img_size}, {num_classes} classes")
         log(f"{'layer':<16}{'type':<20}{'output shape':<20}{'params':>12}")

@@ -37,7 +37,7 @@ from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_r
 from alexnet.memory import peak_memory_mib, reset_peak
 from alexnet.metrics import MetricsLog
 from alexnet.models import VARIANTS, AlexNet, create_model
-from alexnet.userfiles import load_model_file, load_transforms_file
+from alexnet.userfiles import check_model_output, load_model_file, load_transforms_file
 
 
 class NonFiniteLoss(UserError):
@@ -68,7 +68,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, str | None]:
     """The model and its variant name (None for a custom module from a user's file)."""
     if cfg.variant is not None:
         return create_model(cfg.variant, cfg.num_classes), cfg.variant
-    model = load_model_file(cfg.model, cfg.num_classes, cfg.img_size)
+    model = load_model_file(cfg.model, cfg.num_classes)
     return model, getattr(model, "variant", None)
 
 
@@ -190,6 +190,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model is not None:  # a user's file; the registered variants are tested
+        check_model_output(cfg.model, model, cfg.num_classes, cfg.img_size, device, cfg.amp, cfg.channels_last)
     raw = model
     aug_gen = torch.Generator(device=device)
     st = cache.stats
@@ -378,6 +380,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     epoch, start = 0, 0
     if cfg.resume:
         epoch, start = _resume(run, state, say)
+        if epoch >= cfg.epochs:  # said so; nothing to train, write or evaluate
+            distributed.cleanup(d)
+            return _summary(run, state)
     metrics = MetricsLog(run.out, enabled=d.main)
     metrics.write(state["history"])  # after a resume: the files match the checkpoint's history
     if d.main:
@@ -404,18 +409,30 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         if d.main:
             obj = checkpoint_state(run, ep, batch, {**state, "meters": {**m, "loss": loss_sum, "correct": int(correct),
                                                                          "n": int(n)}})
-            ckpt_io.save_atomic(obj, run.out / "last.pth")
-            if best:
-                ckpt_io.save_atomic(obj, run.out / "best.pth")
+            saving[0] = True
+            try:
+                ckpt_io.save_atomic(obj, run.out / "last.pth")
+                if best:
+                    ckpt_io.save_atomic(obj, run.out / "best.pth")
+            finally:
+                saving[0] = False
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saving, first_request = [False], [0.0]
 
     def request_stop(signum: int, frame: Any) -> None:
-        if run.stop_signal:  # a second request: stop now, keeping the last checkpoint
-            raise KeyboardInterrupt
+        # Only a second Ctrl-C, a second or more after the first and never while a checkpoint
+        # is being written, stops at once: launchers (torchrun, Slurm) pass one request on as
+        # further SIGTERMs, and those must not cut the stop's own save short.
+        if run.stop_signal:
+            if signum == signal.SIGINT and not saving[0] and time.monotonic() - first_request[0] > 1.0:
+                raise KeyboardInterrupt
+            return
         run.stop_signal.append(signum)
-        say(f"{signal.Signals(signum).name}: stopping after the current step, with {run.out / 'last.pth'} saved "
-            "(once more to stop at once, without saving)")
+        first_request[0] = time.monotonic()
+        if d.main:
+            _note(f"{signal.Signals(signum).name}: stopping at the next step boundary, with {run.out / 'last.pth'} "
+                  "saved (Ctrl-C again to stop at once, without saving)")
 
     for s in previous:
         signal.signal(s, request_stop)
@@ -456,13 +473,30 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         for s, h in previous.items():
             signal.signal(s, h)
         distributed.cleanup(d)
+    return _summary(run, state)
+
+
+def _summary(run: Run, state: dict) -> dict:
     best = max(state["history"], key=lambda r: r["val_top1"]) if state["history"] else {}
     return {"best_top1": state["best_top1"], "best_epoch": state["best_epoch"], "best": best,
             "history": state["history"], "out": str(run.out)}
 
 
+def _note(line: str) -> None:
+    """A line on stderr from a signal handler: a raw write, since the handler may have
+    interrupted a print in progress (buffered writes are not reentrant)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (OSError, ValueError, AttributeError):  # replaced by a stream without a descriptor
+        fd = 2
+    os.write(fd, (line + "\n").encode())
+
+
 def _stopped(run: Run, where: str, say) -> None:
-    """Leave after a stop request, last.pth saved at `where`: exit status 128 + the signal."""
+    """Leave after a stop request, last.pth saved at `where`: exit status 128 + the signal.
+    Every rank waits for rank 0's write first: a launcher that sees one process exit stops
+    the others, and rank 0 would be stopped in the middle of its save."""
+    distributed.barrier(run.dist)
     sig = run.stop_signal[0] if run.stop_signal else signal.SIGTERM  # a rank that got none stops with the others
     say(f"stopped by {signal.Signals(sig).name} at {where}; {run.out / 'last.pth'} saved. "
         f"Resume with: {resume_command(run.cfg)}")
@@ -470,10 +504,10 @@ def _stopped(run: Run, where: str, say) -> None:
 
 
 def weights_finite(model: nn.Module) -> bool:
-    """Whether every parameter is finite: one reduction per tensor and one read on the host
-    (a NaN or inf anywhere makes its tensor's sum non-finite)."""
-    sums = [p.detach().float().sum() for p in model.parameters()]
-    return bool(torch.stack(sums).isfinite().all()) if sums else True
+    """Whether every parameter and floating-point buffer (BatchNorm's running statistics) is
+    finite: one reduction per tensor and one read on the host."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all()) if tensors else True
 
 
 def last_good(run: Run) -> str:

@@ -66,11 +66,7 @@ def _call(path: Path, fn: Callable, what: str, *args):
         raise UserError(f"{path}: {what} raised {e.__class__.__name__}{_where(e, path)}: {e}") from None
 
 
-def load_model_file(path: str | Path, num_classes: int, img_size: int = 64) -> nn.Module:
-    """The file's model, checked on a batch of two blank `img_size` images: it must take them
-    and return (2, num_classes) logits. Without the check, a model with another number of
-    outputs trains on (and evaluation indexes past its logits), and a model for another input
-    size fails inside PyTorch."""
+def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
     path = Path(path)
     module = load_python_file(path, MODEL_CONTRACT)
     build = getattr(module, "build_model", None)
@@ -80,24 +76,32 @@ def load_model_file(path: str | Path, num_classes: int, img_size: int = 64) -> n
     if not isinstance(model, nn.Module):
         raise UserError(f"{path}: build_model returned {type(model).__name__}, not a torch.nn.Module; "
                         f"the file {MODEL_CONTRACT}")
-    _check_output(path, model, num_classes, img_size)
     return model
 
 
-def _check_output(path: Path, model: nn.Module, num_classes: int, img_size: int) -> None:
-    """One forward pass in eval mode (no BatchNorm statistics move, no dropout drawn)."""
-    was_training = model.training
-    x = torch.zeros(2, 3, img_size, img_size)
+def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img_size: int,
+                       device: torch.device, amp: bool, channels_last: bool) -> None:
+    """A model file's model, placed as the run will use it, must take a batch of two blank
+    `img_size` images and return (2, num_classes) logits. Without this check a model with
+    another number of outputs trains (and evaluation indexes past its logits), and one made
+    for another input size fails inside PyTorch. One forward pass in eval mode under the run's
+    autocast: no BatchNorm statistics move, no dropout is drawn, and every module's mode is put
+    back as it was."""
+    path = Path(path)
+    modes = [(m, m.training) for m in model.modules()]
+    x = torch.zeros(2, 3, img_size, img_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model.eval()(x)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images "
-                        f"(shape (2, 3, {img_size}, {img_size})): {e.__class__.__name__}{_where(e, path)}: {first}"
-                        ) from None
+                        f"(shape (2, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
+                        f"{e.__class__.__name__}{_where(e, path)}: {first}") from None
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"{path}: the model returns {got} for a batch of 2 images; expected logits of shape "

@@ -102,8 +102,11 @@ def test_killed_study_resumes_and_report_reproduces_the_table(tiny_cache, tmp_pa
         proc = subprocess.Popen([sys.executable, "-m", "alexnet", *args], cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
-            while not first.exists():  # no time limit here: the suite's own limit catches a hang
+            hung = time.monotonic() + 900  # a guard against a hang, far beyond any machine's pace
+            while not first.exists():
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()
+                if time.monotonic() > hung:
+                    pytest.fail("the study's first run did not finish in 15 minutes: hung")
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
         finally:

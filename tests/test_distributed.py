@@ -2,6 +2,8 @@
 count each val image once, and the checkpoint loads in a single process."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -45,7 +47,7 @@ def test_torchrun_two_processes(learnable_cache, tmp_path, sync_bn):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(driver), str(learnable_cache), str(out), "1" if sync_bn else "0"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     if sync_bn:  # the driver trains on the CPU, where SyncBatchNorm cannot run
         assert r.returncode != 0 and "--sync-bn needs CUDA" in r.stderr  # SyncBatchNorm is GPU-only
         return
@@ -61,3 +63,43 @@ def test_torchrun_two_processes(learnable_cache, tmp_path, sync_bn):
     assert res["n"] == n_val
     best = max(r["val_top1"] for r in ranks[0]["history"])
     assert abs(res["top1"] - best) < 1e-6
+
+
+STOP_DRIVER = textwrap.dedent("""
+    import sys
+    from alexnet.config import TrainConfig
+    from alexnet.train import fit
+    cache, out = sys.argv[1], sys.argv[2]
+    fit(TrainConfig(variant="combined_gap", data=cache, out=out, device="cpu", num_classes=4, bs=8, epochs=50,
+                    lr=0.05, progress=False), log=lambda *a: print(*a, flush=True))
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_stop_request_saves_once_every_rank_agrees(learnable_cache, tmp_path):
+    """SIGTERM to the whole process group, as Ctrl-C in a terminal or a scheduler sends it:
+    each worker gets it, and torchrun passes it on once more. Every rank finishes its step,
+    rank 0 saves, all leave with 128 + SIGTERM, and the checkpoint resumes in one process."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(STOP_DRIVER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(driver), str(learnable_cache), str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = []
+    for line in proc.stdout:  # until epoch 1 is over: the second epoch is under way
+        seen.append(line)
+        if line.startswith("epoch 1/50"):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)  # a hang guard, not a time limit on the work
+    printed = "".join(seen) + rest
+    # torchrun itself ends with its own traceback (SignalException); none may come from this project
+    assert "stopped by SIGTERM at " in printed and "KeyboardInterrupt" not in printed, printed[-3000:]
+    tracebacks = printed.split("Traceback", 1)[1] if "Traceback" in printed else ""
+    assert "alexnet/" not in tracebacks, printed[-3000:]
+    ck = torch.load(out / "last.pth", weights_only=False)
+    assert ck["epoch"] >= 1 and ck["world"] == 2
+    where = printed.split("stopped by SIGTERM at ")[1].split(";")[0]
+    assert where == (f"epoch {ck['epoch'] + 1}, step {ck['batch']} of 12" if ck["batch"] else f"the end of epoch {ck['epoch']}")

@@ -58,12 +58,16 @@ def test_sigkill_then_resume_equals_uninterrupted(learnable_cache, tmp_path):
             break
     # Killed as soon as a checkpoint from inside epoch 2 is there: resuming mid-epoch is the
     # harder case (the batch order, the augmentation draws and the meters carry over).
+    hung = time.monotonic() + 600  # a guard against a hang, far beyond any machine's pace
     while child.poll() is None:
         try:
             if torch.load(cut / "last.pth", weights_only=False)["batch"] > 0:
                 break
         except (OSError, RuntimeError, EOFError):  # not there yet
             pass
+        if time.monotonic() > hung:
+            child.kill()
+            pytest.fail("the child wrote no mid-epoch checkpoint in 10 minutes: hung")
         time.sleep(0.01)
     child.kill()
     child.wait()
@@ -115,9 +119,10 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path
     assert any("running_mean" in k for k in saved["model"])  # the statistics were compared
 
 
-def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatch, capsys):
-    """The first request is acknowledged at once; a second one stops without waiting for the
-    step, leaving the last checkpoint as it was (exit 130, as for Ctrl-C)."""
+def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatch, capfd):
+    """The first request is acknowledged at once; further SIGTERMs (what launchers send) and a
+    Ctrl-C right after it are ignored; a second Ctrl-C a moment later stops without waiting
+    for the step, leaving the last checkpoint as it was (exit 130, as for Ctrl-C)."""
     from alexnet import train
 
     steps, real = [], train.train_step
@@ -126,14 +131,17 @@ def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatc
         steps.append(1)
         if len(steps) == 3:
             os.kill(os.getpid(), signal.SIGINT)
-            assert "SIGINT: stopping after the current step" in capsys.readouterr().out
+            assert "SIGINT: stopping at the next step boundary" in capfd.readouterr().err
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # within a second of the first: a double press, or a launcher
+            time.sleep(1.05)
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
     monkeypatch.setattr(train, "train_step", step)
     out = tmp_path / "o"
     assert main(["train", *run_args(learnable_cache, out), "--save-every", "1"]) == 130
-    assert "interrupted" in capsys.readouterr().err
+    assert "interrupted" in capfd.readouterr().err
     assert torch.load(out / "last.pth", weights_only=False)["batch"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
@@ -144,7 +152,8 @@ def test_resume_of_a_finished_run_says_so(learnable_cache, tmp_path, capsys):
     before = (out / "last.pth").read_bytes()
     capsys.readouterr()
     assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--resume"]) == 0
-    assert "the run is already complete (1 of 1 epochs); nothing to do" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the run is already complete (1 of 1 epochs); nothing to do" in printed and "training" not in printed
     assert (out / "last.pth").read_bytes() == before
 
 
@@ -352,7 +361,7 @@ def test_config_file_ints_are_accepted_as_floats(tmp_path):
     ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 200))",
      "the model returns (2, 200) for a batch of 2 images; expected logits of shape (2, 4) for --num_classes 4"),
     ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))",
-     "the model does not take a batch of 64x64 RGB images (shape (2, 3, 64, 64)): RuntimeError"),
+     "the model does not take a batch of 64x64 RGB images (shape (2, 3, 64, 64) on cpu): RuntimeError"),
     ("return nn.Identity()", "the model returns (2, 3, 64, 64) for a batch of 2 images"),
 ])
 def test_model_file_with_wrong_outputs_or_input(tiny_cache, out_with_files, capsys, tmp_path, body, match):
@@ -360,6 +369,25 @@ def test_model_file_with_wrong_outputs_or_input(tiny_cache, out_with_files, caps
     m.write_text(f"from torch import nn\n\ndef build_model(num_classes):\n    {body}\n")
     err = _bad(tiny_cache, out_with_files, capsys, str(m))
     assert err.startswith(f"error: {m}: ") and match in err
+
+
+def test_model_file_placed_and_cast_as_the_run_uses_it(tiny_cache, tmp_path):
+    """The output check runs the model where and how training does: a model that only works
+    under bf16 autocast, or in bf16 itself, trains with --amp."""
+    m = tmp_path / "m.py"
+    m.write_text("from alexnet.models import create_model\n\n"
+                 "def build_model(num_classes):\n    return create_model('combined_gap', num_classes).bfloat16()\n")
+    assert main(["train", str(m), "--data", str(tiny_cache), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--amp", "--no-progress"]) == 0
+
+
+def test_model_output_check_leaves_each_module_as_it_was():
+    from alexnet.userfiles import check_model_output
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 64 * 64, 4))
+    model[1].eval()  # frozen on purpose
+    check_model_output("m.py", model, 4, 64, torch.device("cpu"), False, False)
+    assert [m.training for m in model] == [True, False, True]
 
 
 def test_transforms_file_that_raises(tiny_cache, out_with_files, capsys, tmp_path):
@@ -388,18 +416,24 @@ def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_w
     started (the source is poisoned so that one would fail differently)."""
     monkeypatch.setenv("ALEXNET_SOURCE", "http://127.0.0.1:9/never.zip")
     err = _bad(tiny_layout, out_with_files, capsys, "--variant", "baseline")
-    assert f"--data {tiny_layout}: holds no cache (no manifest.json) but other files" in err
+    assert f"--data {tiny_layout}: holds no cache (no manifest.json) but what looks like a data set" in err
     assert f"alexnet prepare --source {tiny_layout} --data DIR" in err
     assert not (tiny_layout / "downloads").exists() and not (tiny_layout / ".prepare.lock").exists()
     err = _bad(tiny_zip, out_with_files, capsys, "--variant", "baseline")
     assert f"--data {tiny_zip}: is a file, not a cache directory" in err
 
 
-def test_failed_first_prepare_leaves_no_folder(tmp_path, capsys):
-    data = tmp_path / "new_cache"
-    assert main(["prepare", "--source", str(tmp_path / "no_such_source"), "--data", str(data)]) == 2
-    assert "no such file or folder" in capsys.readouterr().err
-    assert not data.exists()  # so that a later --data names a missing folder, not an empty cache
+def test_data_folder_with_other_files_is_a_place_to_prepare(tmp_path, monkeypatch):
+    """lost+found, a killed prepare's leftovers: not a data set, so the cache is made there."""
+    from alexnet import data as data_mod
+
+    folder = tmp_path / "vol"
+    (folder / "lost+found").mkdir(parents=True)
+    (folder / "train_x.npy.tmp").write_bytes(b"x")
+    (folder / ".prepare.lock").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(data_mod, "ensure_cache", lambda d, log: calls.append(d) or "prepared")
+    assert data_mod.cache_for(str(folder)) == "prepared" and calls == [folder]
 
 
 def test_missing_data_path(out_with_files, capsys, tmp_path):
@@ -444,7 +478,7 @@ def test_checkpoint_that_is_not_one(small_ckpt, tiny_cache, tmp_path, capsys, ki
         path.mkdir()
         match = f"{path}: is a directory; give the checkpoint file in it"
     elif kind == "foreign":
-        torch.save({"state_dict": {}}, path)
+        torch.save({"model": {}, "epoch": 3}, path)  # the shape of many other projects' checkpoints
         match = f"{path}: not a checkpoint written by this project"
     else:
         c = torch.load(small_ckpt, weights_only=False)
