@@ -117,3 +117,20 @@ def test_each_epoch_reads_every_image_once_in_a_new_order():
     assert not torch.equal(orders[0], epoch_order(n, seed=4, epoch=0, d=Dist(), bs=bs))
     two = [epoch_order(n, seed=3, epoch=0, d=Dist(rank=r, world=2), bs=bs) for r in range(2)]
     assert len(two[0]) == len(two[1]) == 50 and not set(two[0].tolist()) & set(two[1].tolist())
+
+
+def test_each_step_and_rank_draws_its_own_augmentation():
+    """step_seed gives every (rank, step) its own stream, the same on every run and resume:
+    the crops, flips and colour factors of two steps differ, those of one step repeat."""
+    from alexnet.loader import step_seed
+
+    seeds = {step_seed(0, rank, step) for rank in range(4) for step in range(1000)}
+    assert len(seeds) == 4000 and step_seed(0, 1, 5) == step_seed(0, 1, 5) != step_seed(1, 1, 5)
+    aug = BatchAugment(RECIPES["combined"], 64, MEAN, STD, generator=torch.Generator())
+
+    def params(step: int):
+        aug.generator.manual_seed(step_seed(0, 0, step))
+        p = aug.sample(16, 64)
+        return torch.cat([p.oy.float(), p.ox.float(), p.flip.float(), p.brightness, p.contrast, p.saturation])
+
+    assert torch.equal(params(3), params(3)) and not torch.equal(params(3), params(4))
