@@ -97,6 +97,8 @@ def prepare(source: str | Path | None, data_dir: Path,
         md5 = OFFICIAL_MD5
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir}: is a file, not a cache directory")
+    if url is None and not Path(source).exists():  # before the cache folder is made: a typo leaves nothing behind
+        raise _missing_source(Path(source))
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -134,8 +136,12 @@ def _fingerprint(path: Path) -> dict:
             return {"path": str(path.resolve()), "files": n, "size": size, "mtime_ns": mtime}
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-    raise DataError(f"{path}: no such file or folder; expected tiny-imagenet-200.zip, its "
-                    f"extracted folder, an image folder (train/<class>/*) or an http(s) URL")
+    raise _missing_source(path)
+
+
+def _missing_source(path: Path) -> DataError:
+    return DataError(f"{path}: no such file or folder; expected tiny-imagenet-200.zip, its "
+                     f"extracted folder, an image folder (train/<class>/*) or an http(s) URL")
 
 
 def _stale_reason(data_dir: Path, fingerprint: dict, counts: tuple[int, int, int] | None,

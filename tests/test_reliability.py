@@ -423,6 +423,13 @@ def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_w
     assert f"--data {tiny_zip}: is a file, not a cache directory" in err
 
 
+def test_prepare_from_a_missing_source_makes_no_folder(tmp_path, capsys):
+    data = tmp_path / "new_cache"
+    assert main(["prepare", "--source", str(tmp_path / "no_such_source"), "--data", str(data)]) == 2
+    assert "no_such_source: no such file or folder" in capsys.readouterr().err
+    assert not data.exists()  # so that a later --data names a missing folder, not an empty one
+
+
 def test_data_folder_with_other_files_is_a_place_to_prepare(tmp_path, monkeypatch):
     """lost+found, a killed prepare's leftovers: not a data set, so the cache is made there."""
     from alexnet import data as data_mod
