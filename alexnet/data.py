@@ -463,14 +463,17 @@ def cache_for(data: str | Path | None, log: Log = print) -> Cache:
     if data and not Path(data).is_dir():
         raise DataError(f"--data {data}: is a file, not a cache directory; a data set's zip or folder is made "
                         f"into a cache with `alexnet prepare --source {data} --data DIR`, then --data DIR")
-    if data and not (Path(data) / "manifest.json").is_file():
-        # The extracted data set (or a folder holding its zip) is an easy --data to give by
-        # mistake; preparing into it would download the archive there. Anything else (an
-        # empty folder, lost+found, what a prepare in progress writes) is a place to prepare.
-        looks = sorted(p.name for p in Path(data).iterdir()
+    folder = Path(data) if data else default_data_dir()
+    if folder.is_dir() and not (folder / "manifest.json").is_file():
+        # The extracted data set (or a folder holding it, or its zip) is an easy --data to give,
+        # or ./data to fill, by mistake; preparing there would download the archive beside it.
+        # Anything else (an empty folder, lost+found, what a prepare in progress writes) is a
+        # place to prepare.
+        looks = sorted(str(p.relative_to(folder)) for p in [*folder.iterdir(), *folder.glob("*/wnids.txt")]
                        if p.name in ("wnids.txt", "train", "val", "test") or p.suffix == ".zip")
         if looks:
-            raise DataError(f"--data {data}: holds no cache (no manifest.json) but what looks like a data set "
+            name = f"--data {data}" if data else f"{folder} (the default --data)"
+            raise DataError(f"{name}: holds no cache (no manifest.json) but what looks like a data set "
                             f"({', '.join(looks[:3])}{', ...' if len(looks) > 3 else ''}); make a cache from it with "
-                            f"`alexnet prepare --source {data} --data DIR`, then give --data DIR")
+                            f"`alexnet prepare --source {folder} --data DIR`, then give --data DIR")
     return ensure_cache(Path(data) if data else None, log=log)

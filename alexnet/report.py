@@ -166,6 +166,11 @@ def _one(v: Any) -> str:
     return " / ".join(str(x) for x in v) if isinstance(v, list) else str(v)
 
 
+def _epochs(mean: float) -> str:
+    """An epoch number, or the mean of several seeds' (which may fall between epochs)."""
+    return f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
+
+
 def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
@@ -194,7 +199,7 @@ def markdown(rows: list[dict], b: dict) -> str:
     for r in rows:
         change = "—" if r["change_from_baseline"] is None else f"{r['change_from_baseline']:+.2f}"
         pub = "—" if r["published_top1"] is None else f"{r['published_top1']:.2f}"
-        cells = [r["variant"], f"{r['train_loss_best']:.4f}", f"{r['val_error']:.2f}", f"{r['epoch_of_best']:.1f}",
+        cells = [r["variant"], f"{r['train_loss_best']:.4f}", f"{r['val_error']:.2f}", _epochs(r["epoch_of_best"]),
                  change, _pm(r["top1_mean"], r["top1_std"]), _pm(r["top5_mean"], r["top5_std"]),
                  f"{r['params']:,}", f"{r['wall_seconds']:.1f}", f"{r['images_per_s']:.0f}", pub, str(r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")

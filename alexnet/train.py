@@ -371,7 +371,14 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
 
 def fit(cfg: TrainConfig, log=print) -> dict:
     """Train to the end (or resume and continue); returns the final state summary."""
-    run = build_run(cfg, log)
+    out, first = Path(cfg.out), int(os.environ.get("RANK", "0")) == 0
+    created = first and not out.exists()
+    try:
+        run = build_run(cfg, log)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a run that never started leaves no folder
+            out.rmdir()
+        raise
     reset_peak(run.device)  # this run's peak, also when an ablation ran others in this process
     d = run.dist
     say = log if d.main else (lambda *a, **k: None)

@@ -158,6 +158,7 @@ def test_killed_study_resumes_and_report_reproduces_the_table(tiny_cache, tmp_pa
         i = 1 if jr["row"] == "baseline" else 2
         assert table[i][col["Top-1 (%)"]] == f"{e['top1_mean']:.2f} ± {e['top1_std']:.2f}"
         assert table[i][col["Val error (%)"]] == f"{100 - e['top1_mean']:.2f}"
+        assert table[i][col["Epoch of best"]] == "1"  # 1 epoch, both seeds: a whole number, not "1.0"
 
     # 4. Other settings in the same folder are refused instead of mixed into one table.
     assert main([*args, "--lr", "0.02"]) == 2

@@ -3,6 +3,7 @@ error per kind of bad input."""
 
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -403,6 +404,13 @@ def test_unreadable_model_file(tiny_cache, out_with_files, capsys, tmp_path):
     assert f"{m}: cannot read it" in _bad(tiny_cache, out_with_files, capsys, str(m))
 
 
+def test_run_that_never_started_leaves_no_out_folder(tmp_path, capsys):
+    out = tmp_path / "new_out"
+    assert main(["train", str(tmp_path / "nope.py"), "--data", str(tmp_path), "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 2
+    assert "nope.py: file not found" in capsys.readouterr().err and not out.exists()
+
+
 def test_out_not_writable(tiny_cache, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -411,7 +419,8 @@ def test_out_not_writable(tiny_cache, tmp_path, capsys):
     assert code == 2 and "not a writable directory" in capsys.readouterr().err
 
 
-def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_with_files, capsys, monkeypatch):
+def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_with_files, capsys, monkeypatch,
+                                                    tmp_path):
     """--data at the extracted data set or at its zip: told to run prepare, no download is
     started (the source is poisoned so that one would fail differently)."""
     monkeypatch.setenv("ALEXNET_SOURCE", "http://127.0.0.1:9/never.zip")
@@ -421,6 +430,15 @@ def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_w
     assert not (tiny_layout / "downloads").exists() and not (tiny_layout / ".prepare.lock").exists()
     err = _bad(tiny_zip, out_with_files, capsys, "--variant", "baseline")
     assert f"--data {tiny_zip}: is a file, not a cache directory" in err
+    # What `unzip -d data` makes, as the default ./data: the data set one folder down.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_layout, tmp_path / "data" / tiny_layout.name)
+    monkeypatch.delenv("ALEXNET_DATA", raising=False)
+    code = main(["train", "--variant", "baseline", "--out", str(out_with_files), "--device", "cpu", "--num_classes", "4",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"data (the default --data): holds no cache (no manifest.json) but what looks like a data set" \
+        f" ({tiny_layout.name}/wnids.txt)" in err
 
 
 def test_prepare_from_a_missing_source_makes_no_folder(tmp_path, capsys):
