@@ -296,9 +296,9 @@ def _flush(acc: torch.Tensor, m: dict) -> None:
     acc.zero_()
 
 
-def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callable[[int, int], None]) -> bool:
-    """Train from batch `start` to the end of the epoch. Returns False if a signal stopped it
-    (after `last.pth` was saved at the step boundary).
+def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callable[[int, int], None]) -> int | None:
+    """Train from batch `start` to the end of the epoch. Returns None, or the number of the
+    epoch's batches done when a stop request ended it (after `last.pth` was saved there).
 
     The host reads the loss only every `every` steps (each step on the CPU, where it costs
     nothing; every 25 on CUDA, so the GPU queue never drains): that is when a non-finite loss
@@ -356,8 +356,7 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
             _flush(acc, m)
             save(epoch, b + 1)
             bar.close()
-            state["stopped_at"] = b + 1
-            return False
+            return b + 1
         if cfg.save_every and state["step"] % cfg.save_every == 0:
             m["seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -366,7 +365,7 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
     m["seconds"] += time.perf_counter() - t0
     _flush(acc, m)
     bar.close()
-    return True
+    return None
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:
@@ -451,8 +450,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             say("compiling the augmentation kernel (torch.compile; PyTorch caches it for later runs)")
             run.augment(run.batches.x[:cfg.bs], train=True)
         for ep in range(epoch, cfg.epochs):
-            if not train_one_epoch(run, ep, start, state, save):
-                _stopped(run, f"epoch {ep + 1}, step {state.pop('stopped_at')} of {run.steps_per_epoch}", say)
+            stopped_at = train_one_epoch(run, ep, start, state, save)
+            if stopped_at is not None:
+                _stopped(run, f"epoch {ep + 1}, step {stopped_at} of {run.steps_per_epoch}", say)
             start = 0
             row = _end_epoch(run, ep, state)
             if not math.isfinite(row["val_loss"]):
