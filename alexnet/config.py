@@ -130,7 +130,7 @@ def _typed(name: str, ftype: str, value: Any, source: str) -> Any:
     if value is None and optional:
         return None
     types, what = _JSON_TYPES[base]
-    if isinstance(value, bool) and base != "bool" or not isinstance(value, types):
+    if (isinstance(value, bool) and base != "bool") or not isinstance(value, types):  # True is an int to Python
         raise ConfigError(f"{source}: {name} must be {what}{' or null' if optional else ''}, got {value!r}")
     return float(value) if base == "float" else value
 
