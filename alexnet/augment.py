@@ -24,9 +24,13 @@ from alexnet.errors import ConfigError
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
-# Pixel noise is cut from one fixed table of standard normals (see BatchAugment.noise).
+# Pixel noise is cut from one fixed table of standard normals (see BatchAugment.noise),
+# held as int8 codes: a standard normal z is stored as round(z * NOISE_CODES / NOISE_CLIP),
+# so the pixel noise is code * noise_std * NOISE_CLIP / NOISE_CODES.
 NOISE_TABLE = 1 << 22  # room for the random offset, on top of one batch of noise
 NOISE_SEED = 2012
+NOISE_CODES = 127
+NOISE_CLIP = 5.0  # standard deviations; |z| > 5 has probability 6e-7
 # The paper resized to 256 and cropped 224: crops come from an image 256/224 times larger.
 PAPER_SCALE = 256 / 224
 
@@ -86,8 +90,13 @@ class Params:
     brightness: torch.Tensor  # (N,) float factors
     contrast: torch.Tensor
     saturation: torch.Tensor
-    noise: torch.Tensor | None  # (N, 3, S, S) float (row-planar strides, see `noise`) or None
+    noise: torch.Tensor | None  # (N, 3, S, S) int8 codes (row-planar strides, see `noise`) or None
     alpha: torch.Tensor | None  # (N, 3) lighting coefficients or None
+    noise_unit: float = 0.0  # the pixel noise of code 1
+
+    def pixel_noise(self) -> torch.Tensor | None:
+        """The noise added to [0, 1] pixels, (N, 3, S, S) float32."""
+        return None if self.noise is None else self.noise.float() * self.noise_unit
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
@@ -140,7 +149,7 @@ class BatchAugment:
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_crop_tables`
         # On the CPU the colour ops and normalisation of a training batch run as one compiled
         # kernel where no resize is needed (alexnet/fused.py, `fuses`).
-        self.fused = (fused.FusedPhotometric(_LUMA, self.mean, self.std)
+        self.fused = (fused.FusedPhotometric(_LUMA, self.mean, self.std, self.noise_unit)
                       if recipe.photometric and fused.enabled(self.device) else None)
 
     def fuses(self, h: int) -> bool:
@@ -175,17 +184,23 @@ class BatchAugment:
             saturation=uniform(r.saturation),
             noise=self.noise(n, g) if r.noise_std > 0 else None,
             alpha=(torch.randn(n, 3, device=dev, generator=g) * r.lighting_std if r.lighting_std > 0 else None),
+            noise_unit=self.noise_unit,
         )
 
+    @property
+    def noise_unit(self) -> float:
+        """The pixel noise of the table's code 1 (see `noise`)."""
+        return self.recipe.noise_std * NOISE_CLIP / NOISE_CODES
+
     def noise(self, n: int, g: torch.Generator | None) -> torch.Tensor:
-        """(N,3,S,S) Gaussian noise (std = the recipe's): a view of N consecutive windows of a
-        fixed table of standard normals, at an offset drawn from `g`, in row-planar order
-        (memory (N,S,3,S): each image row's red, green and blue rows in turn), the order of
-        the fused kernel's planes (alexnet/fused.py), which then reads it with contiguous loads
-        (read in channels_last order, 3-strided, the kernel took 4.6 ms per 256-image batch
-        against 3.1 on two cores). The eager ops' add now reads it across the batch's
-        channels_last layout: 1.40 ms against 0.43 per 256 images on the CPU, where those ops
-        are only the fallback (on CUDA, not measured).
+        """(N,3,S,S) int8 codes of Gaussian noise (times `noise_unit`: std = the recipe's): a
+        view of N consecutive windows of a fixed table of standard normals, at an offset drawn
+        from `g`, in row-planar order (memory (N,S,3,S): each image row's red, green and blue
+        rows in turn), the order of the fused kernel's planes (alexnet/fused.py), which then
+        reads it with contiguous loads (read in channels_last order, 3-strided, the kernel took
+        4.6 ms per 256-image batch against 3.1 on two cores). The eager ops' add now reads it
+        across the batch's channels_last layout: 1.40 ms against 0.43 per 256 images on the
+        CPU, where those ops are only the fallback (on CUDA, not measured).
 
         Drawing N*S*S*3 fresh normals cost ~17 ms per 256-image batch on two CPU cores, more
         than all the other augmentation together; a view of a table drawn once costs nothing,
@@ -194,14 +209,21 @@ class BatchAugment:
         batches differ by their offsets: overlapping windows, shifted against each other (the
         "shared noise table" of Salimans et al., 2017, "Evolution Strategies as a Scalable
         Alternative to RL"). The table comes from a fixed CPU seed: the same on every device,
-        run and resume. It holds one batch of noise plus 2**22 values of room for the offset
-        (29 MB for 256 images of 64 x 64).
+        run and resume. It holds one batch of noise plus 2**22 values of room for the offset.
+
+        The table is int8: each normal rounded to a multiple of 1/25.4 standard deviation and
+        clipped at 5 (the rounding adds 1e-4 to the variance; 0.04 std is 1/3 of a pixel's
+        1/255 step at the recipes' 0.03). Read as float32, the noise was 12.6 MB a 256-image
+        batch, the largest read of the fused kernel; as int8 it is 3.1 MB, and the kernel
+        takes 0.93 of the time (docs/speed.md). The table: 7 MB for 256 images of 64 x 64,
+        29 MB as float32.
         """
         s = self.size
         need = n * s * s * 3
         if self._noise_table is None or self._noise_table.numel() < need + NOISE_TABLE:
-            table = torch.randn(need + NOISE_TABLE, generator=torch.Generator().manual_seed(NOISE_SEED))
-            self._noise_table = table.mul_(self.recipe.noise_std).to(self.device)
+            z = torch.randn(need + NOISE_TABLE, generator=torch.Generator().manual_seed(NOISE_SEED))
+            codes = z.mul_(NOISE_CODES / NOISE_CLIP).round_().clamp_(-NOISE_CODES, NOISE_CODES)
+            self._noise_table = codes.to(torch.int8).to(self.device)
         start = torch.randint(0, self._noise_table.numel() - need + 1, (1,), generator=g, device=self.device)
         # Reading the offset on the host would make the CPU wait for the GPU: copy there.
         window = _window(self._noise_table, start, need, copy=start.is_cuda)
@@ -302,7 +324,7 @@ class BatchAugment:
         if p.noise is not None:
             if pending:
                 x.clamp_(0, 1)
-            x.add_(p.noise)
+            x.add_(p.noise, alpha=p.noise_unit)
             pending = True
         return x, pending
 

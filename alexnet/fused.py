@@ -46,14 +46,15 @@ def enabled(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("ALEXNET_FUSED_AUGMENT", "1") != "0"
 
 
-def photometric_planes(luma: tuple[float, float, float]) -> Callable:
+def photometric_planes(luma: tuple[float, float, float], noise_unit: float = 0.0) -> Callable:
     """The function that is compiled: torchvision's formulas and order (brightness, contrast,
     saturation, then the paper's lighting and the pixel noise), a clamp to [0, 1] after each
-    op, then (x - mean) / std; `luma`: the grey image's weights.
+    op, then (x - mean) / std; `luma`: the grey image's weights; `noise_unit`: the pixel noise
+    of noise code 1 (augment.py, `BatchAugment.noise`).
 
     rows: (N,S,3,S) uint8; b, c, s: (N,1,1) factors (1 for an op that is off); shift: (N,3)
-    lighting shifts or None; eps: (N,S,3,S) noise (planar, as rows) or None; mean, std: (3,).
-    Returns (N,S,S,3) float32."""
+    lighting shifts or None; eps: (N,S,3,S) int8 noise codes (planar, as rows) or None;
+    mean, std: (3,). Returns (N,S,S,3) float32."""
 
     def gray(x: list[torch.Tensor]) -> torch.Tensor:
         return luma[0] * x[0] + luma[1] * x[1] + luma[2] * x[2]
@@ -67,7 +68,7 @@ def photometric_planes(luma: tuple[float, float, float]) -> Callable:
         if shift is not None:
             x = [(v + shift[:, i, None, None]).clamp(0, 1) for i, v in enumerate(x)]
         if eps is not None:
-            x = [(v + e).clamp(0, 1) for v, e in zip(x, eps.unbind(2))]
+            x = [(v + e.float() * noise_unit).clamp(0, 1) for v, e in zip(x, eps.unbind(2))]
         return torch.stack([(v - mean[i]) / std[i] for i, v in enumerate(x)], dim=-1)
 
     return kernel
@@ -94,8 +95,9 @@ def _without_cuda_home_note() -> Iterator[None]:
 class FusedPhotometric:
     """A BatchAugment's compiled kernel, and the fallback decision if there is none."""
 
-    def __init__(self, luma: tuple[float, float, float], mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.luma = luma
+    def __init__(self, luma: tuple[float, float, float], mean: torch.Tensor, std: torch.Tensor,
+                 noise_unit: float = 0.0) -> None:
+        self.luma, self.noise_unit = luma, noise_unit
         self.mean, self.std = mean.reshape(3), std.reshape(3)
         self.kernel: Callable | None = None  # compiled at the first batch
         self.failed: str | None = None  # why the eager ops run instead, once compiling failed
@@ -117,7 +119,7 @@ class FusedPhotometric:
                 # Its own recompile budget where this torch offers one per compiled function:
                 # other compiled code in the process, and other BatchAugments, do not use it up.
                 own = "isolate_recompiles" in inspect.signature(torch.compile).parameters
-                self.kernel = torch.compile(photometric_planes(self.luma), fullgraph=True,
+                self.kernel = torch.compile(photometric_planes(self.luma, self.noise_unit), fullgraph=True,
                                             **({"isolate_recompiles": True} if own else {}))
             # float32 pixels whatever the caller's autocast; no autograd state to guard on
             with torch.autocast("cpu", enabled=False), torch.no_grad(), _without_cuda_home_note():

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from alexnet import fused
-from alexnet.augment import RECIPES, BatchAugment, Recipe, _window, as_nchw_uint8
+from alexnet.augment import NOISE_CLIP, NOISE_CODES, RECIPES, BatchAugment, Recipe, _window, as_nchw_uint8
 from alexnet.errors import ConfigError
 from tests.conftest import needs_compiler
 
@@ -50,7 +50,7 @@ def reference(img, recipe, p, i, size, aug):
         shift = torch.tensor(EIGVEC) @ (p.alpha[i] * torch.tensor(EIGVAL))
         x = (x + shift.view(3, 1, 1)).clamp(0, 1)
     if p.noise is not None:
-        x = (x + p.noise[i]).clamp(0, 1)
+        x = (x + p.pixel_noise()[i]).clamp(0, 1)
     return TF.normalize(x, MEAN, STD)
 
 
@@ -235,9 +235,16 @@ def test_noise_is_gaussian_independent_and_seeded():
     recipe = Recipe(noise_std=0.05)
     aug = make(recipe)
     p = aug.sample(64, 64)
-    n = p.noise
-    # row-planar memory, the fused kernel's order: (N, S, 3, S) contiguous
-    assert n.shape == (64, 3, 64, 64) and n.permute(0, 2, 1, 3).is_contiguous()
+    # int8 codes in row-planar memory, the fused kernel's order: (N, S, 3, S) contiguous
+    assert p.noise.dtype == torch.int8 and p.noise.shape == (64, 3, 64, 64)
+    assert p.noise.permute(0, 2, 1, 3).is_contiguous()
+    assert p.noise.abs().max() <= NOISE_CODES
+    n = p.pixel_noise()
+    assert p.noise_unit == pytest.approx(0.05 * NOISE_CLIP / NOISE_CODES)
+    torch.testing.assert_close(n, p.noise.float() * p.noise_unit)
+    # The codes resolve the normal finely: 25.4 codes per standard deviation, so 786k
+    # draws, which reach beyond +-3.9 standard deviations, use more than 200 of them.
+    assert len(p.noise.unique()) > 200
     # Each image's noise has the recipe's std and no mean, and images get different noise.
     assert torch.allclose(n.std(dim=(1, 2, 3)), torch.full((64,), 0.05), rtol=0.05)
     assert n.mean(dim=(1, 2, 3)).abs().max() < 0.005
