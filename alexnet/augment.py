@@ -47,6 +47,11 @@ class Recipe:
     saturation: float = 0.0
     noise_std: float = 0.0  # Gaussian pixel noise, in units of the [0, 1] pixel range
     lighting_std: float = 0.0  # the paper's PCA colour lighting; alpha ~ N(0, std), paper: 0.1
+    # The paper's input (its section 2): the pixels minus the training set's mean, in 0..255
+    # units, not divided by the std. Its initialisation, N(0, 0.01) weights, was made for
+    # inputs of that scale: fed unit-variance inputs, its conv5 features vary across images
+    # by 0.1% of their level, and its loss stayed flat for epochs (docs/results.md).
+    raw_pixels: bool = False
 
     def __post_init__(self) -> None:
         if self.crop_pad < 0:
@@ -76,7 +81,7 @@ RECIPES: dict[str, Recipe] = {
     "pixel": Recipe(brightness=0.3, contrast=0.3, saturation=0.3, noise_std=0.03),
     "combined": Recipe(crop_pad=4, flip=True, brightness=0.3, contrast=0.3, saturation=0.3, noise_std=0.03),
     # Section 4.1 of the paper: crops from a 256/224 enlargement, flips, PCA lighting 0.1.
-    "paper": Recipe(scale=PAPER_SCALE, flip=True, lighting_std=0.1),
+    "paper": Recipe(scale=PAPER_SCALE, flip=True, lighting_std=0.1, raw_pixels=True),
 }
 
 
@@ -124,7 +129,8 @@ class BatchAugment:
 
     size: the training resolution S (64 native, or 224/227 for the paper's geometry:
     the batch is upsampled on the device). mean/std: per-channel, [0, 1] scale.
-    eigval/eigvec: the train set's RGB PCA for lighting.
+    eigval/eigvec: the train set's RGB PCA for lighting. A recipe with `raw_pixels` divides
+    by 1/255 instead of std: centred pixels in 0..255 units.
     """
 
     def __init__(self, recipe: Recipe, size: int, mean, std, eigval=None, eigvec=None,
@@ -135,6 +141,7 @@ class BatchAugment:
         # gather every batch before cropping instead of reading crops out of the cache
         self.device = indexed(device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        std = [1 / 255] * 3 if recipe.raw_pixels else std
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.eigval = None if eigval is None else torch.as_tensor(eigval, dtype=torch.float32, device=self.device)
         self.eigvec = None if eigvec is None else torch.as_tensor(eigvec, dtype=torch.float32, device=self.device)

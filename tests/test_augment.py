@@ -51,7 +51,7 @@ def reference(img, recipe, p, i, size, aug):
         x = (x + shift.view(3, 1, 1)).clamp(0, 1)
     if p.noise is not None:
         x = (x + p.pixel_noise()[i]).clamp(0, 1)
-    return TF.normalize(x, MEAN, STD)
+    return TF.normalize(x, MEAN, [1 / 255] * 3 if recipe.raw_pixels else STD)
 
 
 # Colour recipes at the cache's size on the CPU run as one compiled kernel (alexnet/fused.py);
@@ -202,7 +202,8 @@ def test_ten_crop_views():
     assert v.shape == (10, 2, 3, 64, 64)
     # torchvision's ten_crop (corners, centre, then their mirrors) of the image enlarged by 256/224
     big = TF.resize(as_nchw_uint8(x).float(), [73, 73], antialias=False) / 255
-    want = torch.stack([TF.normalize(c, MEAN, STD) for c in TF.ten_crop(big, [64, 64])])
+    # the paper's recipe: centred pixels in 0..255 units (raw_pixels)
+    want = torch.stack([(c - torch.tensor(MEAN).view(3, 1, 1)) * 255 for c in TF.ten_crop(big, [64, 64])])
     # The same views: torchvision names the mirrored ones by their corner in the mirrored image
     # (its top-left is the mirror of the top-right crop), the paper by the crop mirrored. The
     # centre differs: torchvision's is the centre of the mirrored image, one pixel over when

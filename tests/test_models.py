@@ -170,9 +170,15 @@ def test_paper_model_structure_and_init():
     for layer in convs + linears:
         assert abs(layer.weight.mean().item()) < 1e-3
         assert abs(layer.weight.std().item() - 0.01) < 1e-3
-    expect_one = [False, True, False, True, True, True, True, False]
-    for layer, one in zip(convs + linears, expect_one):
-        assert torch.all(layer.bias == (1.0 if one else 0.0))
+    # conv2, conv4, conv5 and the hidden FC layers start with a constant bias: Caffe's 0.1 by
+    # default, the paper's 1 when asked for; the others with 0
+    constant = [False, True, False, True, True, True, True, False]
+    for bias, model in ((0.1, m), (1.0, create_model("paper", 200, init_bias=1.0))):
+        layers = [l for l in [*model.features, *model.classifier] if isinstance(l, (torch.nn.Conv2d, torch.nn.Linear))]
+        for layer, on in zip(layers, constant):
+            assert torch.equal(layer.bias, torch.full_like(layer.bias, bias if on else 0.0))
+    with pytest.raises(ConfigError, match="init_bias"):
+        AlexNetConfig(init="paper", init_bias=float("nan"))
 
 
 def test_unknown_variant_lists_known_names():
