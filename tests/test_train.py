@@ -195,7 +195,11 @@ def test_predict_prints_top_classes(trained, tmp_path, capsys):
     assert [w for w, _, _ in res[0]] == [c["wnids"][i] for i in order]
     assert [p for _, _, p in res[0]] == pytest.approx(probs[order].tolist(), abs=1e-4)
     top2 = run_predict(trained / "best.pth", [jpg, png], device="cpu", topk=2, log=lambda *a: None)
-    assert [len(r) for r in top2] == [2, 2] and top2[0] == res[0][:2]
+    assert [len(r) for r in top2] == [2, 2]
+    # the same ranking; the probabilities up to float rounding, which differs with the batch
+    # the image is evaluated in (one image here, two above)
+    assert [w for w, _, _ in top2[0]] == [w for w, _, _ in res[0][:2]]
+    assert [p for _, _, p in top2[0]] == pytest.approx([p for _, _, p in res[0][:2]], abs=1e-6)
     assert main(["predict", str(trained / "best.pth"), str(jpg), "--topk", "0"]) == 2
     assert "--topk must be at least 1, got 0" in capsys.readouterr().err
 
