@@ -43,6 +43,9 @@ def _evaluate(a: argparse.Namespace) -> int:
 
     if len(a.paths) > 2:
         raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT, got {len(a.paths)} paths: {' '.join(a.paths)}")
+    if len(a.paths) == 1 and a.paths[0].endswith(".py"):
+        raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT; got only the model file {a.paths[0]} "
+                        f"(e.g. evaluate.py {a.paths[0]} results/best.pth)")
     model, ckpt = (a.paths[0], a.paths[1]) if len(a.paths) == 2 else (None, a.paths[0])
     if model is not None and not model.endswith(".py"):
         raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT, and the model file is a .py file; got {model} "

@@ -96,6 +96,10 @@ class TrainConfig:
         need(self.recipe is None or self.recipe in RECIPES,
              f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         need(self.recipe is None or self.transforms is None, "give --recipe or --transforms, not both")
+        # `--resume` takes an optional path, so `--resume models/x.py` reads the model file as the checkpoint
+        need(not (self.model is None and self.variant is None and str(self.resume).endswith(".py")),
+             f"--resume took {self.resume} as the checkpoint to resume from; put the model file before it "
+             f"(train.py {self.resume} --resume) or give --resume a checkpoint (.pth)")
         need((self.model is None) != (self.variant is None),
              "give exactly one of a model file (positional) or --variant NAME")
         return self
@@ -174,14 +178,25 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "config", None):
         path = Path(args.config)
         try:
-            values.update(json.loads(path.read_text()))
+            loaded = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (expected JSON in UTF-8)") from None
+        except OSError as e:  # a directory, no permission
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings, like {{\"epochs\": 10}}; "
+                              f"got a JSON {_JSON_KIND.get(type(loaded), type(loaded).__name__)}")
+        values.update(loaded)
         TrainConfig.from_dict(values, source=str(path))
     values.update({k: v for k, v in vars(args).items() if k != "config" and k in _names()})
     return TrainConfig.from_dict(values).validate()
+
+
+_JSON_KIND = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def _names() -> set[str]:

@@ -7,6 +7,7 @@ also needs that file).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,27 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
     return model, c, augment
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """A clear error now for an output file that cannot be written later."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give the path of a CSV file to write")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create its folder {parent} ({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable")
+
+
 def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="none", per_class=None,
                  amp=None, log=print) -> dict:
     if tta not in TTA:
         raise UserError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
     if bs < 1:
         raise UserError(f"--bs must be at least 1, got {bs}")
+    if per_class:
+        _check_writable(Path(per_class), "--per-class")  # before the evaluation, not after it
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     cache = cache_for(data, log=log)

@@ -74,11 +74,21 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, str | None]:
 
 def build_transforms(cfg: TrainConfig, variant: str | None) -> tuple[Recipe | Callable, str]:
     """(recipe or torchvision transform, where it came from). The seed interface defaults to
-    the baseline recipe; --variant defaults to the variant's own recipe."""
+    the baseline recipe (the paper's model excepted, `_needs_own_recipe`); --variant defaults
+    to the variant's own recipe."""
     if cfg.transforms is not None:
         return load_transforms_file(cfg.transforms), cfg.transforms
-    name = cfg.recipe or (VARIANTS[variant].recipe if cfg.variant is not None else "baseline")
+    name = cfg.recipe or (VARIANTS[variant].recipe if cfg.variant is not None or _needs_own_recipe(variant)
+                          else "baseline")
     return RECIPES[name], f"recipe:{name}"
+
+
+def _needs_own_recipe(variant: str | None) -> bool:
+    """Whether a model file's variant trains with its own recipe even in the seed interface:
+    one whose recipe sets the input's scale (the paper's model: centred pixels in 0..255
+    units, the scale of its initialisation; on the Baseline's unit-variance input its loss
+    stays flat, docs/results.md)."""
+    return variant in VARIANTS and RECIPES[VARIANTS[variant].recipe].raw_pixels
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool) -> torch.optim.Optimizer:
@@ -372,11 +382,15 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     """Train to the end (or resume and continue); returns the final state summary."""
     out, first = Path(cfg.out), int(os.environ.get("RANK", "0")) == 0
     created = first and not out.exists()
+
+    def drop_empty_out() -> None:  # a run that never started leaves no folder
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
     try:
         run = build_run(cfg, log)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):  # a run that never started leaves no folder
-            out.rmdir()
+        drop_empty_out()
         raise
     reset_peak(run.device)  # this run's peak, also when an ablation ran others in this process
     d = run.dist
@@ -385,7 +399,11 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                              "meters": _fresh_meters()}
     epoch, start = 0, 0
     if cfg.resume:
-        epoch, start = _resume(run, state, say)
+        try:
+            epoch, start = _resume(run, state, say)
+        except BaseException:  # a checkpoint that does not fit: nothing was written
+            drop_empty_out()
+            raise
         if epoch >= cfg.epochs:  # said so; nothing to train, write or evaluate
             distributed.cleanup(d)
             return _summary(run, state)
@@ -440,8 +458,12 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             _note(f"{signal.Signals(signum).name}: stopping at the next step boundary, with {run.out / 'last.pth'} "
                   "saved (Ctrl-C again to stop at once, without saving)")
 
-    for s in previous:
-        signal.signal(s, request_stop)
+    for s, handler in previous.items():
+        # A signal the process was started with ignored stays ignored, as Python leaves it: a
+        # shell starts background jobs without job control with SIGINT ignored, so that a
+        # Ctrl-C meant for the foreground does not reach them.
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, request_stop)
     try:
         if isinstance(run.batches, FastBatches) and run.augment.fuses(run.cache.img_size):
             # Compiled here, not inside the first epoch's timing: half a minute the first time

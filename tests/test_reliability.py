@@ -141,10 +141,50 @@ def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatc
 
     monkeypatch.setattr(train, "train_step", step)
     out = tmp_path / "o"
-    assert main(["train", *run_args(learnable_cache, out), "--save-every", "1"]) == 130
+
+    def own(signum, frame):  # what the run must put back (not Python's default: a shell may start us with SIG_IGN)
+        raise AssertionError("the run's own handler should have run")
+
+    before = {s: signal.signal(s, own) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(["train", *run_args(learnable_cache, out), "--save-every", "1"]) == 130
+        after = {s: signal.getsignal(s) for s in before}
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
     assert "interrupted" in capfd.readouterr().err
     assert torch.load(out / "last.pth", weights_only=False)["batch"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert after == {signal.SIGINT: own, signal.SIGTERM: own}  # the handlers are put back
+
+
+def test_an_ignored_interrupt_stays_ignored(learnable_cache, tmp_path, monkeypatch):
+    """A run started with SIGINT ignored (a shell's background job without job control) leaves
+    it ignored, as Python does, and still stops cleanly on SIGTERM."""
+    from alexnet import train
+
+    steps, real = [], train.train_step
+
+    def step(*a, **k):
+        steps.append(1)
+        if len(steps) == 2:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: the run goes on
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    out = tmp_path / "o"
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", *run_args(learnable_cache, out)])
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert after is signal.SIG_IGN
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(out / "last.pth", weights_only=False)["batch"] == 4  # the step the SIGTERM came in
 
 
 def test_resume_of_a_finished_run_says_so(learnable_cache, tmp_path, capsys):
@@ -172,7 +212,10 @@ def test_signal_saves_and_prints_resume_command(learnable_cache, tmp_path, sig):
     out = tmp_path / "o"
     cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
            "--epochs", "50"]
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as a foreground job has it, whatever this suite was started with (a shell's
+    # background job has it ignored, and a run leaves an ignored SIGINT ignored)
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in child.stdout:
         if line.startswith("epoch 1/50"):
             break
@@ -341,6 +384,8 @@ def test_bad_options(tiny_cache, out_with_files, capsys, args, match):
     ('{"data": 5}', "data must be a string or null, got 5"),
     ('{"epochs": 2, "bogus": 1}', "unknown key(s) bogus"),
     ('{"epochs": 2', "not valid JSON"),
+    ('[1, 2]', "expected a JSON object of settings, like {\"epochs\": 10}; got a JSON array"),
+    ('"epochs"', "got a JSON string"),
 ])
 def test_config_file_values_are_checked(tiny_cache, out_with_files, capsys, tmp_path, content, match):
     """A JSON value of the wrong type is refused by name, not converted or passed on: a
@@ -349,6 +394,22 @@ def test_config_file_values_are_checked(tiny_cache, out_with_files, capsys, tmp_
     f.write_text(content)
     err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--config", str(f))
     assert err.startswith(f"error: {f}: ") and match in err
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary"])
+def test_config_file_that_cannot_be_read(tiny_cache, out_with_files, capsys, tmp_path, kind):
+    f = tmp_path / "c.json"
+    f.mkdir() if kind == "directory" else f.write_bytes(b"\xff\xfe\x00{")
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--config", str(f))
+    assert err.startswith(f"error: {f}: ") and {"directory": "cannot read the config file",
+                                                 "binary": "not a text file"}[kind] in err
+
+
+def test_resume_before_the_model_file_says_what_it_took(tiny_cache, out_with_files, capsys):
+    """--resume takes an optional path: placed before the model file, it takes the model file."""
+    err = _bad(tiny_cache, out_with_files, capsys, "--resume", "models/alexnet_baseline.py")
+    assert "--resume took models/alexnet_baseline.py as the checkpoint to resume from" in err
+    assert "train.py models/alexnet_baseline.py --resume" in err
 
 
 def test_config_file_ints_are_accepted_as_floats(tmp_path):
@@ -494,6 +555,26 @@ def test_truncated_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
     code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"),
                  "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(bad)])
     assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # the run never started: no empty --out left behind
+
+
+def test_evaluate_needs_a_checkpoint(capsys):
+    assert main(["evaluate", "models/alexnet_baseline.py"]) == 2
+    err = capsys.readouterr().err
+    assert "got only the model file models/alexnet_baseline.py" in err and "results/best.pth" in err
+
+
+@pytest.mark.parametrize("kind", ["directory", "unmakeable folder"])
+def test_per_class_path_is_checked_before_evaluating(small_ckpt, tiny_cache, tmp_path, capsys, monkeypatch, kind):
+    from alexnet import inference
+
+    monkeypatch.setattr(inference, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --per-class"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = tmp_path if kind == "directory" else blocker / "sub" / "per_class.csv"
+    assert main(["evaluate", str(small_ckpt), "--data", str(tiny_cache), "--device", "cpu", "--per-class", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--per-class {path}: " in err and ("is a directory" if kind == "directory" else "cannot create its folder") in err
 
 
 @pytest.mark.parametrize("kind", ["directory", "foreign", "old format"])

@@ -308,3 +308,17 @@ def test_peak_memory_script(tiny_cache):
 def test_seed_scripts_name_themselves_in_usage_errors(script, args, usage):
     r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and usage in r.stderr and "alexnet" not in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("model_file,recipe", [
+    ("models/alexnet_baseline.py", "baseline"), ("models/alexnet_combined_small.py", "baseline"),
+    ("models/alexnet_paper.py", "paper"),  # its initialisation needs the paper's input scale
+])
+def test_a_model_file_trains_with_the_seed_recipe_or_the_input_scale_it_needs(model_file, recipe):
+    from alexnet.config import TrainConfig
+    from alexnet.train import build_model, build_transforms
+
+    cfg = TrainConfig(model=model_file, num_classes=4).validate()
+    assert build_transforms(cfg, build_model(cfg)[1])[1] == f"recipe:{recipe}"
+    chosen = TrainConfig(model=model_file, num_classes=4, recipe="randomcrop").validate()
+    assert build_transforms(chosen, build_model(chosen)[1])[1] == "recipe:randomcrop"  # a named recipe wins
