@@ -212,6 +212,25 @@ def test_ten_crop_views():
     torch.testing.assert_close(v[9], v[4].flip(-1), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("recipe", ["randomcrop", "combined", "baseline", "pixel"])
+def test_ten_crop_views_come_from_the_training_frame(recipe):
+    """Corners and centre of the frame training crops came from: the image reflect-padded by
+    the recipe's pad (no enlargement: the model never saw one), or the image itself."""
+    aug = make(RECIPES[recipe])
+    x = batch(2)
+    v = aug.ten_crop(x)
+    pad = RECIPES[recipe].crop_pad
+    frame = as_nchw_uint8(x).float() / 255
+    if pad:
+        frame = torch.nn.functional.pad(frame, (pad,) * 4, mode="reflect")
+    want = torch.stack([(c - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+                        for c in TF.ten_crop(frame, [64, 64])])
+    assert v.shape == (10, 2, 3, 64, 64)
+    torch.testing.assert_close(v[[0, 1, 2, 3, 4, 6, 5, 8, 7]], want[:9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v[9], v[4].flip(-1), atol=0, rtol=0)
+    torch.testing.assert_close(v[4], aug(x, train=False), atol=1e-5, rtol=1e-5)  # the centre: the eval view
+
+
 def test_upsampled_geometry():
     aug = make(RECIPES["paper"], size=224)
     assert aug(batch(2), train=True).shape == (2, 3, 224, 224)
