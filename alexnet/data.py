@@ -99,10 +99,34 @@ def prepare(source: str | Path | None, data_dir: Path,
         raise DataError(f"{data_dir}: is a file, not a cache directory")
     if url is None and not Path(source).exists():  # before the cache folder is made: a typo leaves nothing behind
         raise _missing_source(Path(source))
+    created = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{data_dir}: cannot create the cache directory ({e.strerror})") from None
+    try:
+        return _prepare_locked(source, url, md5, data_dir, counts, img_size, workers, force, log)
+    except BaseException:
+        if created:  # a later --data then names a missing folder, not an empty one to download into
+            _remove_if_empty(data_dir)
+        raise
+
+
+def _remove_if_empty(data_dir: Path) -> None:
+    """Remove a cache folder that holds nothing but the prepare's lock (and an empty downloads/)."""
+    try:
+        for sub in (data_dir / "downloads",):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        if {p.name for p in data_dir.iterdir()} <= {".prepare.lock"}:
+            (data_dir / ".prepare.lock").unlink(missing_ok=True)
+            data_dir.rmdir()
+    except OSError:  # another process is preparing there now, or it went away: leave it
+        pass
+
+
+def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, counts, img_size: int,
+                    workers: int, force: bool, log: Log) -> Path:
     with _lock(data_dir):
         fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
         stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)

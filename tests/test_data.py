@@ -191,7 +191,7 @@ def test_bad_input(case: str, tiny_layout: Path, tmp_path: Path) -> None:
     assert "\n" not in message and e.value.__cause__ is None
     for needle in needles:
         assert needle in message, message
-    assert not (tmp_path / "c" / "manifest.json").exists() and not list((tmp_path / "c").glob("*.tmp"))
+    assert not (tmp_path / "c").exists()  # the folder it made is gone: a later --data names a missing one
 
 
 def test_extracted_folder_without_wnids(tiny_layout: Path, tmp_path: Path) -> None:
@@ -216,6 +216,11 @@ def test_not_a_zip(content: str, tiny_zip: Path, tmp_path: Path) -> None:
     bad.write_bytes(raw[: len(raw) // 2] if content == "truncated" else b"hello")
     with pytest.raises(DataError, match=r"broken\.zip: not a readable zip archive .*truncated"):
         prepare(bad, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there before the prepare stays
+    with pytest.raises(DataError):
+        prepare(bad, tmp_path / "mine", counts=TINY_COUNTS, workers=1, log=quiet)
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_missing_source(tmp_path: Path) -> None:
