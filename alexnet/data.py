@@ -115,9 +115,9 @@ def prepare(source: str | Path | None, data_dir: Path,
 def _remove_if_empty(data_dir: Path) -> None:
     """Remove a cache folder that holds nothing but the prepare's lock (and an empty downloads/)."""
     try:
-        for sub in (data_dir / "downloads",):
-            if sub.is_dir() and not any(sub.iterdir()):
-                sub.rmdir()
+        downloads = data_dir / "downloads"
+        if downloads.is_dir() and not any(downloads.iterdir()):
+            downloads.rmdir()
         if {p.name for p in data_dir.iterdir()} <= {".prepare.lock"}:
             (data_dir / ".prepare.lock").unlink(missing_ok=True)
             data_dir.rmdir()
