@@ -10,7 +10,9 @@ process and interleaved so that drift of a shared machine cancels (see below).
 
 (1) and (2) alternate step by step (A B, then B A, ...), and (2)/(1) is the median of the
 per-pair ratios: on a shared machine, throughput drifts by tens of percent within seconds,
-which blocks of steps did not cancel. (3) runs in blocks of `--steps` steps (its DataLoader
+which blocks of steps did not cancel. On CUDA the unit that alternates is 4 steps with one
+synchronisation at its end (a synchronised single step leaves the GPU idle while the host
+launches the next one, which training never does). (3) runs in blocks of `--steps` steps (its DataLoader
 workers prefetch, so single steps would not measure it), one block per round between the pairs.
 Each mode's figure is the median of its images / wall seconds; (2)/(3) is the ratio of those.
 
@@ -59,7 +61,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for (1) and (2) (compilation happens in the warm-up)")
     p.add_argument("--steps", type=int, default=5,
-                   help="per round: alternating (1)/(2) step pairs, and the steps of one block of (3)")
+                   help="per round: alternating (1)/(2) pairs (of single steps; of 4 steps on CUDA), and the "
+                        "steps of one block of (3)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; medians over all of them are reported")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--data", help="a prepared cache for (2) (default: a synthetic in-memory cache)")
@@ -140,21 +143,31 @@ def _reference_loader(folder: Path, recipe: Recipe, bs: int, stats: dict):
     return forever()
 
 
-def _timed(step, steps: int, bs: int) -> float:
-    """Images per second over `steps` calls of `step`."""
+def _per_unit(dev: torch.device) -> int:
+    """Steps in one timed unit. On CUDA a unit ends with a synchronisation, after which the GPU
+    idles until the next launches arrive; one unit of several steps lets the host run ahead
+    as it does in training, where nothing waits for the GPU. On the CPU every step is
+    synchronous anyway, and single steps pair most finely against drift."""
+    return 4 if dev.type == "cuda" else 1
+
+
+def _timed(step, steps: int, bs: int, dev: torch.device) -> float:
+    """Images per second over `steps` calls of `step`, the device's work included."""
     t = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync(dev)
     return steps * bs / (time.perf_counter() - t)
 
 
-def _paired(a, b, pairs: int, bs: int) -> tuple[list[float], list[float]]:
-    """Per-step images/s of a and b, alternating which runs first so neither always follows
-    the same thing."""
+def _paired(a, b, pairs: int, bs: int, dev: torch.device) -> tuple[list[float], list[float]]:
+    """Images/s of a and b per timed unit, alternating which runs first so neither always
+    follows the same thing."""
     fa, fb = [], []
+    per = _per_unit(dev)
     for i in range(pairs):
         for fn, out in ((a, fa), (b, fb)) if i % 2 == 0 else ((b, fb), (a, fa)):
-            out.append(_timed(fn, 1, bs))
+            out.append(_timed(fn, per, bs, dev))
     return fa, fb
 
 
@@ -237,12 +250,12 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     figures: dict[str, list[float]] = {k: [] for k in modes}
     _sync(dev)
     for _ in range(a.rounds):
-        fm, fp = _paired(lambda: (model_only(), _sync(dev)), lambda: (project(), _sync(dev)), a.steps, a.bs)
+        fm, fp = _paired(model_only, project, a.steps, a.bs, dev)
         figures["model"] += fm
         figures["project"] += fp
         if "typical" in modes:
             fn, bs = modes["typical"]
-            figures["typical"].append(_timed(lambda: (fn(), _sync(dev)), a.steps, bs))
+            figures["typical"].append(_timed(fn, a.steps, bs, dev))
     med = {k: statistics.median(v) for k, v in figures.items()}
     row = {"variant": name, **{k: round(v, 1) for k, v in med.items()},
            "project/model": statistics.median(p / m for p, m in zip(figures["project"], figures["model"]))}
@@ -326,10 +339,9 @@ def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -
         def step(model=model, opt=opt, cfg=cfg, small_map=small_map):
             with smallconv.switched(small_map):
                 train_step(model, opt, x, y, cfg, dev)
-            _sync(dev)
         step(), step()  # warm-up: allocator, kernels, compilation
         steps.append(step)
-    f_on, f_off = _paired(steps[0], steps[1], a.steps * a.rounds, a.bs)
+    f_on, f_off = _paired(steps[0], steps[1], a.steps * a.rounds, a.bs, dev)
     row = {"variant": name, "setting": setting, "on": round(statistics.median(f_on), 1),
            "off": round(statistics.median(f_off), 1),
            "on/off": statistics.median(p / q for p, q in zip(f_on, f_off))}

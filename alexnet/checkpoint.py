@@ -71,7 +71,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
 def rng_state(aug_generator: torch.Generator | None) -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # Only where this process already uses CUDA: asking starts a CUDA context, which a CPU
+        # run on a GPU machine has no use for (and DataLoader workers would fork from).
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "aug": aug_generator.get_state() if aug_generator is not None else None,

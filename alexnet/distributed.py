@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from alexnet.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -33,12 +35,20 @@ def setup(device_type: str) -> Dist:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kwargs = {}
     if device_type == "cuda":
-        torch.cuda.set_device(d.local_rank)
-    return d
+        if local_rank >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise UserError(f"this process is local rank {local_rank} (LOCAL_RANK), one GPU each, but this node has "
+                            f"{n} GPU{'' if n == 1 else 's'}: give torchrun --nproc_per_node={n} or fewer")
+        # The GPU is chosen before the group is made and named to it: NCCL then binds each
+        # rank to its own GPU, instead of guessing from the rank at its first barrier.
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **kwargs)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def cleanup(d: Dist) -> None:

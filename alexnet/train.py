@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
+from alexnet.atomic import link_atomic
 from alexnet.allocator import release_free_memory
 from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
@@ -437,7 +438,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             try:
                 ckpt_io.save_atomic(obj, run.out / "last.pth")
                 if best:
-                    ckpt_io.save_atomic(obj, run.out / "best.pth")
+                    link_atomic(run.out / "last.pth", run.out / "best.pth")
             finally:
                 saving[0] = False
 
@@ -474,6 +475,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         for ep in range(epoch, cfg.epochs):
             stopped_at = train_one_epoch(run, ep, start, state, save)
             if stopped_at is not None:
+                metrics.flush()
                 _stopped(run, f"epoch {ep + 1}, step {stopped_at} of {run.steps_per_epoch}", say)
             start = 0
             row = _end_epoch(run, ep, state)
@@ -485,7 +487,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             if improved:
                 state["best_top1"], state["best_epoch"] = row["val_top1"], ep + 1
             save(ep + 1, 0, best=improved)
-            metrics.write(state["history"])
+            stopping = ep + 1 < cfg.epochs and distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]
+            metrics.write(state["history"], final=ep + 1 == cfg.epochs or stopping)
             peak = f"peak {row['peak_rss_mib'] / 1024:.2f} GiB RSS"  # this run's, so far
             if row["peak_gpu_mib"]:
                 peak += f", {row['peak_gpu_mib'] / 1024:.2f} GiB GPU"
@@ -496,7 +499,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 f"lr {row['lr']:.3g} | {row['epoch_seconds']:.0f}s, {row['images_per_s']:.0f} img/s | {peak}"
                 + (" | best" if improved else ""))
             # A request that came during the evaluation: the epoch is saved, stop here.
-            if ep + 1 < cfg.epochs and distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]:
+            if stopping:
                 _stopped(run, f"the end of epoch {ep + 1}", say)
     finally:
         for s, h in previous.items():

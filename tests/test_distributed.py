@@ -103,3 +103,18 @@ def test_torchrun_stop_request_saves_once_every_rank_agrees(learnable_cache, tmp
     assert ck["epoch"] >= 1 and ck["world"] == 2
     where = printed.split("stopped by SIGTERM at ")[1].split(";")[0]
     assert where == (f"epoch {ck['epoch'] + 1}, step {ck['batch']} of 12" if ck["batch"] else f"the end of epoch {ck['epoch']}")
+
+
+def test_more_processes_than_gpus_is_one_clear_line(monkeypatch):
+    # Checked before the process group is made: otherwise a raw CUDA "invalid device ordinal".
+    from alexnet import distributed
+    from alexnet.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: pytest.fail("the group was made before the check"))
+    with pytest.raises(UserError, match=r"local rank 3 \(LOCAL_RANK\).*this node has 2 GPUs: give torchrun "
+                                        r"--nproc_per_node=2 or fewer"):
+        distributed.setup("cuda")

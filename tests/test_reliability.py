@@ -329,6 +329,57 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     assert (tmp_path / "a.pth").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_best_checkpoint_is_last_one_written_once(tmp_path, monkeypatch, hard_links):
+    """best.pth of an improving epoch is last.pth's file (one write, not two), and stays as it
+    was when the next last.pth replaces it; without hard links, a copy."""
+    from alexnet import atomic, checkpoint
+
+    if not hard_links:
+        def no_link(src, dst):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(atomic.os, "link", no_link)
+    last, best = tmp_path / "last.pth", tmp_path / "best.pth"
+    best.write_bytes(b"an older best")
+    checkpoint.save_atomic({"format": 1, "model": {"w": torch.ones(3)}}, last)
+    atomic.link_atomic(last, best)
+    assert best.read_bytes() == last.read_bytes()
+    assert os.path.samefile(best, last) == hard_links
+    checkpoint.save_atomic({"format": 1, "model": {"w": torch.zeros(3)}}, last)
+    assert torch.equal(torch.load(best, weights_only=False)["model"]["w"], torch.ones(3))
+    assert torch.equal(torch.load(last, weights_only=False)["model"]["w"], torch.zeros(3))
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]  # no temporary left
+
+
+def test_checkpoint_of_a_cpu_run_does_not_start_cuda(monkeypatch):
+    # On a GPU machine, a CPU run's first checkpoint must not create a CUDA context to ask
+    # for generator states it never used.
+    from alexnet import checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("CUDA was started"))
+    assert checkpoint.rng_state(None)["cuda"] is None
+
+
+def test_plot_redrawn_at_most_every_interval_and_at_the_end(tmp_path, monkeypatch):
+    from alexnet import metrics
+
+    drawn = []
+    monkeypatch.setattr(metrics, "plot_curves", lambda path, history, title="": drawn.append(len(history)))
+    log = metrics.MetricsLog(tmp_path)
+    rows = [{"epoch": e, "val_top1": 1.0} for e in (1, 2, 3, 4)]
+    log.write(rows[:1])
+    log.write(rows[:2])  # within PLOT_EVERY_S of the last draw: the CSV only
+    assert drawn == [1] and len(metrics.read_csv(tmp_path / "metrics.csv")) == 2
+    log.flush()  # a run that stops here draws what it has
+    log.write(rows[:3])
+    log.write(rows[:4], final=True)
+    assert drawn == [1, 2, 4]
+    log.flush()  # nothing left to draw
+    assert drawn == [1, 2, 4]
+
+
 # ---- bad input: one line, non-zero exit, nothing overwritten ------------------------------
 
 @pytest.fixture
