@@ -38,8 +38,8 @@ def setup(device_type: str) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     kwargs = {}
     if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            n = torch.cuda.device_count()
+        n = torch.cuda.device_count()
+        if local_rank >= n:
             raise UserError(f"this process is local rank {local_rank} (LOCAL_RANK), one GPU each, but this node has "
                             f"{n} GPU{'' if n == 1 else 's'}: give torchrun --nproc_per_node={n} or fewer")
         # The GPU is chosen before the group is made and named to it: NCCL then binds each
