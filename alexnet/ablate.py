@@ -150,8 +150,9 @@ def _state(folder: Path) -> str:
     return "new"
 
 
-def check_same_settings(cfg: TrainConfig, folder: Path) -> None:
-    """Refuse to skip or continue a run that was made with other settings than this study's."""
+def check_same_settings(cfg: TrainConfig, folder: Path, amp_fell_back: bool = False) -> None:
+    """Refuse to skip or continue a run that was made with other settings than this study's
+    (but a run made in bf16 continues in fp32 where --amp fell back: train.py's resume)."""
     state = _state(folder)
     if state == "new":
         return
@@ -163,7 +164,8 @@ def check_same_settings(cfg: TrainConfig, folder: Path) -> None:
             return  # nothing to compare with; resuming checks the checkpoint's variant and classes
         old = read_json(path)
     new = cfg.to_dict()
-    diff = [k for k in sorted(new) if k not in NOT_COMPARED and k in old and old[k] != new[k]]
+    diff = [k for k in sorted(new) if k not in NOT_COMPARED and k in old and old[k] != new[k]
+            and not (k == "amp" and amp_fell_back and old[k] is True)]
     if diff:
         shown = ", ".join(f"{k} {old[k]!r} there, {new[k]!r} now" for k in diff)
         raise UserError(f"{folder} was trained with other settings ({shown}); give the same options to "
@@ -217,11 +219,19 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
     from alexnet.data import cache_for
     from alexnet.models import create_model, count_parameters
     from alexnet.report import build_report
-    from alexnet.train import NonFiniteLoss, fit
+    from alexnet.precision import resolve_amp
+    from alexnet.train import NonFiniteLoss, fit, pick_device
 
     if a.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {a.seeds}")
     rows = selected_rows(a.variants)
+    # Each run would fall back from bf16 alike; resolved once here, the rows' configs (which a
+    # continued study compares) and the report say what ran. channels_last, left unset, follows
+    # the --amp asked for, as in `alexnet train`.
+    amp = resolve_amp(a.amp, pick_device(a.device), log)
+    fell_back = a.amp and not amp
+    a = argparse.Namespace(**{**vars(a), "amp": amp,
+                              "channels_last": a.amp if a.channels_last is None else a.channels_last})
     out = Path(a.out)
     # Prepared (if needed) and checked once, before any run; the class count comes from it.
     cache = cache_for(a.data, log=log)
@@ -230,7 +240,7 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
 
     plan = [(row, seed, run_config(a, row, seed, num_classes)) for row in rows for seed in range(a.seeds)]
     for _, _, cfg in plan:  # every refusal before the first hour of training, not after it
-        check_same_settings(cfg, Path(cfg.out))
+        check_same_settings(cfg, Path(cfg.out), amp_fell_back=fell_back)
     device = _device_name(a.device)
     log(f"ablation: {len(rows)} rows x {a.seeds} seeds = {len(plan)} runs of {a.epochs} "
         f"epoch{'' if a.epochs == 1 else 's'}, batch {a.bs}, lr {a.lr:g}, schedule {a.schedule}, "

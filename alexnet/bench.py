@@ -47,6 +47,7 @@ from alexnet.errors import UserError
 from alexnet.loader import FastBatches, epoch_order, releaser, step_seed, to_memory
 from alexnet.memory import rss_bytes
 from alexnet.models import VARIANTS, create_model
+from alexnet.precision import resolve_amp
 from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
@@ -357,6 +358,9 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     if a.bs < 1 or a.steps < 1 or a.rounds < 1:
         raise UserError("--bs, --steps and --rounds must be at least 1")
     dev = settle_device(pick_device(a.device))
+    # (1) and (2) in the precision a training run here would use; `--compare amp` still
+    # measures bf16 against fp32, as asked.
+    a = argparse.Namespace(**{**vars(a), "amp": resolve_amp(a.amp, dev, log)})
     if a.compare:
         log(f"the training step alone on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
             f"batch {a.bs}, each setting on and off with the others at amp={'bf16' if a.amp else 'off'}, "

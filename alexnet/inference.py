@@ -21,6 +21,7 @@ from alexnet.loader import to_memory
 from alexnet.sources import load_image_file
 from alexnet.evaluate import TTA, evaluate, logits_for, write_per_class
 from alexnet.models import AlexNet, AlexNetConfig
+from alexnet.precision import resolve_amp
 from alexnet.train import pick_device
 from alexnet.userfiles import check_model_output, load_model_file
 
@@ -44,7 +45,7 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
         model = model.to(memory_format=torch.channels_last)
     if model_file is not None:
         check_model_output(model_file, model, c["num_classes"], c.get("img_size", 64), device,
-                           c["config"].get("amp", False), channels_last)
+                           resolve_amp(c["config"].get("amp", False), device), channels_last)
     st = c["stats"]
     recipe = Recipe(**c["recipe"]) if c.get("recipe") else Recipe()
     augment = BatchAugment(recipe, c["img_size"], st["mean"], st["std"], st.get("eigval"), st.get("eigvec"), device=device)
@@ -78,7 +79,7 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
     if cache.wnids != c["wnids"]:
         raise CheckpointError(f"{ckpt_path}: trained on other classes than the data in {cache.root} "
                               f"({len(c['wnids'])} vs {len(cache.wnids)} classes, or a different order)")
-    amp = c["config"].get("amp", False) if amp is None else amp
+    amp = resolve_amp(c["config"].get("amp", False) if amp is None else amp, dev, log)
     x = to_memory(cache.val.x, dev)
     y = torch.from_numpy(np.array(cache.val.y)).to(dev)
     res = evaluate(model, x, y, augment, bs=bs, tta=tta, amp=amp, channels_last=c["config"].get("channels_last", True),
@@ -103,7 +104,8 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, log=p
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     size = c.get("cache_img_size", 64)
     batch = torch.stack([load_image(p, size) for p in images])
-    logits = logits_for(model, batch, augment, "none", c["config"].get("amp", False), c["config"].get("channels_last", True))
+    amp = resolve_amp(c["config"].get("amp", False), dev, log)
+    logits = logits_for(model, batch, augment, "none", amp, c["config"].get("channels_last", True))
     probs = logits.softmax(1).cpu()
     k = min(topk, probs.shape[1])
     results = []

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +38,7 @@ from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_r
 from alexnet.memory import peak_memory_mib, reset_peak
 from alexnet.metrics import MetricsLog
 from alexnet.models import VARIANTS, AlexNet, create_model
+from alexnet.precision import resolve_amp
 from alexnet.userfiles import check_model_output, load_model_file, load_transforms_file
 
 
@@ -159,6 +160,7 @@ class Run:
     transforms_source: str
     steps_per_epoch: int
     out: Path
+    amp_fell_back: bool = False  # --amp asked, fp32 used: bf16 would be emulated here (precision.py)
     stop_signal: list = field(default_factory=list)
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -169,6 +171,9 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     device = pick_device(cfg.device)
     d = distributed.setup(device.type)
     device = settle_device(device, cfg.deterministic)
+    # Before anything is written: config.json and the checkpoints record the precision used.
+    asked_amp = cfg.amp
+    cfg = replace(cfg, amp=resolve_amp(cfg.amp, device, log if d.main else None))
     out = Path(cfg.out)
     if d.main:
         try:
@@ -233,7 +238,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         model = torch.compile(model)
     return Run(cfg, device, d, model, raw, variant, opt, sched, per_step, batches, augment, aug_gen, train_n,
                to_memory(cache.val.x, device), torch.from_numpy(np.array(cache.val.y)).to(device), cache,
-               recipe.to_dict() if isinstance(transform, Recipe) else None, source, steps, out)
+               recipe.to_dict() if isinstance(transform, Recipe) else None, source, steps, out,
+               amp_fell_back=asked_amp and not cfg.amp)
 
 
 def checkpoint_state(run: Run, epoch: int, batch: int, state: dict) -> dict:
@@ -393,6 +399,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     except BaseException:
         drop_empty_out()
         raise
+    cfg = run.cfg  # as resolved for this device (--amp)
     reset_peak(run.device)  # this run's peak, also when an ablation ran others in this process
     d = run.dist
     say = log if d.main else (lambda *a, **k: None)
@@ -642,7 +649,10 @@ TRAJECTORY = ("seed", "bs", "lr", "momentum", "wd", "nesterov", "schedule", "war
 
 def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:
     saved, now = c["config"], run.cfg.to_dict()
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY if saved.get(k) != now[k]]
+    # A run trained in bf16 continues in fp32 where bf16 would be emulated (build_run warned):
+    # not bit for bit, as another machine's kernels would not be either, but not weeks late.
+    keys = [k for k in TRAJECTORY if not (k == "amp" and run.amp_fell_back and saved.get(k) is True)]
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
     if c.get("world", 1) != run.dist.world:
         diff.append(f"processes {c.get('world', 1)} -> {run.dist.world}")
     if diff:

@@ -29,6 +29,15 @@ def quiet(*args: object) -> None:
     """A `log` that prints nothing."""
 
 
+@pytest.fixture(autouse=True)
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees bf16 as native to the device, so that `--amp` runs the same configs and
+    checkpoints on a CPU without it (AVX2 only: bf16 emulated there, slower, still correct).
+    The fp32 fallback that training, evaluation and the bench take on such a CPU, and the
+    detection itself, are tested in test_precision.py."""
+    monkeypatch.setattr("alexnet.precision.bf16_emulated", lambda device: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny-imagenet-200/ folder of a 4-class synthetic set (12 train, 4 val per class)."""
