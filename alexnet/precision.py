@@ -31,7 +31,7 @@ def _cpu_reason() -> str | None:
         return None
     return (f"this CPU ({torch.backends.cpu.get_cpu_capability()} vector unit) has no native bf16 arithmetic "
             "(oneDNN's bf16 kernels need AVX512, AVX512-BF16 or AMX on x86), so PyTorch would emulate bf16: "
-            "80x slower than fp32 on a 2-core AVX2 CPU (docs/speed.md, Precision)")
+            "about 80x slower than fp32 on a 2-core AVX2 CPU (docs/speed.md, Precision)")
 
 
 @lru_cache(maxsize=None)
