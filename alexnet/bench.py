@@ -16,9 +16,13 @@ launches the next one, which training never does). (3) runs in blocks of `--step
 workers prefetch, so single steps would not measure it), one block per round between the pairs.
 Each mode's figure is the median of its images / wall seconds; (2)/(3) is the ratio of those.
 
-`--compare amp channels_last compile small_map_grad` measures instead what each of those
+(3) runs the model as typical code does, FC1 over the 36 copies of the pooled vector
+(torchvision's AlexNet); (1) and (2) fold them (alexnet/models.py).
+
+`--compare amp channels_last compile small_map_grad fold_fc1` measures instead what each of those
 settings does to speed (small_map_grad: alexnet/smallconv.py's weight gradient, an
-environment switch rather than a config key): the training step alone (as (1)) with the setting on and off, everything else as the
+environment switch rather than a config key; fold_fc1: FC1 on summed weights, a model
+attribute): the training step alone (as (1)) with the setting on and off, everything else as the
 command says, alternating single steps the same way, and prints on/off as the median of the
 per-pair ratios.
 """
@@ -51,7 +55,7 @@ from alexnet.precision import resolve_amp
 from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
-SETTINGS = ("amp", "channels_last", "compile", "small_map_grad")
+SETTINGS = ("amp", "channels_last", "compile", "small_map_grad", "fold_fc1")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -172,10 +176,11 @@ def _paired(a, b, pairs: int, bs: int, dev: torch.device) -> tuple[list[float], 
     return fa, fb
 
 
-def _trainable(cfg: TrainConfig, dev: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def _trainable(cfg: TrainConfig, dev: torch.device, fold_fc1: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The variant's model (seed 0) and fused SGD, laid out and compiled as `cfg` says."""
     torch.manual_seed(0)
     model = create_model(cfg.variant, 200).to(dev)
+    model.fold_fc1 = model.fold_fc1 and fold_fc1
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model, fused=True)
@@ -235,7 +240,9 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         held = rss_bytes()
     if folder is not None:
         ref_model = create_model(name, 200).to(dev)
-        # Typical code: the default (foreach) SGD, no channels_last, no autocast.
+        # Typical code: the default (foreach) SGD, no channels_last, no autocast, and FC1 over
+        # the pooled vector's 36 copies, as torchvision's AlexNet computes it.
+        ref_model.fold_fc1 = False
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         it = _reference_loader(folder, recipe, a.reference_bs, stats)
 
@@ -334,7 +341,7 @@ def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -
         if setting in s:
             s[setting] = on
         cfg = TrainConfig(variant=name, bs=a.bs, **s)
-        model, opt = _trainable(cfg, dev)
+        model, opt = _trainable(cfg, dev, fold_fc1=on if setting == "fold_fc1" else True)
         small_map = on if setting == "small_map_grad" else smallconv.enabled()
 
         def step(model=model, opt=opt, cfg=cfg, small_map=small_map):

@@ -1,10 +1,15 @@
 """`alexnet summary`: each layer's output shape, parameters and forward MFLOPs per image,
 and a table over all registered variants. FLOPs are counted by PyTorch's FlopCounterMode
-(a multiply-add counts as 2 FLOPs; convolutions and linear layers dominate)."""
+(a multiply-add counts as 2 FLOPs; convolutions and linear layers dominate), for the
+computation as torchvision's AlexNet does it: FC1 over the 36 copies of a 1x1 map's pooled
+vector. The project's models fold those copies (alexnet/models.py); a single model's summary
+also prints what that leaves."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -14,12 +19,26 @@ from alexnet.models import VARIANTS, count_parameters, create_model
 from alexnet.userfiles import load_model_file
 
 
-def forward_mflops(model: nn.Module, img_size: int) -> float:
+def forward_mflops(model: nn.Module, img_size: int, folded: bool = False) -> float:
+    """Forward MFLOPs per image in evaluation; `folded`: as the project computes them."""
     x = torch.zeros(1, 3, img_size, img_size)
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with _fold(model, folded), torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(x)
     return fc.get_total_flops() / 1e6
+
+
+@contextmanager
+def _fold(model: nn.Module, on: bool) -> Iterator[None]:
+    """FC1 folded (alexnet/models.py) or over the copies, for models that have the switch."""
+    old = getattr(model, "fold_fc1", None)
+    if old is not None:
+        model.fold_fc1 = on and old
+    try:
+        yield
+    finally:
+        if old is not None:
+            model.fold_fc1 = old
 
 
 def layer_table(model: nn.Module, img_size: int) -> list[tuple[str, str, tuple[int, ...], int]]:
@@ -32,7 +51,7 @@ def layer_table(model: nn.Module, img_size: int) -> list[tuple[str, str, tuple[i
                 lambda mod, inp, out, name=name: rows.append(
                     (name, type(mod).__name__, tuple(out.shape[1:]), sum(p.numel() for p in mod.parameters())))))
     model.eval()
-    with torch.no_grad():
+    with _fold(model, False), torch.no_grad():  # every layer runs, avgpool and FC1 as torchvision's
         model(torch.zeros(1, 3, img_size, img_size))
     for h in hooks:
         h.remove()
@@ -55,7 +74,9 @@ def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200
         log(f"{'layer':<16}{'type':<20}{'output shape':<20}{'params':>12}")
         for name, kind, shape, n in layer_table(model, img_size):
             log(f"{name:<16}{kind:<20}{str(shape):<20}{n:>12,}")
-        log(f"total parameters {count_parameters(model):,}; forward {forward_mflops(model, img_size):,.1f} MFLOPs per image")
+        nominal, computed = forward_mflops(model, img_size), forward_mflops(model, img_size, folded=True)
+        log(f"total parameters {count_parameters(model):,}; forward {nominal:,.1f} MFLOPs per image"
+            + (f" ({computed:,.1f} computed here: FC1 on summed weights)" if computed < nominal else ""))
         log("")
     log(f"| variant | model | parameters | MFLOPs/image ({img_size}x{img_size}) |")
     log("|---|---|---:|---:|")

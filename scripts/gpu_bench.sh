@@ -4,7 +4,7 @@
 #   1. the CUDA tests (tests marked `cuda`);
 #   2. `alexnet bench` for every variant at the recommended settings (batch 256, bf16,
 #      channels_last): training images/s of the model alone and of the full training path;
-#   3. what bf16 autocast, channels_last and torch.compile each do to the training step's
+#   3. what bf16 autocast, channels_last, FC1 on summed weights and torch.compile each do to the training step's
 #      speed (`alexnet bench --compare`, batch 256), for two variants (COMPARE_VARIANTS):
 #      each from the recommended settings, and channels_last also in fp32;
 #   4. a synthetic TinyImageNet-sized cache (JPEGs in the official layout, then `prepare`);
@@ -49,7 +49,7 @@ if has compare; then
   echo "== each setting on and off ($device) =="
   # compile last: it needs a C compiler (and Triton on CUDA), which a bare machine may lack
   "$py" -m alexnet bench --device "$device" --variants ${COMPARE_VARIANTS:-baseline combined_gap} --bs 256 --amp \
-    --compare amp channels_last --steps "$steps" --rounds 1 || failed compare
+    --compare amp channels_last fold_fc1 --steps "$steps" --rounds 1 || failed compare
   "$py" -m alexnet bench --device "$device" --variants ${COMPARE_VARIANTS:-baseline combined_gap} --bs 256 --no-amp \
     --compare channels_last --steps "$steps" --rounds 1 || failed compare
   "$py" -m alexnet bench --device "$device" --variants ${COMPARE_VARIANTS:-baseline combined_gap} --bs 256 --amp \

@@ -161,3 +161,29 @@ def test_settled_device_has_its_index_and_cudnn_timing_follows_determinism():
         assert settle_device(torch.device("cuda"), deterministic=True) == dev and not torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.parametrize("name", ["baseline", "dropout"])
+def test_fc1_fold_matches_copies(name):
+    """FC1 on summed weights (alexnet/models.py) gives the logits and FC1 gradient of the 36
+    copies on the GPU too (TF32 off: cuBLAS's reduced precision would swamp the comparison)."""
+    import copy
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        folded = create_model(name, 200).cuda().eval()
+        plain = copy.deepcopy(folded)
+        plain.fold_fc1 = False
+        x = torch.randn(16, 3, 64, 64, device="cuda")
+        outs = []
+        for m in (folded, plain):
+            out = m(x)
+            out.square().mean().backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(folded.classifier[1].weight.grad, plain.classifier[1].weight.grad,
+                                   rtol=1e-4, atol=1e-7)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
