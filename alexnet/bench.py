@@ -17,7 +17,8 @@ workers prefetch, so single steps would not measure it), one block per round bet
 Each mode's figure is the median of its images / wall seconds; (2)/(3) is the ratio of those.
 
 (3) runs the model as typical code does, FC1 over the 36 copies of the pooled vector
-(torchvision's AlexNet); (1) and (2) fold them (alexnet/models.py).
+(torchvision's AlexNet); (1) and (2) fold them where training does (alexnet/models.py:
+variants without dropout before FC1).
 
 `--compare amp channels_last compile small_map_grad fold_fc1` measures instead what each of those
 settings does to speed (small_map_grad: alexnet/smallconv.py's weight gradient, an
@@ -50,7 +51,7 @@ from alexnet.distributed import Dist
 from alexnet.errors import UserError
 from alexnet.loader import FastBatches, epoch_order, releaser, step_seed, to_memory
 from alexnet.memory import rss_bytes
-from alexnet.models import VARIANTS, create_model
+from alexnet.models import FOLD_ENV, VARIANTS, create_model, fc1_folds
 from alexnet.precision import resolve_amp
 from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
 
@@ -375,6 +376,11 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
         if "small_map_grad" in a.compare and (dev.type != "cpu" or not a.amp):
             log("note: small_map_grad is taken only in bf16 steps on the CPU; here both sides run oneDNN's "
                 "gradient, so its on/off measures the bench's own noise")
+        if "fold_fc1" in a.compare:
+            plain = [n for n in names if not fc1_folds(create_model(n, 200).train())]
+            if plain:
+                log(f"note: {', '.join(plain)} keep FC1's 36 copies in training (dropout on FC1's input, no copies, "
+                    f"or {FOLD_ENV}=0), so their fold_fc1 on/off measures the bench's own noise")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "

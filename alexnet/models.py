@@ -19,7 +19,8 @@ gradient. Measured on a 2-core AVX2 CPU in fp32 (docs/speed.md): Baseline steps 
 faster at batch 64, 1.67x at batch 128. The fold is exact math, not an approximation (the
 outputs and gradients differ by float rounding, the order of the sums); it is taken only
 where the copies are identical: a 1x1 map (not at 224 pixels) and no dropout on FC1's input
-(so in training only for variants without dropout; in evaluation for all).
+(so in training only for variants without dropout; in evaluation for all but the GAP head,
+which has no copies), and where the head is the one built here, not replaced or hooked.
 `ALEXNET_FOLD_FC1=0`, or `model.fold_fc1 = False`, keeps the 36 copies.
 """
 
@@ -180,18 +181,51 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
     def _folds(self, x: torch.Tensor) -> bool:
-        """Whether FC1's input would be copies of one vector: a pooled grid over a 1x1 map,
-        and FC1's input dropout (which would drop each copy on its own) not at work."""
-        return (self.fold_fc1 and self.cfg.head != "gap" and x.shape[-2:] == (1, 1)
-                and not (self.training and self.classifier[0].p > 0))
+        """Whether FC1's input would be copies of one vector (a pooled grid over a 1x1 map,
+        FC1's input dropout not at work: it would drop each copy on its own), and the head is
+        still the one built here: the fold reads its modules' parameters without calling them,
+        so a replaced, quantised or re-parametrised pooling, dropout or FC1, or a forward hook
+        on one of them (feature extraction, Grad-CAM, legacy weight_norm), keeps the copies."""
+        if not self.fold_fc1 or x.shape[-2:] != (1, 1):
+            return False
+        pool, head = self.avgpool, self.classifier
+        if type(pool) is not nn.AdaptiveAvgPool2d or type(head) is not nn.Sequential or len(head) < 2:
+            return False
+        drop, fc1 = head[0], head[1]
+        if type(drop) is not nn.Dropout or type(fc1) is not nn.Linear:
+            return False
+        h, w = _pair(pool.output_size)
+        if h is None or w is None or h * w == 1 or fc1.in_features != x.shape[1] * h * w:
+            return False  # no copies (the GAP head), or a head built for another map
+        if drop.training and drop.p > 0:  # the module's own mode: test-time (MC) dropout keeps the copies
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (pool, head, drop, fc1))
 
     def _classify_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The head on (N, C, 1, 1) features, FC1 on its weights summed over each channel's
         copies (flatten puts channel c's copies at columns c*k .. c*k+k-1)."""
-        fc1, size = self.classifier[1], self.avgpool.output_size
-        copies = size * size if isinstance(size, int) else size[0] * size[1]
-        weight = fc1.weight.view(fc1.out_features, -1, copies).sum(-1)
+        fc1, (h, w) = self.classifier[1], _pair(self.avgpool.output_size)
+        weight = fc1.weight.reshape(fc1.out_features, -1, h * w).sum(-1)
         return self.classifier[2:](F.linear(torch.flatten(x, 1), weight, fc1.bias))
+
+
+def fc1_folds(model: nn.Module, img_size: int = 64) -> bool:
+    """Whether `model`'s forward pass, in its present mode, would fold FC1 at `img_size`."""
+    if not isinstance(model, AlexNet):
+        return False
+    modes = {m: m.training for m in model.features.modules()}  # eval: BatchNorm on one image
+    try:
+        with torch.no_grad():
+            features = model.features.eval()(torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return model._folds(features)
+
+
+def _pair(size) -> tuple:
+    """An adaptive pooling's output_size as (h, w) (an int means a square)."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,16 @@ def forward_mflops(model: nn.Module, img_size: int, folded: bool = False) -> flo
 
 @contextmanager
 def _fold(model: nn.Module, on: bool) -> Iterator[None]:
-    """FC1 folded (alexnet/models.py) or over the copies, for models that have the switch."""
-    old = getattr(model, "fold_fc1", None)
-    if old is not None:
-        model.fold_fc1 = on and old
+    """FC1 folded (alexnet/models.py) or over the copies, in every AlexNet the model holds (a
+    model file may wrap one)."""
+    old = {m: m.fold_fc1 for m in model.modules() if hasattr(m, "fold_fc1")}
+    for m, was in old.items():
+        m.fold_fc1 = on and was
     try:
         yield
     finally:
-        if old is not None:
-            model.fold_fc1 = old
+        for m, was in old.items():
+            m.fold_fc1 = was
 
 
 def layer_table(model: nn.Module, img_size: int) -> list[tuple[str, str, tuple[int, ...], int]]:

@@ -9,27 +9,30 @@ import torch
 
 from alexnet.bench import add_bench_args, run_bench
 from alexnet.cli import main
-from alexnet.models import FOLD_ENV, VARIANTS, create_model
+from alexnet.models import FOLD_ENV, VARIANTS, create_model, fc1_folds
 
 
 def pair(name: str, num_classes: int = 200):
     """Two copies of one model (seed 0): folded, and over the copies."""
     torch.manual_seed(0)
     folded = create_model(name, num_classes)
+    folded.fold_fc1 = True  # whatever ALEXNET_FOLD_FC1 the suite runs under
     plain = copy.deepcopy(folded)
     plain.fold_fc1 = False
     return folded, plain
 
 
 def run(model, x, seed=1):
-    """Logits of one pass, and whether the pooled grid ran (it does not when FC1 is folded)."""
+    """Logits of one pass, and whether the pooled grid ran: FC1 was not folded. (Counted on
+    the folded path: a hook on the pooling would itself keep the copies.)"""
     calls = []
-    hook = model.avgpool.register_forward_hook(lambda *_: calls.append(1))
+    folded = model._classify_folded
+    model._classify_folded = lambda f: calls.append(1) or folded(f)
     torch.manual_seed(seed)  # the same dropout masks for both models
     try:
-        return model(x), bool(calls)
+        return model(x), not calls
     finally:
-        hook.remove()
+        del model._classify_folded
 
 
 def expected_fold(name: str, training: bool) -> bool:
@@ -99,7 +102,8 @@ def test_environment_switch(monkeypatch):
     assert create_model("baseline", 10).fold_fc1 is True
 
 
-def test_summary_prints_nominal_and_computed_flops(capsys):
+def test_summary_prints_nominal_and_computed_flops(capsys, monkeypatch):
+    monkeypatch.delenv(FOLD_ENV, raising=False)
     main(["summary", "baseline"])
     out = capsys.readouterr().out
     assert "forward 189.7 MFLOPs per image (116.3 computed here: FC1 on summed weights)" in out
@@ -108,12 +112,65 @@ def test_summary_prints_nominal_and_computed_flops(capsys):
     assert "computed here" not in capsys.readouterr().out  # nothing to fold
 
 
-def test_bench_compares_the_fold():
+def test_bench_compares_the_fold(monkeypatch, capsys):
+    """--compare fold_fc1 times a folded model against one over the copies, and says where
+    training would not fold anyway."""
     import argparse
 
+    import alexnet.bench as bench
+
+    built = []
+    trainable = bench._trainable
+
+    def spy(cfg, dev, fold_fc1=True):
+        model, opt = trainable(cfg, dev, fold_fc1)
+        built.append((cfg.variant, model.fold_fc1))
+        return model, opt
+
+    monkeypatch.setattr(bench, "_trainable", spy)
+    monkeypatch.delenv(FOLD_ENV, raising=False)
     p = argparse.ArgumentParser()
     add_bench_args(p)
-    a = p.parse_args(["--compare", "fold_fc1", "--variants", "baseline", "--bs", "4", "--steps", "2",
+    a = p.parse_args(["--compare", "fold_fc1", "--variants", "baseline", "dropout", "--bs", "4", "--steps", "1",
                       "--rounds", "1", "--no-amp", "--device", "cpu"])
-    rows = run_bench(a, log=lambda *_: None)
-    assert rows[0]["setting"] == "fold_fc1" and rows[0]["on"] > 0 and rows[0]["off"] > 0
+    rows = run_bench(a, log=print)
+    assert [r["setting"] for r in rows] == ["fold_fc1"] * 2 and all(r["on"] > 0 and r["off"] > 0 for r in rows)
+    assert built == [("baseline", True), ("baseline", False), ("dropout", True), ("dropout", False)]
+    assert "note: dropout keep FC1's 36 copies in training" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fc1_folds_reports_each_mode(name):
+    model = create_model(name, 200)
+    model.fold_fc1 = True
+    assert fc1_folds(model.train()) == expected_fold(name, True)
+    assert model.training and all(m.training for m in model.modules())  # modes left as they were
+    assert fc1_folds(model.eval()) == expected_fold(name, False)
+    assert not fc1_folds(model, img_size=224)
+
+
+def test_channels_last_model_folds_the_same():
+    folded, plain = pair("baseline")
+    folded, plain = (m.to(memory_format=torch.channels_last) for m in (folded, plain))
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    (out_f, pooled_f), (out_p, _) = run(folded, x), run(plain, x)
+    assert not pooled_f
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+
+
+def test_hooked_or_replaced_head_keeps_the_copies():
+    """The fold reads FC1's weights without calling its modules: a hook on one of them, a
+    replaced classifier and test-time dropout all get the head as built, as before."""
+    model = pair("dropout")[0].eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    hook = model.classifier[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    _, pooled = run(model, x)
+    hook.remove()
+    assert pooled and seen == [(2, 9216)]
+    model.classifier[0].train()  # Monte Carlo dropout on an evaluating model
+    (a, pooled), (b, _) = run(model, x, seed=1), run(model, x, seed=2)
+    assert pooled and not torch.equal(a, b)
+    model.classifier = torch.nn.Sequential(torch.nn.Linear(9216, 7))  # the fine-tuning idiom
+    out, pooled = run(model, x)
+    assert pooled and out.shape == (2, 7)
