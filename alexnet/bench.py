@@ -373,9 +373,10 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
         log(f"the training step alone on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
             f"batch {a.bs}, each setting on and off with the others at amp={'bf16' if a.amp else 'off'}, "
             f"channels_last={a.channels_last}, compile={a.compile}; {a.rounds * a.steps} alternating pairs")
-        if "small_map_grad" in a.compare and (dev.type != "cpu" or not a.amp):
-            log("note: small_map_grad is taken only in bf16 steps on the CPU; here both sides run oneDNN's "
-                "gradient, so its on/off measures the bench's own noise")
+        if "small_map_grad" in a.compare and (dev.type != "cpu" or not (a.amp or (a.channels_last and smallconv.fp32_pays()))):
+            log("note: small_map_grad is taken only on the CPU, in bf16 steps, or in fp32 channels_last steps on "
+                "a CPU without AVX512; here both sides run oneDNN's gradient, so its on/off measures the bench's "
+                "own noise")
         if "fold_fc1" in a.compare:
             plain = [n for n in names if not fc1_folds(create_model(n, 200).train())]
             if plain:

@@ -7,13 +7,18 @@ by (i, j): (C_out x NHW) @ (NHW x C_in)). Measured on this project's 2-core CPU 
 256, bf16, channels_last: conv4 (384 -> 256 on 3x3) 21.2 ms against 5.8, conv3 16.0 against
 4.5; at 6x6 maps 24.2 against 13.7; at 7x7 with a 5x5 kernel (conv2) 9.9 against 18.4, and
 at 13x13 (224-pixel input) 54 against 152, so oneDNN keeps those. In fp32 the two are level
-(18.2 against 15.7, 11.7 against 12.2), so fp32 keeps oneDNN too. The forward pass and the
-input gradient stay with oneDNN everywhere (they are fast).
+(18.2 against 15.7, 11.7 against 12.2), so fp32 keeps oneDNN too there. On a 2-core AVX2
+CPU (no AVX512), in fp32, the products won: at batch 256, channels_last, conv3 29.2 against
+45.5 ms, conv4 43.2 against 60.2, conv5 28.7 against 40.5 (conv2 on 7x7: 99.4 against 67.4),
+so fp32 takes them on CPUs whose vector unit is AVX2 or narrower, for channels_last inputs
+(from NCHW the products' NHWC views need copies: a Baseline step at batch 64 ran 0.91x).
+The forward pass and the input gradient stay with oneDNN everywhere (they are fast).
 
 `Conv2d` is `nn.Conv2d` with the same parameters and state-dict keys; its forward pass takes
 this path only where it was measured to pay: on the CPU, bf16 (autocast or a bf16 model),
-gradients wanted, stride 1, no dilation or groups, an output map of at most `SMALL_MAP`
-positions. `ALEXNET_SMALL_MAP_GRAD=0` keeps oneDNN's weight gradient everywhere.
+or fp32 on channels_last inputs where the CPU has no AVX512 (`fp32_pays`), gradients
+wanted, stride 1, no dilation or groups, an output map of at most `SMALL_MAP` positions.
+`ALEXNET_SMALL_MAP_GRAD=0` keeps oneDNN's weight gradient everywhere.
 """
 
 from __future__ import annotations
@@ -75,6 +80,16 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+# Whether fp32 weight gradients on small maps take the products on this CPU: measured faster
+# where PyTorch's vector unit is AVX2 (module doc), level with AVX512. A constant, so that
+# torch.compile guards on it instead of calling into PyTorch's CPU detection.
+FP32_PAYS = torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+
+
+def fp32_pays() -> bool:
+    return FP32_PAYS
+
+
 @contextmanager
 def switched(on: bool) -> Iterator[None]:
     """Sets the switch to `on` for the duration of the block (alexnet bench). It sets the
@@ -98,11 +113,12 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
-        elif x.dtype == self.weight.dtype:  # a bf16 model; mixed dtypes get nn.Conv2d's own error
+        elif x.dtype == self.weight.dtype:  # a bf16 or fp32 model; mixed dtypes get nn.Conv2d's own error
             dtype = x.dtype
         else:
             return super().forward(x)
-        if dtype != torch.bfloat16:
+        fp32 = dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) and fp32_pays()
+        if dtype != torch.bfloat16 and not fp32:
             return super().forward(x)
         # Autocast would cast inside F.conv2d; the backward needs the bf16 copies, so cast here
         # (the casts' own backward carries the gradients to the fp32 parameters).

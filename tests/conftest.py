@@ -38,6 +38,14 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("alexnet.precision.bf16_emulated", lambda device: None)
 
 
+@pytest.fixture(autouse=True)
+def onednn_fp32_grads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 convolutions keep oneDNN's weight gradient in every test, as on an AVX512 CPU,
+    so that the suite runs the same paths on any CPU; the products that an AVX2 CPU takes in
+    fp32 are tested in test_smallconv.py with this switched on."""
+    monkeypatch.setattr("alexnet.smallconv.FP32_PAYS", False)
+
+
 @pytest.fixture(scope="session")
 def tiny_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny-imagenet-200/ folder of a 4-class synthetic set (12 train, 4 val per class)."""

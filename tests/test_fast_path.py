@@ -105,8 +105,8 @@ def test_bench_compares_settings_on_and_off(capsys, monkeypatch):
 
     built = []  # (amp, channels_last, compile) of each model the comparison trains
     real = bench._trainable
-    monkeypatch.setattr(bench, "_trainable", lambda cfg, dev: (built.append((cfg.amp, cfg.channels_last, cfg.compile)),
-                                                               real(cfg, dev))[1])
+    monkeypatch.setattr(bench, "_trainable", lambda cfg, dev, **kw: (built.append((cfg.amp, cfg.channels_last, cfg.compile)),
+                                                               real(cfg, dev, **kw))[1])
     p = argparse.ArgumentParser()
     add_bench_args(p)
     a = p.parse_args(["--compare", "amp", "channels_last", "--variants", "combined_gap", "--bs", "4", "--steps", "2",

@@ -166,7 +166,7 @@ def test_bench_measures_the_precision_training_would_use(emulated, capsys, monke
 
     built = []  # the amp of each model (1) and (2) train
     real = bench._trainable
-    monkeypatch.setattr(bench, "_trainable", lambda cfg, dev: (built.append(cfg.amp), real(cfg, dev))[1])
+    monkeypatch.setattr(bench, "_trainable", lambda cfg, dev, **kw: (built.append(cfg.amp), real(cfg, dev, **kw))[1])
     p = argparse.ArgumentParser()
     add_bench_args(p)
     a = p.parse_args(["--variants", "combined_gap", "--bs", "4", "--steps", "1", "--rounds", "1", "--no-reference",

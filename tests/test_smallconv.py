@@ -88,7 +88,7 @@ def test_where_the_path_is_not_taken():
         return len(taken)
 
     assert calls(torch.randn(2, 3, 64, 64)) == 3
-    assert calls(torch.randn(2, 3, 64, 64), amp=False) == 0  # fp32: oneDNN is as fast
+    assert calls(torch.randn(2, 3, 64, 64), amp=False) == 0  # fp32 on an AVX512 CPU: oneDNN is as fast
     assert calls(torch.randn(2, 3, 64, 64), grad=False) == 0  # evaluation
     assert calls(torch.randn(2, 3, 224, 224)) == 0  # 13x13 maps: oneDNN is faster
     with smallconv.switched(False):
@@ -168,3 +168,29 @@ def test_bench_compares_the_switch(capsys):
     # 2 warm-up and 2 timed steps with it on, 3 convolutions each; none with it off
     assert taken == [True] * 12
     assert "on/off" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["baseline", "combined_gap"])
+def test_fp32_products_on_cpus_without_avx512(name, monkeypatch):
+    """Where the CPU has no AVX512 (FP32_PAYS), fp32 steps on channels_last inputs take the
+    products for conv3-conv5, NCHW inputs and AVX512 CPUs keep oneDNN's gradient, and the
+    gradients of every parameter agree with oneDNN's to fp32 rounding."""
+    torch.manual_seed(0)
+    model = create_model(name, 200).eval()  # no dropout; BatchNorm on running statistics
+    x = torch.randn(8, 3, 64, 64)
+    y = torch.arange(8)
+
+    def grads(m, inp, pays):
+        monkeypatch.setattr(smallconv, "FP32_PAYS", pays)
+        m.zero_grad(set_to_none=True)
+        with counted() as taken:
+            F.cross_entropy(m(inp), y).backward()
+        return len(taken), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    cl = model.to(memory_format=torch.channels_last)
+    n_on, on = grads(cl, x.contiguous(memory_format=torch.channels_last), True)
+    n_off, off = grads(cl, x.contiguous(memory_format=torch.channels_last), False)
+    assert (n_on, n_off) == (3, 0)
+    assert grads(model.to(memory_format=torch.contiguous_format), x, True)[0] == 0  # NCHW: copies, slower
+    for pname in on:
+        torch.testing.assert_close(on[pname], off[pname], rtol=1e-4, atol=1e-6, msg=pname)
