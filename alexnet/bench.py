@@ -375,7 +375,7 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             f"channels_last={a.channels_last}, compile={a.compile}; {a.rounds * a.steps} alternating pairs")
         if "small_map_grad" in a.compare and (dev.type != "cpu" or not (a.amp or (a.channels_last and smallconv.fp32_pays()))):
             log("note: small_map_grad is taken only on the CPU, in bf16 steps, or in fp32 channels_last steps on "
-                "a CPU without AVX512; here both sides run oneDNN's gradient, so its on/off measures the bench's "
+                "an AVX2 CPU; here both sides run oneDNN's gradient, so its on/off measures the bench's "
                 "own noise")
         if "fold_fc1" in a.compare:
             plain = [n for n in names if not fc1_folds(create_model(n, 200).train())]

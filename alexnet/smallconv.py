@@ -10,13 +10,13 @@ at 13x13 (224-pixel input) 54 against 152, so oneDNN keeps those. In fp32 the tw
 (18.2 against 15.7, 11.7 against 12.2), so fp32 keeps oneDNN too there. On a 2-core AVX2
 CPU (no AVX512), in fp32, the products won: at batch 256, channels_last, conv3 29.2 against
 45.5 ms, conv4 43.2 against 60.2, conv5 28.7 against 40.5 (conv2 on 7x7: 99.4 against 67.4),
-so fp32 takes them on CPUs whose vector unit is AVX2 or narrower, for channels_last inputs
+so fp32 takes them on CPUs whose vector unit is AVX2, for channels_last inputs
 (from NCHW the products' NHWC views need copies: a Baseline step at batch 64 ran 0.91x).
 The forward pass and the input gradient stay with oneDNN everywhere (they are fast).
 
 `Conv2d` is `nn.Conv2d` with the same parameters and state-dict keys; its forward pass takes
 this path only where it was measured to pay: on the CPU, bf16 (autocast or a bf16 model),
-or fp32 on channels_last inputs where the CPU has no AVX512 (`fp32_pays`), gradients
+or fp32 on channels_last inputs where the CPU's vector unit is AVX2 (`fp32_pays`), gradients
 wanted, stride 1, no dilation or groups, an output map of at most `SMALL_MAP` positions.
 `ALEXNET_SMALL_MAP_GRAD=0` keeps oneDNN's weight gradient everywhere.
 """
@@ -81,9 +81,10 @@ def enabled() -> bool:
 
 
 # Whether fp32 weight gradients on small maps take the products on this CPU: measured faster
-# where PyTorch's vector unit is AVX2 (module doc), level with AVX512. A constant, so that
+# where PyTorch's vector unit is AVX2 (module doc), level with AVX512; other CPUs (ARM, no
+# vector unit) have not been measured and keep oneDNN's. A constant, so that
 # torch.compile guards on it instead of calling into PyTorch's CPU detection.
-FP32_PAYS = torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+FP32_PAYS = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def fp32_pays() -> bool:

@@ -171,8 +171,8 @@ def test_bench_compares_the_switch(capsys):
 
 
 @pytest.mark.parametrize("name", ["baseline", "combined_gap"])
-def test_fp32_products_on_cpus_without_avx512(name, monkeypatch):
-    """Where the CPU has no AVX512 (FP32_PAYS), fp32 steps on channels_last inputs take the
+def test_fp32_products_on_avx2_cpus(name, monkeypatch):
+    """Where the CPU's vector unit is AVX2 (FP32_PAYS), fp32 steps on channels_last inputs take the
     products for conv3-conv5, NCHW inputs and AVX512 CPUs keep oneDNN's gradient, and the
     gradients of every parameter agree with oneDNN's to fp32 rounding."""
     torch.manual_seed(0)
