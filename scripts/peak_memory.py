@@ -26,13 +26,18 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from alexnet import train
-from alexnet.cli import main as alexnet_main
-from alexnet.loader import FastBatches
-from alexnet.memory import peak_rss_mib
+# Python puts scripts/ on sys.path, not the checkout: name it, so that the script also runs
+# where the project is not installed (a GPU machine with its own PyTorch).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alexnet import train  # noqa: E402
+from alexnet.cli import main as alexnet_main  # noqa: E402
+from alexnet.loader import FastBatches  # noqa: E402
+from alexnet.memory import peak_rss_mib  # noqa: E402
 
 
 class ReadFirst(FastBatches):

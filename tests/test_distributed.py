@@ -16,6 +16,10 @@ from alexnet.inference import run_evaluate
 from tests.test_reliability import strip_times
 
 ROOT = Path(__file__).resolve().parents[1]
+# The drivers live in tmp_path, so Python puts that folder, not the checkout, on sys.path: name
+# the checkout, so that the suite also runs where the project is not installed (a GPU machine).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 DRIVER = textwrap.dedent("""
     import hashlib, json, os, sys, torch
@@ -47,7 +51,7 @@ def test_torchrun_two_processes(learnable_cache, tmp_path, sync_bn):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(driver), str(learnable_cache), str(out), "1" if sync_bn else "0"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env=ENV)
     if sync_bn:  # the driver trains on the CPU, where SyncBatchNorm cannot run
         assert r.returncode != 0 and "--sync-bn needs CUDA" in r.stderr  # SyncBatchNorm is GPU-only
         return
@@ -86,7 +90,7 @@ def test_torchrun_stop_request_saves_once_every_rank_agrees(learnable_cache, tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(driver), str(learnable_cache), str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            start_new_session=True, env=ENV)
     seen = []
     for line in proc.stdout:  # until epoch 1 is over: the second epoch is under way
         seen.append(line)
