@@ -8,14 +8,16 @@ variant and settings, the augmentation recipe, normalisation statistics and clas
 
 from __future__ import annotations
 
+import copy
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from alexnet.atomic import write_atomic
+from alexnet.atomic import link_atomic, write_atomic
 from alexnet.errors import CheckpointError
 
 FORMAT = 1
@@ -24,6 +26,89 @@ FORMAT = 1
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """torch.save through a temporary file and a rename (see alexnet.atomic)."""
     write_atomic(path, lambda f: torch.save(obj, f))
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints (`save_atomic`, then best.pth as a link), either at once or,
+    with `background`, in a thread while training goes on.
+
+    Why a thread: on a GPU an epoch of TinyImageNet trains in about 2 s, and writing the
+    Baseline's 460 MB last.pth (copy to the host, serialise, fsync) took about 1 s of it on an
+    H200 machine. In the background the state is first copied to host memory (the next step
+    changes the weights in place), which costs a tenth of the write; serialising and fsync
+    release the GIL for most of their time (a busy loop beside a save on the CPU kept 89% of
+    its rate). At most one write is in flight: `save` waits for the one before, `wait` for the
+    last, and either raises that write's error. The thread is not a daemon: an interpreter
+    that exits waits for it, so a started write always lands (unless the process is killed,
+    and then the rename leaves the previous last.pth, as for any write).
+    """
+
+    def __init__(self, background: bool = False) -> None:
+        self.background = background
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if background else None
+        self._pending: Future | None = None
+
+    def save(self, obj: dict[str, Any], path: str | Path, best: str | Path | None = None) -> None:
+        """Write obj to path; with `best`, make that file the same checkpoint."""
+        self.wait()
+        if self._pool is None:
+            _write(obj, path, best)
+        else:
+            self._pending = self._pool.submit(_write, host_copy(obj), path, best)
+
+    @property
+    def busy(self) -> bool:
+        """A write is in flight."""
+        return self._pending is not None and not self._pending.done()
+
+    def wait(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            pending.result()
+        finally:
+            # Forgotten only once it is over: a wait cut short (Ctrl-C) leaves it, and its
+            # error, to the next one.
+            if pending.done():
+                self._pending = None
+
+    def poll(self) -> None:
+        """Raise the error of a write that has already failed (no waiting): a run learns of a
+        full disk at its next check, not a whole epoch later at the next save."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+
+def _write(obj: dict[str, Any], path: str | Path, best: str | Path | None) -> None:
+    save_atomic(obj, path)
+    if best is not None:
+        link_atomic(path, best)
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy that later changes to obj cannot reach: tensors copied to host memory (from the
+    GPU, or from the CPU tensors an optimizer updates in place), containers rebuilt, other
+    values deep-copied (NumPy's RNG state holds an array)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the type and attributes: a state dict's OrderedDict and its _metadata
+        for k, v in obj.items():
+            out[k] = host_copy(v)
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def load(path: str | Path) -> dict[str, Any]:

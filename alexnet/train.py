@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
-from alexnet.atomic import link_atomic
 from alexnet.allocator import release_free_memory
 from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
@@ -162,6 +161,7 @@ class Run:
     out: Path
     amp_fell_back: bool = False  # --amp asked, fp32 used: bf16 would be emulated here (precision.py)
     stop_signal: list = field(default_factory=list)
+    writer: ckpt_io.CheckpointWriter = field(default_factory=ckpt_io.CheckpointWriter)
 
     def order(self, epoch: int) -> torch.Tensor:
         return epoch_order(self.train_n, self.cfg.seed, epoch, self.dist, self.cfg.bs)
@@ -239,7 +239,15 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     return Run(cfg, device, d, model, raw, variant, opt, sched, per_step, batches, augment, aug_gen, train_n,
                to_memory(cache.val.x, device), torch.from_numpy(np.array(cache.val.y)).to(device), cache,
                recipe.to_dict() if isinstance(transform, Recipe) else None, source, steps, out,
-               amp_fell_back=asked_amp and not cfg.amp)
+               amp_fell_back=asked_amp and not cfg.amp, writer=ckpt_io.CheckpointWriter(background_writes(device)))
+
+
+def background_writes(device: torch.device) -> bool:
+    """Whether checkpoints are written in a thread (`CheckpointWriter`): on a GPU, where an
+    epoch trains in seconds and a write would add half as much again. On the CPU an epoch
+    takes a minute or more, the write a second, and the host copy a thread needs would add
+    the checkpoint's size (460 MB for the Baseline) to the run's peak memory."""
+    return device.type == "cuda"
 
 
 def checkpoint_state(run: Run, epoch: int, batch: int, state: dict) -> dict:
@@ -323,6 +331,8 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
     """
     cfg, d, m = run.cfg, run.dist, state["meters"]
     run.model.train()
+    if not isinstance(run.batches, FastBatches) and cfg.workers > 0:
+        run.writer.wait()  # DataLoader workers are forked: not while another thread is writing
     it = run.batches(run.order(epoch), start) if isinstance(run.batches, FastBatches) \
         else run.batches(run.order(epoch), start, epoch, d.rank)
     every = 1 if run.device.type == "cpu" else 25
@@ -333,6 +343,7 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
     last = {"loss": float("nan"), "stop": False}
 
     def check(loss: torch.Tensor) -> None:
+        run.writer.poll()
         value = loss.item()
         bad, stop = distributed.any_ranks([not math.isfinite(value), bool(run.stop_signal)], d, run.device)
         if bad:
@@ -443,9 +454,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                                                                          "n": int(n)}})
             saving[0] = True
             try:
-                ckpt_io.save_atomic(obj, run.out / "last.pth")
-                if best:
-                    link_atomic(run.out / "last.pth", run.out / "best.pth")
+                run.writer.save(obj, run.out / "last.pth", run.out / "best.pth" if best else None)
             finally:
                 saving[0] = False
 
@@ -457,7 +466,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         # is being written, stops at once: launchers (torchrun, Slurm) pass one request on as
         # further SIGTERMs, and those must not cut the stop's own save short.
         if run.stop_signal:
-            if signum == signal.SIGINT and not saving[0] and time.monotonic() - first_request[0] > 1.0:
+            writing = saving[0] or run.writer.busy
+            if signum == signal.SIGINT and not writing and time.monotonic() - first_request[0] > 1.0:
                 raise KeyboardInterrupt
             return
         run.stop_signal.append(signum)
@@ -508,6 +518,16 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             # A request that came during the evaluation: the epoch is saved, stop here.
             if stopping:
                 _stopped(run, f"the end of epoch {ep + 1}", say)
+    except BaseException:
+        # A write still in flight lands first (under the stop handler, which leaves it be);
+        # if it fails too, the run's own error is still the one raised.
+        try:
+            run.writer.close()
+        except Exception as e:
+            _note(f"also: {run.out / 'last.pth'} could not be written ({e.__class__.__name__}: {e})")
+        raise
+    else:
+        run.writer.close()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -535,6 +555,7 @@ def _stopped(run: Run, where: str, say) -> None:
     """Leave after a stop request, last.pth saved at `where`: exit status 128 + the signal.
     Every rank waits for rank 0's write first: a launcher that sees one process exit stops
     the others, and rank 0 would be stopped in the middle of its save."""
+    run.writer.wait()
     distributed.barrier(run.dist)
     sig = run.stop_signal[0] if run.stop_signal else signal.SIGTERM  # a rank that got none stops with the others
     say(f"stopped by {signal.Signals(sig).name} at {where}; {run.out / 'last.pth'} saved. "
@@ -552,6 +573,11 @@ def weights_finite(model: nn.Module) -> bool:
 def last_good(run: Run) -> str:
     """Where a failed run's last good state is, for its error message."""
     path = run.out / "last.pth"
+    try:
+        run.writer.wait()  # one still being written counts
+    except Exception as e:
+        older = f"; {path} holds an earlier state" if path.exists() else ""
+        return f"the last checkpoint could not be written ({e.__class__.__name__}: {e}){older}"
     return f"the last good checkpoint is {path}" if path.exists() else "no checkpoint had been saved yet"
 
 
