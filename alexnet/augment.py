@@ -15,6 +15,7 @@ output (N, 3, S, S) float32 normalised, S = the training size.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,7 @@ class BatchAugment:
         self.gray3 = self.luma.view(1, 3, 1, 1).expand(3, 3, 1, 1).contiguous()  # 1x1 conv: gray on each channel
         self._noise_table: torch.Tensor | None = None  # built on first use (see `noise`)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_crop_tables`
+        self._constants: dict[tuple, torch.Tensor] = {}  # see `_constant`
         # On the CPU the colour ops and normalisation of a training batch run as one compiled
         # kernel where no resize is needed (alexnet/fused.py, `fuses`).
         self.fused = (fused.FusedPhotometric(_LUMA, self.mean, self.std, self.noise_unit)
@@ -179,13 +181,14 @@ class BatchAugment:
 
         def uniform(strength: float) -> torch.Tensor:
             if strength == 0:
-                return torch.ones(n, device=dev)
+                return self._constant(("ones", n), lambda: torch.ones(n, device=dev))
             return 1 - strength + 2 * strength * torch.rand(n, device=dev, generator=g)
 
         return Params(
             oy=torch.randint(0, span, (n,), device=dev, generator=g),
             ox=torch.randint(0, span, (n,), device=dev, generator=g),
-            flip=(torch.rand(n, device=dev, generator=g) < 0.5) if r.flip else torch.zeros(n, dtype=torch.bool, device=dev),
+            flip=((torch.rand(n, device=dev, generator=g) < 0.5) if r.flip
+                  else self._constant(("no flip", n), lambda: torch.zeros(n, dtype=torch.bool, device=dev))),
             brightness=uniform(r.brightness),
             contrast=uniform(r.contrast),
             saturation=uniform(r.saturation),
@@ -265,7 +268,7 @@ class BatchAugment:
             return x if ids is None else _take(x, ids)
         s, dev = self.size, x.device
         rows_of, values_of = self._crop_tables(side, pad, c, dev, planar)
-        image = torch.arange(n, device=dev) if ids is None else ids
+        image = self._constant(("arange", n, dev), lambda: torch.arange(n, device=dev)) if ids is None else ids
         rows = rows_of.index_select(0, p.oy) + image[:, None] * side  # (N, S) rows of the batch (or cache)
         nhwc = x.permute(0, 2, 3, 1).contiguous()  # a view for the cache's NHWC batches
         picked = nhwc.view(-1, side * c).index_select(0, rows.flatten()).view(n, s, side * c)
@@ -365,11 +368,19 @@ class BatchAugment:
         gray3 = gray3.contiguous(memory_format=torch.channels_last)  # a no-op for channels_last x
         return gray3.lerp_(x, s.view(-1, 1, 1, 1))  # gray + s * (x - gray), one pass
 
+    def _constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor that depends only on the batch's shape, made once: on a GPU, where a step
+        is bound by kernel launches, each one made per batch costs a launch. Read-only for the
+        callers (none writes to its inputs in place)."""
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
     def _luma_pattern(self, x: torch.Tensor) -> torch.Tensor:
         """(H*W*3,) luma weights repeated per pixel, / pixels: a dot product with an image's NHWC
         memory gives the mean of its grayscale."""
         hw = x.shape[2] * x.shape[3]
-        return self.luma.repeat(hw) / hw
+        return self._constant(("luma", hw), lambda: self.luma.repeat(hw) / hw)
 
     def normalize(self, x: torch.Tensor, unit: float = 1.0, inplace: bool = False,
                   clamp: bool = False) -> torch.Tensor:
@@ -380,16 +391,18 @@ class BatchAugment:
         On channels_last memory the per-channel constants broadcast over (N, H, W*3) rows as a
         repeating pattern, and the affine map is one fused multiply-add; uint8 is converted to
         float first (a fast plain copy; the mixed-dtype multiply-add was slower than both)."""
-        scale = self.scale * unit
+        scale = self._constant(("scale", unit), lambda: self.scale * unit)
         if x.dim() == 4 and x.shape[1] == 3 and x.is_contiguous(memory_format=torch.channels_last):
             w = x.shape[3]
             rows = _rows(x)
             if rows.dtype != torch.float32:
                 rows, inplace = rows.float(), True
-            shift = self.shift.view(3).repeat(w)
-            out = torch.addcmul(shift, rows, scale.view(3).repeat(w), out=rows if inplace else None)
+            shift = self._constant(("shift row", w), lambda: self.shift.view(3).repeat(w))
+            scale_row = self._constant(("scale row", unit, w), lambda: scale.view(3).repeat(w))
+            out = torch.addcmul(shift, rows, scale_row, out=rows if inplace else None)
             if clamp:
-                torch.clamp(out, shift, (self.scale + self.shift).view(3).repeat(w), out=out)
+                top = self._constant(("top row", w), lambda: (self.scale + self.shift).view(3).repeat(w))
+                torch.clamp(out, shift, top, out=out)
             return _from_pixels(out, x.shape)
         out = torch.addcmul(self.shift, x.float(), scale)
         return out.clamp_(self.shift, self.scale + self.shift) if clamp else out

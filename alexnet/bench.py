@@ -49,7 +49,7 @@ from alexnet.config import TrainConfig
 from alexnet.data import Cache
 from alexnet.distributed import Dist
 from alexnet.errors import UserError
-from alexnet.loader import FastBatches, epoch_order, releaser, step_seed, to_memory
+from alexnet.loader import FastBatches, epoch_order, releaser, seed_torch, step_seed, to_memory
 from alexnet.memory import rss_bytes
 from alexnet.models import FOLD_ENV, VARIANTS, create_model, fc1_folds
 from alexnet.precision import resolve_amp
@@ -220,7 +220,7 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     def project():
         s = step_seed(0, 0, state["step"])
         gen.manual_seed(s)
-        torch.manual_seed(s)
+        seed_torch(s, dev)
         state["step"] += 1
         try:
             xb, yb = next(state["it"])

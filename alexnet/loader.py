@@ -155,6 +155,20 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
+def seed_torch(seed: int, device: torch.device | None = None) -> None:
+    """What `torch.manual_seed(seed)` does for the generators a step draws from (dropout, a
+    per-image transform): the CPU's, and on CUDA the device's. torch.manual_seed also queues
+    the seed for every backend this process has not started (CUDA on a CPU run, XPU and MTIA
+    on a GPU run) and formats a stack trace for each, kept for their error messages: on this
+    project's CPU 81 us a call from the top of a program and 145 us from ten frames down,
+    about as deep as the training loop (every frame costs), against 1.2 us here. A GPU step
+    of 3-5 ms would pay it every step."""
+    torch.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
+            .manual_seed(seed)
+
+
 # A memory-mapped training split that is not kept (SplitResidency) leaves the resident set
 # after every this many images read: the kernel maps more than each read touches (64 KiB
 # around it, or a whole large folio), ~100 KiB per image of the TinyImageNet cache on this
@@ -200,7 +214,7 @@ class _PerImage(Dataset):
 
     def __getitem__(self, i: int):
         j = int(self.order[i])
-        torch.manual_seed(self.seed + i)
+        seed_torch(self.seed + i)  # a DataLoader worker: CPU only
         img = torch.from_numpy(np.array(self.x[j])).permute(2, 0, 1)  # (3,H,W) uint8
         return self.transform(img), int(self.y[j])
 

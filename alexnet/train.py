@@ -33,7 +33,7 @@ from alexnet.data import Cache, cache_for
 from alexnet.errors import ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
 from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_resident, epoch_order, releaser,
-                            step_seed, to_memory)
+                            seed_torch, step_seed, to_memory)
 from alexnet.memory import peak_memory_mib, reset_peak
 from alexnet.metrics import MetricsLog
 from alexnet.models import VARIANTS, AlexNet, create_model
@@ -358,7 +358,7 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
         s = step_seed(cfg.seed, d.rank, state["step"])
         run.aug_gen.manual_seed(s)
         x, y = next(it)
-        torch.manual_seed(s)  # dropout; after the batch, which a per-image transform may have reseeded
+        seed_torch(s, run.device)  # dropout; after the batch, which a per-image transform may have reseeded
         checking = (b - start) % every == 0 or b == run.steps_per_epoch - 1
         logits, loss = train_step(run.model, run.opt, x, y, cfg, run.device, check if checking else None)
         if run.per_step:

@@ -190,3 +190,15 @@ def test_fc1_fold_matches_copies(name):
         torch.testing.assert_close(g_f, g_p, rtol=1e-4, atol=1e-4 * g_p.abs().max().item())
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_step_seed_seeds_dropout_on_the_gpu_as_torch_manual_seed(device):
+    from alexnet.loader import seed_torch
+
+    x = torch.ones(100_000, device="cuda")
+    torch.manual_seed(3)
+    a = torch.nn.functional.dropout(x, 0.5)
+    torch.manual_seed(0)
+    seed_torch(3, torch.device(device))
+    assert torch.equal(torch.nn.functional.dropout(x, 0.5), a)

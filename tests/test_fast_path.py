@@ -158,3 +158,44 @@ def test_training_runs_the_fused_kernel_and_learns_as_the_eager_ops(learnable_ca
     assert fused[0] == pytest.approx(eager[0], rel=1e-3)
     assert fused[1] == pytest.approx(eager[1], rel=3e-2)
     assert fused[1] < 0.8 * fused[0]
+
+
+def test_a_batch_makes_no_constants_and_the_step_seed_is_torchs(monkeypatch):
+    """The eager data path (CUDA's) makes its shape-only tensors once, not per batch: on a GPU,
+    where a step is bound by kernel launches, each costs one. And the dropout seed set every
+    step seeds the generator torch.manual_seed would (seed_torch skips its slow lazy queue)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alexnet.augment import BatchAugment
+    from alexnet.distributed import Dist
+    from alexnet.loader import FastBatches, epoch_order, seed_torch
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("ALEXNET_FUSED_AUGMENT", "0")
+    x = torch.randint(0, 256, (64, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    y = torch.randint(0, 4, (64,))
+    for name, recipe in RECIPES.items():
+        aug = BatchAugment(recipe, 64, [0.5] * 3, [0.25] * 3, [0.2, 0.02, 0.004], torch.eye(3).tolist(),
+                           generator=torch.Generator())
+        it = FastBatches(x, y, aug, 16)(epoch_order(64, 0, 0, Dist(), 16), 0)
+        next(it)
+        ops = Ops()
+        with ops:
+            next(it)
+        made = [n for n in ops.names if n in ("ones", "zeros", "full", "fill_", "arange")]
+        assert not made, (name, made)
+        assert ops.names.count("index_select") >= 1, name  # the batch was read: the mode saw the ops
+
+    torch.manual_seed(5)
+    a = torch.nn.functional.dropout(torch.ones(1000), 0.5)
+    torch.manual_seed(0)
+    seed_torch(5)
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(1000), 0.5), a)
