@@ -312,13 +312,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return logits, loss
 
 
-def _flush(acc: torch.Tensor, m: dict) -> None:
-    """Move the device-side sums (loss, correct, n) into the meters dict."""
-    loss, correct, n = acc.tolist()
+def _flush(sums: torch.Tensor, counted: list, m: dict) -> None:
+    """Move the device-side sums (loss, correct) and the host's image count into the meters dict."""
+    loss, correct = sums.tolist()
     m["loss"] += loss
     m["correct"] += int(correct)
-    m["n"] += int(n)
-    acc.zero_()
+    m["n"] += counted[0]
+    sums.zero_()
+    counted[0] = 0
 
 
 def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callable[[int, int], None]) -> int | None:
@@ -339,7 +340,9 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
     plain = d.main and cfg.progress and not sys.stderr.isatty()
     bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                leave=False, disable=not (d.main and cfg.progress and sys.stderr.isatty()), dynamic_ncols=True)
-    acc = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss sum, correct, n
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)
+    loss_sum, correct = sums[0], sums[1]  # views: each step adds in place, one kernel each
+    counted = [0]  # images this stretch: known on the host
     last = {"loss": float("nan"), "stop": False}
 
     def check(loss: torch.Tensor) -> None:
@@ -365,13 +368,14 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
             run.sched.step()
         state["step"] += 1
         # In place on the device: a tensor made from a host number would be a copy that waits
-        # for the GPU, draining its queue every step.
-        acc[0] += loss.detach().double() * len(y)
-        acc[1] += (logits.argmax(1) == y).sum()
-        acc[2] += len(y)
+        # for the GPU, draining its queue every step. (`sums[0] += ...` would also copy the
+        # result back through a new view: two kernels more, on a GPU step bound by launches.)
+        loss_sum.add_(loss.detach(), alpha=len(y))
+        correct.add_((logits.argmax(1) == y).sum())
+        counted[0] += len(y)
         bar.update(1)
         if checking:
-            rate = (m["n"] + acc[2].item()) * d.world / (time.perf_counter() - t0 + m["seconds"])
+            rate = (m["n"] + counted[0]) * d.world / (time.perf_counter() - t0 + m["seconds"])
             bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{rate:.0f}")
             if plain and (b + 1) % max(1, run.steps_per_epoch // 10) < every:
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {b + 1}/{run.steps_per_epoch} "
@@ -381,17 +385,17 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
             # forward pass has already moved BatchNorm's running statistics, so saving the
             # position before it would make a resumed run apply this batch to them twice.
             m["seconds"] += time.perf_counter() - t0
-            _flush(acc, m)
+            _flush(sums, counted, m)
             save(epoch, b + 1)
             bar.close()
             return b + 1
         if cfg.save_every and state["step"] % cfg.save_every == 0:
             m["seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            _flush(acc, m)
+            _flush(sums, counted, m)
             save(epoch, b + 1)
     m["seconds"] += time.perf_counter() - t0
-    _flush(acc, m)
+    _flush(sums, counted, m)
     bar.close()
     return None
 
