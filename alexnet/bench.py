@@ -57,6 +57,8 @@ from alexnet.train import build_optimizer, pick_device, residency, settle_device
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
 SETTINGS = ("amp", "channels_last", "compile", "small_map_grad", "fold_fc1")
+# torch.compile's modes; those but the first two replay the model's steps as CUDA graphs on a GPU
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +68,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for (1) and (2) (compilation happens in the warm-up)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode, for --compile and for `--compare compile` (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5,
                    help="per round: alternating (1)/(2) pairs (of single steps; of 4 steps on CUDA), and the "
                         "steps of one block of (3)")
@@ -177,8 +181,10 @@ def _paired(a, b, pairs: int, bs: int, dev: torch.device) -> tuple[list[float], 
     return fa, fb
 
 
-def _trainable(cfg: TrainConfig, dev: torch.device, fold_fc1: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The variant's model (seed 0) and fused SGD, laid out and compiled as `cfg` says."""
+def _trainable(cfg: TrainConfig, dev: torch.device, fold_fc1: bool = True,
+               compile_mode: str = "default") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The variant's model (seed 0) and fused SGD, laid out and compiled as `cfg` says (in
+    torch.compile's `compile_mode`: the bench measures modes training does not offer yet)."""
     torch.manual_seed(0)
     model = create_model(cfg.variant, 200).to(dev)
     model.fold_fc1 = model.fold_fc1 and fold_fc1
@@ -186,8 +192,16 @@ def _trainable(cfg: TrainConfig, dev: torch.device, fold_fc1: bool = True) -> tu
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model, fused=True)
     if cfg.compile:
-        model = torch.compile(model)  # shares the parameters the optimizer already holds
+        model = torch.compile(model, mode=compile_mode)  # shares the parameters the optimizer already holds
     return model, opt
+
+
+def _step_marker(compiled: bool, mode: str, dev: torch.device):
+    """What to call before each training step: with a mode that replays CUDA graphs, marking
+    the step lets the graphs reuse the last step's output memory (read by then)."""
+    if compiled and dev.type == "cuda" and mode in COMPILE_MODES[2:]:
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
 
 
 def _sync(dev: torch.device) -> None:
@@ -205,7 +219,8 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     cfg = TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile,
                       memory_budget=a.memory_budget).validate()
     ref_cfg = replace(cfg, **{**PUBLISHED, "bs": a.reference_bs})
-    model, opt = _trainable(cfg, dev)
+    model, opt = _trainable(cfg, dev, compile_mode=a.compile_mode)
+    mark = _step_marker(cfg.compile, a.compile_mode, dev)
     gen = torch.Generator(device=dev)
     aug = BatchAugment(recipe, 64, stats["mean"], stats["std"], stats.get("eigval"), stats.get("eigvec"), device=dev, generator=gen)
     xs = aug(x[:a.bs], train=True)
@@ -215,6 +230,7 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
 
     def model_only():
+        mark()
         train_step(model, opt, xs, ys, cfg, dev)
 
     def project():
@@ -228,11 +244,13 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
             state["epoch"] += 1
             state["it"] = batches(epoch_order(len(x), 0, state["epoch"], Dist(), a.bs), 0)
             xb, yb = next(state["it"])
+        mark()
         train_step(model, opt, xb, yb, cfg, dev)
 
     modes = {"model": (model_only, a.bs), "project": (project, a.bs)}
-    for fn, _ in modes.values():  # warm-up: allocator, kernels
-        fn(), fn()
+    for fn, _ in modes.values():  # warm-up: allocator, kernels (CUDA graphs record on the 2nd)
+        for _ in range(3 if cfg.compile else 2):
+            fn()
     held = None
     if release is not None:
         # The decision a training run takes at its first release point, taken now, with
@@ -342,13 +360,17 @@ def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -
         if setting in s:
             s[setting] = on
         cfg = TrainConfig(variant=name, bs=a.bs, **s)
-        model, opt = _trainable(cfg, dev, fold_fc1=on if setting == "fold_fc1" else True)
+        model, opt = _trainable(cfg, dev, fold_fc1=on if setting == "fold_fc1" else True,
+                                compile_mode=a.compile_mode)
+        mark = _step_marker(cfg.compile, a.compile_mode, dev)
         small_map = on if setting == "small_map_grad" else smallconv.enabled()
 
-        def step(model=model, opt=opt, cfg=cfg, small_map=small_map):
+        def step(model=model, opt=opt, cfg=cfg, small_map=small_map, mark=mark):
+            mark()
             with smallconv.switched(small_map):
                 train_step(model, opt, x, y, cfg, dev)
-        step(), step()  # warm-up: allocator, kernels, compilation
+        for _ in range(3 if cfg.compile else 2):  # warm-up: allocator, kernels, compilation
+            step()  # (CUDA graphs record on the 2nd)
         steps.append(step)
     f_on, f_off = _paired(steps[0], steps[1], a.steps * a.rounds, a.bs, dev)
     row = {"variant": name, "setting": setting, "on": round(statistics.median(f_on), 1),
@@ -372,7 +394,9 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     if a.compare:
         log(f"the training step alone on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
             f"batch {a.bs}, each setting on and off with the others at amp={'bf16' if a.amp else 'off'}, "
-            f"channels_last={a.channels_last}, compile={a.compile}; {a.rounds * a.steps} alternating pairs")
+            f"channels_last={a.channels_last}, compile={a.compile}"
+            f"{f' (mode {a.compile_mode})' if a.compile or 'compile' in a.compare else ''}; "
+            f"{a.rounds * a.steps} alternating pairs")
         if "small_map_grad" in a.compare and (dev.type != "cpu" or not (a.amp or (a.channels_last and smallconv.fp32_pays()))):
             log("note: small_map_grad is taken only on the CPU, in bf16 steps, or in fp32 channels_last steps on "
                 "an AVX2 CPU; here both sides run oneDNN's gradient, so its on/off measures the bench's "
@@ -385,7 +409,7 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
     log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
         f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
-        f"compile={a.compile}; "
+        f"compile={a.compile}{f' (mode {a.compile_mode})' if a.compile else ''}; "
         f"(3): batch {a.reference_bs}, fp32, ImageFolder+PIL+DataLoader(2 workers); "
         f"data: {a.data or 'synthetic'}; {a.rounds} rounds of {a.steps} alternating (1)/(2) steps"
         + ("" if a.no_reference else f" and {a.steps} steps of (3)"))

@@ -6,7 +6,8 @@
 #      model alone and of the full training path;
 #   3. what bf16 autocast, channels_last, FC1 on summed weights and torch.compile each do to the
 #      training step's speed (`alexnet bench --compare`, batch 256, from PRECISION), for two
-#      variants (COMPARE_VARIANTS), and bf16 at batch 1024;
+#      variants (COMPARE_VARIANTS), bf16 at batch 1024, and torch.compile in its default mode
+#      and replaying CUDA graphs (reduce-overhead) for COMPILE_VARIANTS (combined_gap);
 #   4. a synthetic TinyImageNet-sized cache (JPEGs in the official layout, then `prepare`),
 #      made on the CPU in the background while stages 1-3 use the GPU;
 #   5. the wall time of `alexnet train` for EPOCHS (default 30) epochs of a few variants on it.
@@ -81,9 +82,12 @@ if has compare; then
   # bf16 where a step is large enough for its arithmetic, not its launches, to set the pace
   "$py" -m alexnet bench --device "$device" --variants baseline --bs 1024 $precision \
     --compare amp --steps 5 --rounds 1 || failed compare
-  # compile last: it needs a C compiler (and Triton on CUDA), which a bare machine may lack
-  "$py" -m alexnet bench --device "$device" --variants $compare_variants --bs 256 $precision \
-    --compare compile --steps "$steps" --rounds 1 || failed compare
+  # compile last: it needs a C compiler (and Triton on CUDA), which a bare machine may lack;
+  # then its CUDA graphs (reduce-overhead), for a step that launches bound
+  for mode in default reduce-overhead; do
+    "$py" -m alexnet bench --device "$device" --variants ${COMPILE_VARIANTS:-combined_gap} --bs 256 $precision \
+      --compare compile --compile-mode $mode --steps "$steps" --rounds 1 || failed compare
+  done
 fi
 
 if has data || has train; then

@@ -121,6 +121,25 @@ def test_bench_compares_settings_on_and_off(capsys, monkeypatch):
         p.parse_args(["--compare", "fp16"])
 
 
+def test_bench_compile_mode_reaches_torch_compile(capsys, monkeypatch):
+    """`--compile-mode` is torch.compile's mode for the compiled side of `--compare compile`
+    (the compiler itself stubbed: what is checked is the wiring, not inductor)."""
+    import alexnet.bench as bench
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: (modes.append(mode), model)[1])
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--compare", "compile", "--compile-mode", "reduce-overhead", "--variants", "combined_gap",
+                      "--bs", "4", "--steps", "1", "--rounds", "1", "--device", "cpu"])
+    run_bench(a, log=print)
+    assert modes == ["reduce-overhead"]  # the compiled side only
+    assert "(mode reduce-overhead)" in capsys.readouterr().out
+    assert bench._step_marker(True, "reduce-overhead", torch.device("cpu"))() is None  # no CUDA graphs on a CPU
+    with pytest.raises(SystemExit):
+        p.parse_args(["--compile-mode", "fast"])
+
+
 def test_reference_pipeline_yields_normalised_batches(tmp_path):
     """Without augmentation each image of a batch is one of the JPEGs as PIL decodes it,
     normalised, with its folder's label; with the combined recipe the shapes hold."""
