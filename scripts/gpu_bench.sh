@@ -14,13 +14,13 @@
 # Targets (issue 6): >= 30,000 training images/s per variant on one H100-class GPU, and 30
 # epochs of any variant in under 2 minutes. Measured on one H200 (README, "On a GPU").
 #
-#   scripts/gpu_bench.sh                       # everything (about 9 minutes on one H200, by its stages there)
+#   scripts/gpu_bench.sh                       # everything (about 9 minutes on one H200, estimated from its stages there)
 #   scripts/gpu_bench.sh tests bench compare   # some stages: tests bench compare data train
 #   SCALE=0.02 DEVICE=cpu EPOCHS=1 STEPS=1 scripts/gpu_bench.sh   # a small smoke run on a CPU
 #
 # PRECISION: --no-amp (default: fp32, cuDNN's TF32 convolutions; at batch 256 on an H200 the
-# full training path ran 1.36-1.53x the images/s of bf16, whose casts add kernel launches to a
-# step that launches bound) or --amp; channels_last either way (the bench's default). STEPS: alternating step pairs per round of the
+# full training path ran 1.36-1.53x the images/s of bf16, most likely because its casts add
+# kernel launches to a step bound by them) or --amp; channels_last either way (the bench's default). STEPS: alternating step pairs per round of the
 # benchmarks (default 20); VARIANTS: the variants trained in 5 (default baseline combined:
 # Combined-Large had the fewest images/s of all seven on the H200); COMPARE_VARIANTS: those of 3.
 # A failing stage is reported and the next one still runs; the exit status is then 1.
@@ -58,7 +58,8 @@ make_tiny_imagenet(work / "layout", 200, round(500 * scale), max(1, round(50 * s
 PY
 }
 
-# The cache is CPU work (about 80-200 s for 110,000 JPEGs): made while the GPU stages run.
+# The cache is CPU work (80-86 s for 110,000 JPEGs on an H200 machine's 16 cores): made while
+# the GPU stages run.
 if has data || has train; then
   make_data >"$work/data.log" 2>&1 &
   data_pid=$!
