@@ -122,8 +122,8 @@ def test_bench_compares_the_fold(monkeypatch, capsys):
     built = []
     trainable = bench._trainable
 
-    def spy(cfg, dev, fold_fc1=True):
-        model, opt = trainable(cfg, dev, fold_fc1)
+    def spy(cfg, dev, fold_fc1=True, **kw):
+        model, opt = trainable(cfg, dev, fold_fc1, **kw)
         built.append((cfg.variant, model.fold_fc1))
         return model, opt
 
