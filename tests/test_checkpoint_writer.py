@@ -210,20 +210,8 @@ def test_second_ctrl_c_waits_for_the_stops_write(learnable_cache, tmp_path, monk
 
 def test_nan_loss_with_a_write_in_flight_names_the_last_good_checkpoint(learnable_cache, tmp_path, monkeypatch,
                                                                         capsys, background_slow_writes):
-    from alexnet import train
+    """test_reliability's NaN-loss run with background writes: the loss turns NaN while epoch
+    1's checkpoint is still being written; the message names it, and it is there."""
+    from tests.test_reliability import test_nan_loss_leaves_the_last_good_checkpoint as nan_loss_run
 
-    real, steps = train.train_step, []
-
-    def step(model, opt, x, y, cfg, device, check=None):  # the loss turns NaN in epoch 2, step 1
-        steps.append(1)
-        if len(steps) > 12 and check is not None:
-            return real(model, opt, x, y, cfg, device, lambda loss: check(loss * float("nan")))
-        return real(model, opt, x, y, cfg, device, check)
-
-    monkeypatch.setattr(train, "train_step", step)
-    out = tmp_path / "o"
-    assert main(["train", *run_args(learnable_cache, out)]) == 2
-    err = capsys.readouterr().err
-    assert "loss became nan at epoch 2, step 1 of 12" in err and f"the last good checkpoint is {out / 'last.pth'}" in err
-    last = torch.load(out / "last.pth", weights_only=False)
-    assert (last["epoch"], last["batch"]) == (1, 0)
+    nan_loss_run(learnable_cache, tmp_path, capsys, monkeypatch)
