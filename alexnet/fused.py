@@ -1,4 +1,5 @@
-"""The colour recipes' photometric ops and normalisation as one compiled kernel on the CPU.
+"""The colour recipes' photometric ops and normalisation as one compiled kernel (on the CPU;
+on CUDA when asked).
 
 Eager PyTorch runs the pixel and combined recipes as about a dozen passes over a float batch
 (uint8 -> float, brightness, clamp, contrast, clamp, saturation, clamp, noise, normalise and
@@ -25,8 +26,14 @@ tensors are None (another kernel). Its batch dimension is dynamic. Compilation h
 the first batch: 27-31 s the first time on this project's machine, 4-5 s once PyTorch's
 on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) holds it.
 Where there is no kernel (no C++ compiler, a platform `torch.compile` does not support), the
-eager ops run instead, after one warning. `ALEXNET_FUSED_AUGMENT=0` keeps the eager ops;
-CUDA always runs them (there each op is one small kernel over memory that is fast anyway).
+eager ops run instead, after one warning. `ALEXNET_FUSED_AUGMENT=0` keeps the eager ops.
+
+On CUDA the eager ops run by default: each is one small kernel over memory that is fast
+anyway, but each also costs a launch, and a GPU step of a few milliseconds is bound by
+launches (docs/speed.md, On a GPU: the colour recipes' data path cost more there than the
+Baseline's). `ALEXNET_FUSED_AUGMENT=all` compiles the same function for the GPU too (inductor's
+Triton backend), for `scripts/gpu_bench.sh` to measure against the eager ops before it
+becomes a default; tests/test_cuda.py checks its pixels.
 """
 
 from __future__ import annotations
@@ -40,10 +47,20 @@ from typing import Callable, Iterator
 
 import torch
 
+from alexnet.errors import ConfigError
+
+ENV = "ALEXNET_FUSED_AUGMENT"
+CHOICES = {"0": (), "1": ("cpu",), "all": ("cpu", "cuda")}  # value -> devices that fuse
+
 
 def enabled(device: torch.device) -> bool:
-    """Whether a BatchAugment on `device` should fuse its photometric ops."""
-    return device.type == "cpu" and os.environ.get("ALEXNET_FUSED_AUGMENT", "1") != "0"
+    """Whether a BatchAugment on `device` should fuse its photometric ops: on the CPU unless
+    ALEXNET_FUSED_AUGMENT=0, on CUDA only with ALEXNET_FUSED_AUGMENT=all."""
+    value = os.environ.get(ENV, "1")
+    if value not in CHOICES:
+        raise ConfigError(f"{ENV}={value!r}: expected 0 (eager ops everywhere), 1 (the default: the kernel on "
+                          "the CPU) or all (the kernel on the CPU and on CUDA)")
+    return device.type in CHOICES[value]
 
 
 def photometric_planes(luma: tuple[float, float, float], noise_unit: float = 0.0) -> Callable:
@@ -122,7 +139,7 @@ class FusedPhotometric:
                 self.kernel = torch.compile(photometric_planes(self.luma, self.noise_unit), fullgraph=True,
                                             **({"isolate_recompiles": True} if own else {}))
             # float32 pixels whatever the caller's autocast; no autograd state to guard on
-            with torch.autocast("cpu", enabled=False), torch.no_grad(), _without_cuda_home_note():
+            with torch.autocast(rows.device.type, enabled=False), torch.no_grad(), _without_cuda_home_note():
                 out = self.kernel(*args, self.mean, self.std)
         except Exception as e:  # inductor's errors have no common base; any of them means "no kernel"
             first_line = (str(e).strip().splitlines() or [""])[0]

@@ -165,8 +165,9 @@ def seed_torch(seed: int, device: torch.device | None = None) -> None:
     of 3-5 ms would pay it every step."""
     torch.default_generator.manual_seed(seed)
     if device is not None and device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
-            .manual_seed(seed)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.init()  # default_generators stays an empty tuple until CUDA starts
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 # A memory-mapped training split that is not kept (SplitResidency) leaves the resident set

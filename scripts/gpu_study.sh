@@ -29,7 +29,7 @@ else
 fi
 out="${OUT:-runs_gpu}"
 
-"$py" -m alexnet ablate --epochs "${EPOCHS:-30}" --seeds "${SEEDS:-3}" --bs "${BS:-256}" ${AMP:+--amp} --channels-last --device cuda \
+"$py" -m alexnet ablate --epochs "${EPOCHS:-30}" --seeds "${SEEDS:-3}" --bs "${BS:-256}" $([ "${AMP:-0}" = 1 ] && echo --amp) --channels-last --device cuda \
   --out "$out" "$@"
 
 echo

@@ -100,6 +100,24 @@ def test_fused_kernel_equals_eager_ops(name):
     torch.testing.assert_close(out, aug(cache, train=True, params=p, ids=ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("value,on_cpu,on_cuda", [(None, True, False), ("1", True, False), ("0", False, False),
+                                                 ("all", True, True)])
+def test_which_devices_fuse(monkeypatch, value, on_cpu, on_cuda):
+    # The kernel is the CPU's default; CUDA takes it only when asked (ALEXNET_FUSED_AUGMENT=all).
+    if value is None:
+        monkeypatch.delenv(fused.ENV, raising=False)
+    else:
+        monkeypatch.setenv(fused.ENV, value)
+    assert (fused.enabled(torch.device("cpu")), fused.enabled(torch.device("cuda"))) == (on_cpu, on_cuda)
+    assert (make(RECIPES["combined"]).fused is not None) == on_cpu
+
+
+def test_an_unknown_fused_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(fused.ENV, "yes")
+    with pytest.raises(ConfigError, match=r"ALEXNET_FUSED_AUGMENT='yes': expected 0 .*, 1 .* or all"):
+        make(RECIPES["combined"])
+
+
 @pytest.mark.parametrize("name", ["randomcrop", "pixel", "paper"])
 def test_planar_crops_are_the_same_pixels(name):
     # The kernel's (N, S, 3, S) rows hold exactly the crops of the channels_last layout.

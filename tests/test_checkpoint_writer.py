@@ -176,8 +176,18 @@ def test_stop_with_a_write_in_flight_then_resume(learnable_cache, tmp_path, monk
     assert_same_run(full / "last.pth", cut / "last.pth")
 
 
+@pytest.fixture
+def sigint_heard():
+    """SIGINT as a foreground job has it, whatever this suite was started with: a shell starts
+    a background job (`pytest &`, nohup) with SIGINT ignored, and a run leaves an ignored
+    SIGINT ignored (test_reliability), so the Ctrl-C this test sends would not reach it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_second_ctrl_c_waits_for_the_stops_write(learnable_cache, tmp_path, monkeypatch, capsys,
-                                                 background_slow_writes):
+                                                 background_slow_writes, sigint_heard):
     """A second Ctrl-C, more than a second after the first, would stop at once, but not while
     the stop's own checkpoint is being written in the background."""
     from alexnet import train

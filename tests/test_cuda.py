@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.augment import RECIPES, BatchAugment
+from alexnet.augment import RECIPES, BatchAugment, Recipe
 from alexnet.cli import main
 from alexnet.models import VARIANTS, create_model
 
@@ -202,3 +202,41 @@ def test_step_seed_seeds_dropout_on_the_gpu_as_torch_manual_seed(device):
     torch.manual_seed(0)
     seed_torch(3, torch.device(device))
     assert torch.equal(torch.nn.functional.dropout(x, 0.5), a)
+
+
+def test_step_seed_before_cuda_has_started():
+    """In a fresh process torch.cuda.default_generators is empty until CUDA starts: seed_torch
+    must start it rather than index the empty tuple."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from alexnet.loader import seed_torch\n"
+            "assert not torch.cuda.is_initialized()\n"
+            "seed_torch(3, torch.device('cuda'))\n"
+            "a = torch.nn.functional.dropout(torch.ones(100_000, device='cuda'), 0.5)\n"
+            "torch.manual_seed(3)\n"
+            "assert torch.equal(torch.nn.functional.dropout(torch.ones(100_000, device='cuda'), 0.5), a)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("recipe", [RECIPES["pixel"], RECIPES["combined"],
+                                    Recipe(crop_pad=2, flip=True, lighting_std=0.1, noise_std=0.05)],
+                         ids=["pixel", "combined", "lighting64"])
+def test_fused_kernel_on_the_gpu_gives_the_cpus_pixels(monkeypatch, recipe):
+    """ALEXNET_FUSED_AUGMENT=all: the colour ops compiled for CUDA (Triton), reading the batch
+    by ids out of a cache on the GPU as training does, give the CPU's eager pixels."""
+    monkeypatch.setenv("ALEXNET_FUSED_AUGMENT", "all")
+    x = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8)
+    gpu = BatchAugment(recipe, 64, MEAN, STD, *EIG, device="cuda")
+    cpu = BatchAugment(recipe, 64, MEAN, STD, *EIG, device="cpu")
+    cpu.fused = None  # the eager ops
+    assert gpu.fuses(64)
+    p = cpu.sample(16, 64)
+    p_gpu = type(p)(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()})
+    ids = torch.arange(15, -1, -1)
+    out = gpu(x.flip(0).contiguous().cuda(), params=p_gpu, ids=ids.cuda())
+    assert gpu.fused.failed is None and gpu.fused.calls == 1  # the kernel made the batch
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.cpu(), cpu(x, params=p), atol=1e-4, rtol=1e-4)

@@ -218,3 +218,19 @@ def test_a_batch_makes_no_constants_and_the_step_seed_is_torchs(monkeypatch):
     torch.manual_seed(0)
     seed_torch(5)
     assert torch.equal(torch.nn.functional.dropout(torch.ones(1000), 0.5), a)
+
+
+@pytest.mark.parametrize("device,seeded", [("cuda", 1), ("cuda:0", 0)])
+def test_step_seed_starts_cuda_before_reading_its_generators(monkeypatch, device, seeded):
+    """torch.cuda.default_generators is an empty tuple until CUDA starts (a fresh process):
+    seed_torch starts it before it picks the device's generator. Simulated on the CPU (CUDA's
+    start-up replaced by one that fills the tuple, current device 1); the real thing is
+    tests/test_cuda.py's, on a GPU."""
+    from alexnet.loader import seed_torch
+
+    gens = (torch.Generator(), torch.Generator())
+    monkeypatch.setattr(torch.cuda, "default_generators", ())
+    monkeypatch.setattr(torch.cuda, "init", lambda: setattr(torch.cuda, "default_generators", gens))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    seed_torch(7, torch.device(device))
+    assert [g.initial_seed() == 7 for g in gens] == [i == seeded for i in range(2)]
