@@ -269,10 +269,11 @@ class BatchAugment:
         s, dev = self.size, x.device
         rows_of, values_of = self._crop_tables(side, pad, c, dev, planar)
         image = self._constant(("arange", n, dev), lambda: torch.arange(n, device=dev)) if ids is None else ids
-        rows = rows_of.index_select(0, p.oy) + image[:, None] * side  # (N, S) rows of the batch (or cache)
+        # (N, S) rows of the batch (or cache); integer ops written to launch 2 kernels, not 3
+        rows = rows_of.index_select(0, p.oy).add_(image[:, None], alpha=side)
         nhwc = x.permute(0, 2, 3, 1).contiguous()  # a view for the cache's NHWC batches
         picked = nhwc.view(-1, side * c).index_select(0, rows.flatten()).view(n, s, side * c)
-        values = values_of.index_select(0, p.ox + p.flip * (len(values_of) // 2)).view(n, 1, s * c)
+        values = values_of.index_select(0, p.ox.add(p.flip, alpha=len(values_of) // 2)).view(n, 1, s * c)
         out = torch.gather(picked, 2, values.expand(n, s, s * c))
         return out.view(n, s, c, s) if planar else out.view(n, s, s, c).permute(0, 3, 1, 2)
 
@@ -361,8 +362,9 @@ class BatchAugment:
             per_image_matrix = x.device.type != "cpu"
         with torch.autocast(x.device.type, enabled=False):  # bmm and conv2d would run in bf16 under autocast
             if per_image_matrix:
-                s = s.view(-1, 1, 1)
-                m = s * torch.eye(3, device=x.device) + (1 - s) * self.luma.view(1, 3, 1).expand(-1, 3, 3)
+                # luma 1^T + s (I - luma 1^T): one kernel for the N matrices, not five
+                gray, away = self._constant(("saturation", x.device), lambda: _saturation_terms(self.luma, x.device))
+                m = torch.addcmul(gray, s.view(-1, 1, 1), away)
                 return _from_pixels(torch.bmm(_pixels(x), m), x.shape)
             gray3 = F.conv2d(x, self.gray3)  # (N,3,S,S), x's layout
         gray3 = gray3.contiguous(memory_format=torch.channels_last)  # a no-op for channels_last x
@@ -500,6 +502,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     channels_last memory runs 5x slower on the CPU."""
     n, c, h, w = x.shape
     return x.permute(0, 2, 3, 1).view(n, h, w * c)
+
+
+def _saturation_terms(luma: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1,3,3) luma 1^T (every column the luma weights) and I - luma 1^T, for `saturate`."""
+    gray = luma.to(device).view(1, 3, 1).expand(1, 3, 3).contiguous()
+    return gray, torch.eye(3, device=device) - gray
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,10 @@ launches (README, "On a GPU"), measured on any machine.
 Each step does what training does before the model: reseed the augmentation generator and
 the dropout seed from the step, then take the next batch from `FastBatches`. At a revision
 without `alexnet.loader.seed_torch`, the dropout seed goes through torch.manual_seed, as
-training did then. One thread; the median of 7 rounds of 500 batches.
+training did then. One thread; the median of 7 rounds of 500 batches. The two choices the
+eager path makes by device are CUDA's (the saturation as one batched matmul, the noise
+window copied), and it also prints the ops per batch that launch a kernel on a GPU (all
+dispatched ops but views), counted over one batch.
 """
 
 from __future__ import annotations
@@ -24,13 +27,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, in
 os.environ["ALEXNET_FUSED_AUGMENT"] = "0"  # the eager ops, as on CUDA
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from alexnet import loader  # noqa: E402
+from alexnet import augment, loader  # noqa: E402
 from alexnet.augment import RECIPES, BatchAugment  # noqa: E402
 from alexnet.distributed import Dist  # noqa: E402
 from alexnet.loader import FastBatches, epoch_order, step_seed  # noqa: E402
 
 seed_torch = getattr(loader, "seed_torch", lambda seed, device=None: torch.manual_seed(seed))
+
+# CUDA's side of the eager path's two device-dependent choices
+_saturate, _window = BatchAugment.saturate, augment._window
+BatchAugment.saturate = lambda self, x, s, per_image_matrix=None: _saturate(self, x, s, True)
+augment._window = lambda *a, copy=False: _window(*a, copy=True)
+
+VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "expand", "slice",
+         "select", "unsqueeze", "squeeze", "flatten", "unfold", "unbind", "alias", "as_strided", "detach"}
+
+
+class Kernels(TorchDispatchMode):
+    """Counts the dispatched ops that are not views: each one launches a kernel on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket.__name__ not in VIEWS
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -67,13 +91,15 @@ def main() -> None:
 
         for _ in range(200):  # warm-up: the constants, the allocator
             one()
+        with Kernels() as k:
+            one()
         rounds = []
         for _ in range(7):
             t = time.perf_counter()
             for _ in range(a.batches):
                 one()
             rounds.append((time.perf_counter() - t) / a.batches * 1e6)
-        print(f"{name:12s} {statistics.median(rounds):8.1f} us/batch (min {min(rounds):.1f})")
+        print(f"{name:12s} {statistics.median(rounds):8.1f} us/batch (min {min(rounds):.1f}), {k.n} kernels")
 
 
 if __name__ == "__main__":

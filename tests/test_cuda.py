@@ -240,3 +240,42 @@ def test_fused_kernel_on_the_gpu_gives_the_cpus_pixels(monkeypatch, recipe):
     assert gpu.fused.failed is None and gpu.fused.calls == 1  # the kernel made the batch
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.cpu(), cpu(x, params=p), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_training_step_never_waits_for_the_gpu(recipe, amp):
+    """The step as training and the bench run it (reseed, the next batch gathered and augmented
+    out of a cache on the GPU, forward, backward, fused SGD) never synchronises with the GPU:
+    a step bound by kernel launches would otherwise leave it idle while the host launches the
+    next one. The epoch's order goes to the GPU once, in the warm-up."""
+    from alexnet.config import TrainConfig
+    from alexnet.distributed import Dist
+    from alexnet.loader import FastBatches, epoch_order, seed_torch, step_seed
+    from alexnet.train import build_optimizer, train_step
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = TrainConfig(variant="combined_gap", bs=16, amp=amp, channels_last=True).validate()
+    model = create_model(cfg.variant, 200).to(dev, memory_format=torch.channels_last).train()
+    opt = build_optimizer(cfg, model, fused=True)
+    gen = torch.Generator(device=dev)
+    aug = BatchAugment(RECIPES[recipe], 64, MEAN, STD, *EIG, device=dev, generator=gen)
+    x = torch.randint(0, 256, (96, 64, 64, 3), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, 200, (96,), device=dev)
+    it = FastBatches(x, y, aug, cfg.bs)(epoch_order(96, 0, 0, Dist(), cfg.bs), 0)
+
+    def step(i):
+        s = step_seed(0, 0, i)
+        gen.manual_seed(s)
+        seed_torch(s, dev)
+        xb, yb = next(it)
+        train_step(model, opt, xb, yb, cfg, dev)
+
+    step(0), step(1)  # warm-up: the order's copy, tables, constants, cuDNN's choices
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2, 6):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
