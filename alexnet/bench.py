@@ -53,6 +53,7 @@ from alexnet.loader import FastBatches, epoch_order, releaser, seed_torch, step_
 from alexnet.memory import rss_bytes
 from alexnet.models import FOLD_ENV, VARIANTS, create_model, fc1_folds
 from alexnet.precision import resolve_amp
+from alexnet.stepprofile import profile_line, step_profile
 from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
@@ -83,6 +84,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="as train's: GB within which (2) keeps the cache's training split in memory "
                         "(default: %(default)s); 0: release its pages as batches read them")
     p.add_argument("--recipe", choices=list(RECIPES), help="augmentation recipe for (2) (default: each variant's own)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print, for (1) and (2), the ops each step launches, the host's time to issue a "
+                        "step and (CUDA) the GPU's busy time per step (alexnet/stepprofile.py)")
     p.add_argument("--compare", nargs="+", choices=SETTINGS, metavar="SETTING",
                    help=f"instead of the table: the training step alone on a synthetic batch with each setting "
                         f"on and off ({', '.join(SETTINGS)}), the rest as given (--data, --jpeg-zip, --recipe "
@@ -291,6 +295,9 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     if release is not None:  # what (2) did with the cache's pages (SplitResidency)
         row["split"] = release.state
     log(row_line(row))
+    if a.profile:
+        row["profile"] = {"(1)": step_profile(model_only, 4, dev), "(2)": step_profile(project, 4, dev)}
+        log(profile_line(name, row["profile"]))
     return row
 
 
@@ -425,4 +432,6 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             # keeps the split in memory as a training run of it would.
             rows.append(_row_in_fresh_process(n, a, folder))
             log(row_line(rows[-1]))
+            if "profile" in rows[-1]:
+                log(profile_line(n, rows[-1]["profile"]))
     return rows

@@ -8,6 +8,8 @@
 #      training step's speed (`alexnet bench --compare`, batch 256, from PRECISION), for two
 #      variants (COMPARE_VARIANTS), bf16 at batch 1024, and torch.compile in its default mode
 #      and replaying CUDA graphs (reduce-overhead) for COMPILE_VARIANTS (combined_gap);
+#   2b. (stage `profile`) per training step of (1) and (2), for three variants: the kernels
+#      launched, the host's time to issue the step and the GPU's busy time (`--profile`);
 #   3b. (stage `fused`, also in the default list) the colour variants' full path with the
 #      augmentation's colour ops compiled for the GPU (ALEXNET_FUSED_AUGMENT=all), to hold
 #      against their rows of stage 2;
@@ -17,8 +19,8 @@
 # Targets (issue 6): >= 30,000 training images/s per variant on one H100-class GPU, and 30
 # epochs of any variant in under 2 minutes. Measured on one H200 (README, "On a GPU").
 #
-#   scripts/gpu_bench.sh                       # everything (about 9 minutes on one H200 without `fused`, estimated from its stages there)
-#   scripts/gpu_bench.sh tests bench compare   # some stages: tests bench compare fused data train
+#   scripts/gpu_bench.sh                       # everything (about 9 minutes on one H200 without `profile` and `fused`, estimated from its stages there)
+#   scripts/gpu_bench.sh tests bench compare   # some stages: tests bench profile compare fused data train
 #   SCALE=0.02 DEVICE=cpu EPOCHS=1 STEPS=1 scripts/gpu_bench.sh   # a small smoke run on a CPU
 #
 # PRECISION: --no-amp (default: fp32, cuDNN's TF32 convolutions; at batch 256 on an H200 the
@@ -38,7 +40,7 @@ work="${WORK:-${TMPDIR:-/tmp}/alexnet_gpu_bench}"
 steps="${STEPS:-20}"
 precision="${PRECISION:---no-amp}"
 compare_variants="${COMPARE_VARIANTS:-baseline combined_gap}"
-stages="${*:-tests bench compare fused data train}"
+stages="${*:-tests bench profile compare fused data train}"
 mkdir -p "$work"
 status=0
 failed() { echo "(stage $1 failed; going on)"; status=1; }
@@ -81,6 +83,14 @@ if has bench; then
     --steps "$steps" --rounds 3 || failed bench
 fi
 
+if has profile; then
+  # Host-bound or GPU-bound: where the host's time per step exceeds the GPU's busy time, the
+  # GPU waits for launches (alexnet/stepprofile.py).
+  echo "== per step: kernels, host time, GPU time ($device, $precision) =="
+  "$py" -m alexnet bench --device "$device" --variants baseline combined combined_gap --bs 256 $precision \
+    --no-reference --steps 5 --rounds 1 --profile || failed profile
+fi
+
 if has compare; then
   echo "== each setting on and off ($device) =="
   "$py" -m alexnet bench --device "$device" --variants $compare_variants --bs 256 $precision \
@@ -101,7 +111,7 @@ if has fused; then
   # launches: the colour variants' (2)/(1) here against stage 2's (a fresh process per row).
   echo "== alexnet bench, colour ops compiled ($device, $precision) =="
   ALEXNET_FUSED_AUGMENT=all "$py" -m alexnet bench --device "$device" --variants combined combined_small combined_gap \
-    --bs 256 $precision --no-reference --steps "$steps" --rounds 3 || failed fused
+    --bs 256 $precision --no-reference --steps "$steps" --rounds 3 --profile || failed fused
 fi
 
 if has data || has train; then

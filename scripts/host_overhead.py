@@ -10,8 +10,8 @@ the dropout seed from the step, then take the next batch from `FastBatches`. At 
 without `alexnet.loader.seed_torch`, the dropout seed goes through torch.manual_seed, as
 training did then. One thread; the median of 7 rounds of 500 batches. The two choices the
 eager path makes by device are CUDA's (the saturation as one batched matmul, the noise
-window copied), and it also prints the ops per batch that launch a kernel on a GPU (all
-dispatched ops but views), counted over one batch.
+window copied), and it also prints the ops per batch that would launch a kernel on a GPU
+(alexnet/stepprofile.py: ATen ops not called by another, views left out).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, in
 os.environ["ALEXNET_FUSED_AUGMENT"] = "0"  # the eager ops, as on CUDA
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from alexnet import augment, loader  # noqa: E402
 from alexnet.augment import RECIPES, BatchAugment  # noqa: E402
 from alexnet.distributed import Dist  # noqa: E402
 from alexnet.loader import FastBatches, epoch_order, step_seed  # noqa: E402
+from alexnet.stepprofile import profiled  # noqa: E402
 
 seed_torch = getattr(loader, "seed_torch", lambda seed, device=None: torch.manual_seed(seed))
 
@@ -40,21 +40,6 @@ seed_torch = getattr(loader, "seed_torch", lambda seed, device=None: torch.manua
 _saturate, _window = BatchAugment.saturate, augment._window
 BatchAugment.saturate = lambda self, x, s, per_image_matrix=None: _saturate(self, x, s, True)
 augment._window = lambda *a, copy=False: _window(*a, copy=True)
-
-VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "expand", "slice",
-         "select", "unsqueeze", "squeeze", "flatten", "unfold", "unbind", "alias", "as_strided", "detach"}
-
-
-class Kernels(TorchDispatchMode):
-    """Counts the dispatched ops that are not views: each one launches a kernel on a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func.overloadpacket.__name__ not in VIEWS
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -91,15 +76,14 @@ def main() -> None:
 
         for _ in range(200):  # warm-up: the constants, the allocator
             one()
-        with Kernels() as k:
-            one()
+        ops = profiled(one, 10, torch.device("cpu"))[0]
         rounds = []
         for _ in range(7):
             t = time.perf_counter()
             for _ in range(a.batches):
                 one()
             rounds.append((time.perf_counter() - t) / a.batches * 1e6)
-        print(f"{name:12s} {statistics.median(rounds):8.1f} us/batch (min {min(rounds):.1f}), {k.n} kernels")
+        print(f"{name:12s} {statistics.median(rounds):8.1f} us/batch (min {min(rounds):.1f}), {ops:.0f} ops")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,34 @@ def test_bench_runs_each_of_several_rows_in_a_fresh_process(capsys, monkeypatch)
     assert "combined_gap " in out and "combined_small " in out and out.count("(2)/(1)") == 2
 
 
+def test_bench_profiles_both_paths(capsys):
+    # --profile: per step, the ops of (1) and (2) ((2) adds the data path's), the host's time,
+    # and the GPU's only on CUDA; printed by the bench's own process for rows run in others.
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--variants", "combined_gap", "combined_small", "--bs", "4", "--steps", "1", "--rounds", "1",
+                      "--no-reference", "--device", "cpu", "--profile"])
+    rows = run_bench(a, log=print)
+    out = capsys.readouterr().out
+    for r in rows:
+        one, two = r["profile"]["(1)"], r["profile"]["(2)"]
+        assert two["ops"] > one["ops"] > 20 and one["host_ms"] > 0 and two["host_ms"] > 0
+        assert one["device_ms"] is None and two["device_ms"] is None
+        assert f"{r['variant']:<15} per step: (1) {one['ops']:.0f} ops, host " in out
+
+
+def test_profiled_counts_the_ops_that_would_launch_kernels():
+    from alexnet.stepprofile import profiled
+
+    x, w = torch.randn(8, 4), torch.randn(3, 4)
+
+    def step():  # add, then a view (nothing to launch), an in-place mul, and linear (its addmm inside)
+        (x + 1).view(-1).mul_(2)
+        torch.nn.functional.linear(x, w)
+
+    assert profiled(step, 3, torch.device("cpu")) == (3.0, None)
+
+
 class _ExitOnArrival:
     """Unpickled in the row's process, it ends that process at once, with exit code 3."""
 

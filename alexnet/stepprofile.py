@@ -1,0 +1,95 @@
+"""What a training step costs the host and the device: `alexnet bench --profile`.
+
+On a GPU a step of a few milliseconds can be bound by the host, which issues one kernel per
+op, rather than by the GPU's arithmetic (README, On a GPU: the project's full path (2) ran at
+0.65-0.80 of the model alone (1) on an H200, bf16 slower than fp32 at batch 256). Three
+figures per step tell the two apart:
+
+- ops: on CUDA the kernels and copies the step launched, from `torch.profiler`; on the CPU
+  the ATen ops it ran (called by Python or autograd, not by another op), views left out: an
+  op that makes a view of existing memory launches nothing on a GPU;
+- host ms: wall time to issue 4 steps without waiting for the device, per step (on the CPU,
+  where every op runs as it is issued, the whole step);
+- device ms (CUDA): the kernels' and copies' summed durations per step, i.e. the time the
+  GPU is busy.
+
+A step whose host time is above its device time keeps the GPU waiting: fewer ops, not faster
+kernels, make it faster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+# Ops that make a view of existing memory: no kernel on any device.
+VIEWS = frozenset({"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "expand",
+                   "slice", "select", "unsqueeze", "squeeze", "flatten", "unfold", "unbind", "alias",
+                   "as_strided", "detach", "split", "chunk", "view_as", "expand_as", "narrow", "diagonal"})
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _nested(e) -> bool:
+    """Whether an ATen op was called by another ATen op (its cost is its caller's)."""
+    parent = e.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def profiled(step: Callable[[], object], steps: int, dev: torch.device) -> tuple[float, float | None]:
+    """(ops, device ms) per step over `steps` steps under `torch.profiler` (a profiler, not a
+    dispatch hook, so that compiled code, the CPU's augmentation kernel among it, runs as in
+    training): on CUDA the kernels and copies and their summed durations; on the CPU the
+    top-level ATen ops that are not views, and None."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    if not cuda:
+        # Kineto, the profiler's engine, otherwise prints its start and stop on stderr, and on
+        # a CUDA build of PyTorch without a GPU an "ERROR" that it found none: read at its
+        # first use, so set here. (Kept on CUDA, where its messages may say why a figure is missing.)
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    _sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(dev)
+    events = prof.events()
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        return len(kernels) / steps, sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3
+    ops = [e for e in events if e.name.startswith("aten::") and e.name[6:] not in VIEWS and not _nested(e)]
+    return len(ops) / steps, None
+
+
+def step_profile(step: Callable[[], object], steps: int, dev: torch.device) -> dict:
+    """{"ops", "host_ms", "device_ms"} per step of a warmed-up `step` (device_ms: CUDA only,
+    else None)."""
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = (time.perf_counter() - t) / steps * 1e3
+    _sync(dev)
+    ops, busy = profiled(step, steps, dev)
+    return {"ops": ops, "host_ms": host, "device_ms": busy}
+
+
+def profile_line(name: str, figures: dict[str, dict]) -> str:
+    """One line per variant: each mode's ops, host ms and (CUDA) device ms per step."""
+    parts = []
+    for mode, f in figures.items():
+        busy = "" if f["device_ms"] is None else f", device {f['device_ms']:.2f} ms"
+        parts.append(f"{mode} {f['ops']:.0f} ops, host {f['host_ms']:.2f} ms{busy}")
+    return f"{name:<15} per step: " + " | ".join(parts)
