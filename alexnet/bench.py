@@ -296,8 +296,10 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         row["split"] = release.state
     log(row_line(row))
     if a.profile:
-        row["profile"] = {"(1)": step_profile(model_only, 4, dev), "(2)": step_profile(project, 4, dev)}
-        log(profile_line(name, row["profile"]))
+        row["profile"] = {"(1)": step_profile(model_only, 2, dev), "(2)": step_profile(project, 2, dev)}
+        for mode, key in (("(1)", "model"), ("(2)", "project")):
+            row["profile"][mode]["wall_ms"] = a.bs / med[key] * 1e3
+        log(profile_line(name, row["profile"], dev.type == "cuda"))
     return row
 
 
@@ -433,5 +435,5 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             rows.append(_row_in_fresh_process(n, a, folder))
             log(row_line(rows[-1]))
             if "profile" in rows[-1]:
-                log(profile_line(n, rows[-1]["profile"]))
+                log(profile_line(n, rows[-1]["profile"], dev.type == "cuda"))
     return rows

@@ -8,13 +8,16 @@ figures per step tell the two apart:
 - ops: on CUDA the kernels and copies the step launched, from `torch.profiler`; on the CPU
   the ATen ops it ran (called by Python or autograd, not by another op), views left out: an
   op that makes a view of existing memory launches nothing on a GPU;
-- host ms: wall time to issue 4 steps without waiting for the device, per step (on the CPU,
-  where every op runs as it is issued, the whole step);
-- device ms (CUDA): the kernels' and copies' summed durations per step, i.e. the time the
-  GPU is busy.
+- host ms: wall time to issue 2 steps without waiting for the device, per step (on the CPU,
+  where every op runs as it is issued, the whole step; 2, not more, so that the queue of
+  launches a GPU accepts before the host must wait stays far from full);
+- device ms (CUDA): the kernels' and copies' summed durations per step, the time the GPU is
+  busy (the gaps between kernels not included);
+- wall ms: the step as the bench timed it, images/s turned into ms per step.
 
-A step whose host time is above its device time keeps the GPU waiting: fewer ops, not faster
-kernels, make it faster.
+A step whose wall time is near its host time and well above its device time keeps the GPU
+waiting: fewer ops, not faster kernels, make it faster. One whose wall time is near its device
+time is the GPU's.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def profiled(step: Callable[[], object], steps: int, dev: torch.device) -> tuple
     events = prof.events()
     if cuda:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        if not kernels:  # CUPTI did not load or record: no figures, rather than a GPU that looks idle
+            return None, None
         return len(kernels) / steps, sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3
     ops = [e for e in events if e.name.startswith("aten::") and e.name[6:] not in VIEWS and not _nested(e)]
     return len(ops) / steps, None
@@ -86,10 +91,15 @@ def step_profile(step: Callable[[], object], steps: int, dev: torch.device) -> d
     return {"ops": ops, "host_ms": host, "device_ms": busy}
 
 
-def profile_line(name: str, figures: dict[str, dict]) -> str:
-    """One line per variant: each mode's ops, host ms and (CUDA) device ms per step."""
+def profile_line(name: str, figures: dict[str, dict], cuda: bool) -> str:
+    """One line per variant: each mode's ops, host ms, (CUDA) device ms, and the wall time of
+    a step as the bench timed it (synchronised), per step."""
     parts = []
     for mode, f in figures.items():
-        busy = "" if f["device_ms"] is None else f", device {f['device_ms']:.2f} ms"
-        parts.append(f"{mode} {f['ops']:.0f} ops, host {f['host_ms']:.2f} ms{busy}")
+        if f["ops"] is None:
+            parts.append(f"{mode} no CUDA events recorded (CUPTI), host {f['host_ms']:.2f} ms")
+            continue
+        busy = f", device {f['device_ms']:.2f} ms" if cuda else ""
+        wall = f", wall {f['wall_ms']:.2f} ms" if "wall_ms" in f else ""
+        parts.append(f"{mode} {f['ops']:.0f} ops, host {f['host_ms']:.2f} ms{busy}{wall}")
     return f"{name:<15} per step: " + " | ".join(parts)

@@ -66,10 +66,16 @@ PY
 # The cache is CPU work (80-86 s for 110,000 JPEGs on an H200 machine's 16 cores): made while
 # the GPU stages run, at the lowest priority and on all cores but two, since a GPU step this
 # short is bounded by how fast one host thread launches kernels. Stopped with the script.
+if [ -f "$work/data.pgid" ]; then  # a build an earlier run left behind (killed without its trap)
+  kill -- "-$(cat "$work/data.pgid")" 2>/dev/null
+  rm -f "$work/data.pgid"
+fi
 if has data || has train; then
   setsid nice -n 19 bash -c "$(declare -f make_data); py='$py' work='$work' scale='$scale' make_data" >"$work/data.log" 2>&1 &
   data_pid=$!
-  trap 'kill -- "-$data_pid" 2>/dev/null' EXIT  # its own process group: prepare's workers too
+  echo "$data_pid" >"$work/data.pgid"
+  # its own process group: prepare's workers go too
+  trap 'kill -- "-$data_pid" 2>/dev/null; rm -f "$work/data.pgid"' EXIT
 fi
 
 if has tests && [ "$device" = cuda ]; then

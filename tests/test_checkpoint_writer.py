@@ -183,7 +183,8 @@ def sigint_heard():
     SIGINT ignored (test_reliability), so the Ctrl-C this test sends would not reach it."""
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGINT, before)
+    if before is not None:  # None: a handler installed outside Python, which cannot be put back
+        signal.signal(signal.SIGINT, before)
 
 
 def test_second_ctrl_c_waits_for_the_stops_write(learnable_cache, tmp_path, monkeypatch, capsys,

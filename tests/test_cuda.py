@@ -217,7 +217,10 @@ def test_step_seed_before_cuda_has_started():
             "a = torch.nn.functional.dropout(torch.ones(100_000, device='cuda'), 0.5)\n"
             "torch.manual_seed(3)\n"
             "assert torch.equal(torch.nn.functional.dropout(torch.ones(100_000, device='cuda'), 0.5), a)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]  # the checkout, installed or not
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr
 
 
@@ -279,3 +282,18 @@ def test_a_training_step_never_waits_for_the_gpu(recipe, amp):
             step(i)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_profiled_counts_the_gpus_kernels_and_busy_time():
+    """`alexnet bench --profile` on CUDA: the kernels of a step and their summed time."""
+    from alexnet.stepprofile import profiled
+
+    x = torch.randn(512, 512, device="cuda")
+
+    def step():  # three kernels: a matmul, an add, a relu
+        torch.relu(x @ x + 1)
+
+    step()
+    ops, busy = profiled(step, 3, torch.device("cuda"))
+    assert ops is not None, "the profiler recorded no CUDA events (CUPTI)"
+    assert 3 <= ops <= 6 and busy > 0

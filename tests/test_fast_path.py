@@ -89,7 +89,8 @@ def test_bench_profiles_both_paths(capsys):
         one, two = r["profile"]["(1)"], r["profile"]["(2)"]
         assert two["ops"] > one["ops"] > 20 and one["host_ms"] > 0 and two["host_ms"] > 0
         assert one["device_ms"] is None and two["device_ms"] is None
-        assert f"{r['variant']:<15} per step: (1) {one['ops']:.0f} ops, host " in out
+        assert one["wall_ms"] == pytest.approx(4 / r["model"] * 1e3, rel=1e-3)  # the row rounds images/s
+        assert f"{r['variant']:<15} per step: (1) {one['ops']:.0f} ops, host {one['host_ms']:.2f} ms, wall " in out
 
 
 def test_profiled_counts_the_ops_that_would_launch_kernels():
