@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -64,10 +65,14 @@ def profiled(step: Callable[[], object], steps: int, dev: torch.device) -> tuple
         # first use, so set here. (Kept on CUDA, where its messages may say why a figure is missing.)
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     _sync(dev)
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-        _sync(dev)
+    with warnings.catch_warnings():
+        # Some versions (2.11) warn that a profile keeps only its last cycle's events: one
+        # cycle here, every time.
+        warnings.filterwarnings("ignore", message=".*Profiler clears events", category=UserWarning)
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+            _sync(dev)
     events = prof.events()
     if cuda:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
