@@ -20,6 +20,7 @@ def test_augmentation_matches_cpu(name):
     x = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8)
     cpu = BatchAugment(RECIPES[name], 64, MEAN, STD, *EIG, device="cpu")
     gpu = BatchAugment(RECIPES[name], 64, MEAN, STD, *EIG, device="cuda")
+    cpu.fused = None  # the CPU's eager ops, as the GPU runs them (the CPU's kernel against them: test_augment)
     assert gpu.device == x.cuda().device  # "cuda" settled to "cuda:N", as tensors report it
     p = cpu.sample(16, 64)
     p_gpu = type(p)(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()})
@@ -113,8 +114,12 @@ def test_stop_and_resume_on_cuda_matches_uninterrupted(learnable_cache, tmp_path
     np.testing.assert_allclose([r["val_loss"] for r in hb], [r["val_loss"] for r in ha], rtol=1e-3)
 
 
-def test_cpu_checkpoint_resumes_on_cuda(learnable_cache, tmp_path):
+def test_cpu_checkpoint_resumes_on_cuda(learnable_cache, tmp_path, monkeypatch):
     from tests.test_reliability import run_args
+
+    # The CPU half on the eager ops: compiling the CPU's augmentation kernel takes a minute
+    # cold on a fresh GPU machine, and the resume does not depend on it (the GPU runs them too).
+    monkeypatch.setenv("ALEXNET_FUSED_AUGMENT", "0")
 
     out = tmp_path / "o"
     assert main(["train", *run_args(learnable_cache, out), "--epochs", "1"]) == 0
