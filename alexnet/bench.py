@@ -53,7 +53,7 @@ from alexnet.loader import FastBatches, epoch_order, releaser, seed_torch, step_
 from alexnet.memory import rss_bytes
 from alexnet.models import FOLD_ENV, VARIANTS, create_model, fc1_folds
 from alexnet.precision import resolve_amp
-from alexnet.stepprofile import profile_line, step_profile
+from alexnet.stepprofile import profile_line, step_profile, sync
 from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
 
 PUBLISHED = dict(bs=64, amp=False, channels_last=False)
@@ -170,7 +170,7 @@ def _timed(step, steps: int, bs: int, dev: torch.device) -> float:
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(dev)
+    sync(dev)
     return steps * bs / (time.perf_counter() - t)
 
 
@@ -206,11 +206,6 @@ def _step_marker(compiled: bool, mode: str, dev: torch.device):
     if compiled and dev.type == "cuda" and mode in COMPILE_MODES[2:]:
         return torch.compiler.cudagraph_mark_step_begin
     return lambda: None
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | None, log=print,
@@ -279,7 +274,7 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         if release is not None and held is not None and now is not None:
             release.budget += max(0, now - held)  # (3)'s memory is the bench's, not the run's
     figures: dict[str, list[float]] = {k: [] for k in modes}
-    _sync(dev)
+    sync(dev)
     for _ in range(a.rounds):
         fm, fp = _paired(model_only, project, a.steps, a.bs, dev)
         figures["model"] += fm

@@ -35,7 +35,8 @@ VIEWS = frozenset({"view", "_unsafe_view", "reshape", "_reshape_alias", "permute
                    "as_strided", "detach", "split", "chunk", "view_as", "expand_as", "narrow", "diagonal"})
 
 
-def _sync(dev: torch.device) -> None:
+def sync(dev: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
@@ -64,7 +65,7 @@ def profiled(step: Callable[[], object], steps: int, dev: torch.device) -> tuple
         # a CUDA build of PyTorch without a GPU an "ERROR" that it found none: read at its
         # first use, so set here. (Kept on CUDA, where its messages may say why a figure is missing.)
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    _sync(dev)
+    sync(dev)
     with warnings.catch_warnings():
         # Some versions (2.11) warn that a profile keeps only its last cycle's events: one
         # cycle here, every time.
@@ -72,7 +73,7 @@ def profiled(step: Callable[[], object], steps: int, dev: torch.device) -> tuple
         with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 step()
-            _sync(dev)
+            sync(dev)
     events = prof.events()
     if cuda:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -86,12 +87,12 @@ def profiled(step: Callable[[], object], steps: int, dev: torch.device) -> tuple
 def step_profile(step: Callable[[], object], steps: int, dev: torch.device) -> dict:
     """{"ops", "host_ms", "device_ms"} per step of a warmed-up `step` (device_ms: CUDA only,
     else None)."""
-    _sync(dev)
+    sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
         step()
     host = (time.perf_counter() - t) / steps * 1e3
-    _sync(dev)
+    sync(dev)
     ops, busy = profiled(step, steps, dev)
     return {"ops": ops, "host_ms": host, "device_ms": busy}
 
