@@ -1,5 +1,5 @@
-"""`alexnet summary`: each layer's output shape, parameters and forward MFLOPs per image,
-and a table over all registered variants. FLOPs are counted by PyTorch's FlopCounterMode
+"""`alexnet summary`: each layer's output shape, parameters and forward MFLOPs per image (and
+a single model's training step), and a table over all registered variants. FLOPs are counted by PyTorch's FlopCounterMode
 (a multiply-add counts as 2 FLOPs; convolutions and linear layers dominate), for the
 computation as torchvision's AlexNet does it: FC1 over the 36 copies of a 1x1 map's pooled
 vector. The project's models fold those copies (alexnet/models.py); a single model's summary
@@ -26,6 +26,18 @@ def forward_mflops(model: nn.Module, img_size: int, folded: bool = False) -> flo
     with _fold(model, folded), torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(x)
     return fc.get_total_flops() / 1e6
+
+
+def train_step_mflops(model: nn.Module, img_size: int) -> float:
+    """MFLOPs per image of a training step (forward and backward, FC1 folded) as the project
+    computes it: what a CPU's arithmetic peak has to cover (docs/speed.md, Time to accuracy).
+    Two images, since BatchNorm in training mode needs more than one value per channel."""
+    x = torch.zeros(2, 3, img_size, img_size)
+    model.train()
+    with _fold(model, True), FlopCounterMode(display=False) as fc:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 2 / 1e6
 
 
 @contextmanager
@@ -78,6 +90,8 @@ def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200
         nominal, computed = forward_mflops(model, img_size), forward_mflops(model, img_size, folded=True)
         log(f"total parameters {count_parameters(model):,}; forward {nominal:,.1f} MFLOPs per image"
             + (f" ({computed:,.1f} computed here: FC1 on summed weights)" if computed < nominal else ""))
+        log(f"a training step (forward and backward, FC1 as training runs it) {train_step_mflops(model, img_size):,.1f} "
+            "MFLOPs per image")
         log("")
     log(f"| variant | model | parameters | MFLOPs/image ({img_size}x{img_size}) |")
     log("|---|---|---:|---:|")

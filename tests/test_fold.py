@@ -112,6 +112,26 @@ def test_summary_prints_nominal_and_computed_flops(capsys, monkeypatch):
     assert "computed here" not in capsys.readouterr().out  # nothing to fold
 
 
+def test_train_step_flops_count_forward_and_weight_gradient():
+    """A training step's FLOPs: the forward product and the weight gradient's, no input
+    gradient (the batch needs none); FC1 folded where training folds it, not under dropout."""
+    from alexnet.summary import forward_mflops, train_step_mflops
+
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    assert train_step_mflops(linear, 8) == pytest.approx(2 * (2 * 192 * 10) / 1e6)
+    assert all(p.grad is None for p in linear.parameters())  # the count leaves no gradients behind
+    baseline = create_model("baseline", 200)
+    baseline.fold_fc1 = True
+    fc1 = 2 * 9216 * 4096 / 1e6  # FC1 over the copies, forward, per image
+    # Dropout makes the copies differ in training: FC1 over them, and so its three products
+    # (forward, input gradient, weight gradient) over 9216 inputs instead of 256.
+    dropout = create_model("dropout", 200)
+    dropout.fold_fc1 = True
+    gap = train_step_mflops(dropout, 64) - train_step_mflops(baseline, 64)
+    assert gap == pytest.approx(3 * (fc1 - 2 * 256 * 4096 / 1e6), rel=1e-6)
+    assert forward_mflops(dropout, 64, folded=True) == pytest.approx(forward_mflops(baseline, 64, folded=True))
+
+
 def test_bench_compares_the_fold(monkeypatch, capsys):
     """--compare fold_fc1 times a folded model against one over the copies, and says where
     training would not fold anyway."""
