@@ -109,7 +109,7 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--counts", default="200,500,50",
                    help="expected CLASSES,TRAIN_PER_CLASS,VAL_PER_CLASS for the TinyImageNet layout, or 'any' "
                         "(default 200,500,50: the official data set)")
-    s.add_argument("--img-size", type=int, default=64, help="image size of the cache (image folders are resized)")
+    s.add_argument("--img-size", type=int, default=64, help="image size of the cache: image folders are resized to it; TinyImageNet-200 is cached at its 64")
     s.add_argument("--workers", type=int, default=2, help="decoding processes")
     s.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
     s.set_defaults(func=_prepare)

@@ -79,6 +79,9 @@ class TrainConfig:
         need(self.bs >= 1, f"--bs must be at least 1, got {self.bs}")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive finite number, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.momentum > 0 or not self.nesterov,
+             "--nesterov needs --momentum above 0 (Nesterov's look-ahead is along the momentum; "
+             "PyTorch's SGD refuses it without), got --momentum 0")
         need(math.isfinite(self.wd) and self.wd >= 0, f"--wd must be a finite number >= 0, got {self.wd}")
         need(self.num_classes >= 2, f"--num_classes must be at least 2, got {self.num_classes}")
         need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")

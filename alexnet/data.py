@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5
 from alexnet.errors import DataError
-from alexnet.sources import Log, _decode, _open_source, _Plan, _plan_folder, _plan_tiny, _Reader
+from alexnet.sources import TINY_SIZE, Log, _decode, _open_source, _Plan, _plan_folder, _plan_tiny, _Reader
 
 FORMAT_VERSION = 1
 DEFAULT_DATA_DIR = "data"
@@ -95,6 +96,10 @@ def prepare(source: str | Path | None, data_dir: Path,
     url = str(source) if _is_url(source) else None
     if url == OFFICIAL_URL and md5 is None:
         md5 = OFFICIAL_MD5
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise DataError(f"--img-size must be a positive number of pixels, got {img_size!r}")
+    if url == OFFICIAL_URL:  # before a download that could only end in this error
+        _check_tiny_size(img_size, url)
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir}: is a file, not a cache directory")
     if url is None and not Path(source).exists():  # before the cache folder is made: a typo leaves nothing behind
@@ -143,6 +148,15 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
                 raise DataError(f"{path}: MD5 mismatch: expected {md5.lower()}, got {got}")
         _build(path, str(source), fingerprint, data_dir, counts, img_size, workers, log)
     return data_dir
+
+
+def _check_tiny_size(img_size: int, source: str) -> None:
+    """TinyImageNet-200 is cached as it is: its images are checked to be 64x64, not resized."""
+    if img_size != TINY_SIZE:
+        raise DataError(f"--img-size {img_size}: {source} is TinyImageNet-200, whose images are all "
+                        f"{TINY_SIZE}x{TINY_SIZE} and are cached as they are; --img-size resizes only image "
+                        f"folders (root/train/<class>/*, root/val/<class>/*), so leave it at {TINY_SIZE} here "
+                        f"(training upsamples on the device: alexnet train --img-size)")
 
 
 def _fingerprint(path: Path) -> dict:
@@ -209,6 +223,8 @@ def _build(path: Path, description: str, fingerprint: dict, data_dir: Path,
     reader, layout = _open_source(path)
     tmp = {name: data_dir / f"{name}.tmp" for name in FILES}
     try:
+        if layout == "tinyimagenet":
+            _check_tiny_size(img_size, description)
         plan = _plan_tiny(reader, counts, log) if layout == "tinyimagenet" else _plan_folder(reader)
         shapes = {"train": len(plan.train), "val": len(plan.val)}
         for split, n in shapes.items():
@@ -382,6 +398,28 @@ def _hash_files(paths: list[Path], algorithm: str = HASH) -> dict[Path, str]:
         return dict(zip(paths, pool.map(lambda p: _hash_file(p, algorithm), paths)))
 
 
+def _rebuild_hint(data_dir: Path, manifest: dict | None = None) -> str:
+    """The command that rebuilds this cache from the source it was built from (recorded in
+    its manifest): without --source, prepare would download the official archive instead."""
+    cmd = ["alexnet prepare"]
+    try:
+        fp = manifest["source"]["fingerprint"]
+        where = fp.get("url") or fp.get("path")
+        if where and where != OFFICIAL_URL:
+            cmd.append(f"--source {shlex.quote(str(where))}")
+            if fp.get("url") and fp.get("md5"):
+                cmd.append(f"--md5 {fp['md5']}")
+        if manifest["img_size"] != TINY_SIZE:
+            cmd.append(f"--img-size {int(manifest['img_size'])}")
+        c = manifest["counts"]
+        counts = (c["classes"], c["train_per_class"], c["val_per_class"])
+        if manifest["source"]["layout"] == "tinyimagenet" and counts != DEFAULT_COUNTS:
+            cmd.append("--counts " + ",".join(str(int(k)) for k in counts))
+    except (TypeError, KeyError, AttributeError, ValueError):  # no manifest, or not one of ours
+        pass
+    return f"run `{' '.join(cmd)} --data {shlex.quote(str(data_dir))} --force`"
+
+
 def _read_manifest(data_dir: Path) -> dict:
     path = data_dir / "manifest.json"
     if not path.is_file():
@@ -397,13 +435,12 @@ def _read_manifest(data_dir: Path) -> dict:
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         ok = False
     if not ok:
-        raise DataError(f"{path}: unreadable or from another version of this program; "
-                        f"run `alexnet prepare --data {data_dir} --force`")
+        raise DataError(f"{path}: unreadable or from another version of this program; {_rebuild_hint(data_dir)}")
     return manifest
 
 
 def _check_files(data_dir: Path, manifest: dict, verify: str) -> None:
-    rebuild = f"run `alexnet prepare --data {data_dir} --force`"
+    rebuild = _rebuild_hint(data_dir, manifest)
     changed, to_hash = False, []
     for name, rec in manifest["files"].items():
         path = data_dir / name
@@ -441,7 +478,7 @@ def open_cache(data_dir: Path, verify: str = "fast") -> Cache:
     data_dir = Path(data_dir)
     manifest = _read_manifest(data_dir)
     _check_files(data_dir, manifest, verify)
-    rebuild = f"run `alexnet prepare --data {data_dir} --force`"
+    rebuild = _rebuild_hint(data_dir, manifest)
     arrays = {}
     for name in ARRAYS:
         try:

@@ -27,6 +27,7 @@ from alexnet.errors import DataError, UserError
 Log = Callable[[str], object]
 
 TINY = "tiny-imagenet-200"
+TINY_SIZE = 64  # every TinyImageNet-200 image is 64x64
 LAYOUT = "expected the official TinyImageNet-200 layout"
 
 

@@ -62,13 +62,18 @@ def layer_table(model: nn.Module, img_size: int) -> list[tuple[str, str, tuple[i
         if len(list(m.children())) == 0:
             hooks.append(m.register_forward_hook(
                 lambda mod, inp, out, name=name: rows.append(
-                    (name, type(mod).__name__, tuple(out.shape[1:]), sum(p.numel() for p in mod.parameters())))))
+                    (name, _kind(mod), tuple(out.shape[1:]), sum(p.numel() for p in mod.parameters())))))
     model.eval()
     with _fold(model, False), torch.no_grad():  # every layer runs, avgpool and FC1 as torchvision's
         model(torch.zeros(1, 3, img_size, img_size))
     for h in hooks:
         h.remove()
     return rows
+
+
+def _kind(m: nn.Module) -> str:
+    """The layer's type; with dropout's p, as the Baseline keeps torchvision's layers at p=0."""
+    return f"{type(m).__name__}(p={m.p:g})" if isinstance(m, nn.modules.dropout._DropoutNd) else type(m).__name__
 
 
 def variants_table(img_size: int = 64, num_classes: int = 200) -> list[tuple[str, str, int, float]]:

@@ -93,7 +93,7 @@ def _needs_own_recipe(variant: str | None) -> bool:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool) -> torch.optim.Optimizer:
-    kw: dict[str, Any] = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov and cfg.momentum > 0)
+    kw: dict[str, Any] = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov)
     # The fused kernel updates all 58M parameters in one pass: about 5x faster than the
     # foreach path on the CPU for the 4096-4096 head, where the update is memory-bound.
     try:
@@ -198,10 +198,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if cache.num_classes != cfg.num_classes:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "
                           f"({cache.num_classes} classes)")
-    if cfg.sync_bn and d.enabled:
-        if device.type != "cuda":
-            raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
-                              "leave it out on CPU (each process then keeps its own BatchNorm statistics)")
+    if cfg.sync_bn and device.type != "cuda":  # in one process as under torchrun: the same command, the same answer
+        raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
+                          "leave it out on CPU (each process then keeps its own BatchNorm statistics)")
+    if cfg.sync_bn and d.enabled:  # one process has no statistics to share: its BatchNorm stays as it is
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.channels_last:
@@ -421,7 +421,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     state: dict[str, Any] = {"step": 0, "best_top1": -1.0, "best_epoch": -1, "history": [], "best_train_loss": math.inf,
                              "meters": _fresh_meters()}
     epoch, start = 0, 0
-    if cfg.resume:
+    if cfg.resume == "auto" and not (run.out / "last.pth").exists():
+        # A requeued job passes --resume every time, its first start included.
+        say(f"--resume: no {run.out / 'last.pth'} yet; starting the run from the beginning")
+    elif cfg.resume:
         try:
             epoch, start = _resume(run, state, say)
         except BaseException:  # a checkpoint that does not fit: nothing was written

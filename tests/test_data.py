@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 import alexnet.data as data
+from alexnet.cli import main
 from alexnet.data import default_data_dir, default_source, ensure_cache, open_cache, prepare
 from alexnet.download import OFFICIAL_URL
 from alexnet.errors import DataError, UserError
@@ -228,6 +230,34 @@ def test_missing_source(tmp_path: Path) -> None:
         prepare(tmp_path / "nope.zip", tmp_path / "c", log=quiet)
 
 
+@pytest.mark.parametrize("size", [0, -5])
+def test_img_size_must_be_positive(size: int, tiny_zip: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"^--img-size must be a positive number of pixels, got {size}$"):
+        prepare(tiny_zip, tmp_path / "c", counts=TINY_COUNTS, img_size=size, workers=1, log=quiet)
+    assert not (tmp_path / "c").exists()
+
+
+def test_tinyimagenet_keeps_its_64_pixels(tiny_zip: Path, tiny_cache: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--img-size resizes image folders; TinyImageNet-200 is refused at another size before
+    anything is decoded (the old message blamed the first image), an existing cache kept."""
+    monkeypatch.setattr(data, "_decode_all", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(DataError) as e:
+        prepare(tiny_zip, tmp_path / "c", counts=TINY_COUNTS, img_size=32, workers=1, log=quiet)
+    assert str(e.value).startswith(f"--img-size 32: {tiny_zip} is TinyImageNet-200, whose images are all 64x64")
+    assert not (tmp_path / "c").exists()
+    d = tmp_path / "kept"
+    shutil.copytree(tiny_cache, d)
+    before = snapshot(d)
+    with pytest.raises(DataError, match="^--img-size 48: "):
+        prepare(tiny_zip, d, counts=TINY_COUNTS, img_size=48, workers=1, log=quiet)
+    assert snapshot(d) == before
+    # The official archive: refused before the download, which could only end in this error.
+    monkeypatch.setattr(data, "download", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(DataError, match=f"^--img-size 32: {OFFICIAL_URL} is TinyImageNet-200"):
+        prepare(OFFICIAL_URL, tmp_path / "o", img_size=32, log=quiet)
+
+
 def test_failed_rebuild_keeps_old_cache(tiny_cache: Path, tiny_layout: Path, tmp_path: Path) -> None:
     d = tmp_path / "c"
     shutil.copytree(tiny_cache, d)
@@ -257,7 +287,7 @@ def test_copied_cache_is_rehashed_once(tiny_cache: Path, tmp_path: Path, monkeyp
     open_cache(d)
 
 
-def test_altered_cache_detected(tiny_cache: Path, tmp_path: Path) -> None:
+def test_altered_cache_detected(tiny_cache: Path, tiny_zip: Path, tmp_path: Path) -> None:
     d = tmp_path / "c"
     shutil.copytree(tiny_cache, d)  # copy2: same mtimes, so the fast path trusts the copy
     target = d / "val_x.npy"
@@ -271,8 +301,12 @@ def test_altered_cache_detected(tiny_cache: Path, tmp_path: Path) -> None:
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(DataError) as e:
         open_cache(d, verify="full")
+    # The rebuild names the recorded source and counts: without them prepare would download
+    # the official archive instead.
+    counts = ",".join(map(str, TINY_COUNTS))
+    hint = f"alexnet prepare --source {tiny_zip.resolve()} --counts {counts} --data {d} --force"
     assert str(e.value) == (f"{target}: checksum does not match manifest.json (cache changed or "
-                            f"corrupted); run `alexnet prepare --data {d} --force`")
+                            f"corrupted); run `{hint}`")
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the usual case: new mtime
     with pytest.raises(DataError, match="val_x.npy: checksum does not match"):
         open_cache(d)
@@ -280,6 +314,8 @@ def test_altered_cache_detected(tiny_cache: Path, tmp_path: Path) -> None:
         f.write(b"x")
     with pytest.raises(DataError, match="val_x.npy: .* bytes, manifest.json says"):
         open_cache(d)
+    assert main(shlex.split(hint)[1:]) == 0  # the hint, as printed, repairs the cache
+    open_cache(d, verify="full")
 
 
 def test_missing_or_broken_cache(tmp_path: Path, tiny_cache: Path) -> None:

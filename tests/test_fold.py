@@ -108,6 +108,7 @@ def test_summary_prints_nominal_and_computed_flops(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "forward 189.7 MFLOPs per image (116.3 computed here: FC1 on summed weights)" in out
     assert "avgpool" in out and "classifier.1" in out  # every layer listed, as torchvision runs them
+    assert "Dropout(p=0) " in out  # torchvision's layers kept, shown doing nothing
     main(["summary", "combined_gap"])
     assert "computed here" not in capsys.readouterr().out  # nothing to fold
 

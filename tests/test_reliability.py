@@ -198,6 +198,19 @@ def test_resume_of_a_finished_run_says_so(learnable_cache, tmp_path, capsys):
     assert (out / "last.pth").read_bytes() == before
 
 
+def test_resume_alone_starts_a_run_that_has_no_checkpoint_yet(learnable_cache, tmp_path, capsys):
+    """`--resume` alone (OUT/last.pth) is what a requeued job passes every time, its first
+    start included; a checkpoint named by path must exist."""
+    out = tmp_path / "o"
+    assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2", "--resume"]) == 0
+    assert f"--resume: no {out / 'last.pth'} yet; starting the run from the beginning" in capsys.readouterr().out
+    assert torch.load(out / "last.pth", weights_only=False)["step"] == 2
+    missing = tmp_path / "elsewhere" / "last.pth"
+    assert main(["train", *run_args(learnable_cache, tmp_path / "p"), "--resume", str(missing)]) == 2
+    assert f"{missing}: checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_resume_on_other_data_is_refused(learnable_cache, tiny_cache, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2"]) == 0
@@ -412,6 +425,8 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0"),
     (["--variant", "baseline", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
     (["--variant", "baseline", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--variant", "baseline", "--momentum", "0", "--nesterov"], "--nesterov needs --momentum above 0"),
+    (["--variant", "batchnorm", "--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA"),  # one process too
     (["--variant", "baseline", "--img-size", "32"], "--img-size must be at least 63"),
     (["--variant", "baseline", "--recipe", "pixel", "--transforms", "utils/transforms_pixel.py"],
      "give --recipe or --transforms, not both"),
