@@ -511,7 +511,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             if improved:
                 state["best_top1"], state["best_epoch"] = row["val_top1"], ep + 1
             save(ep + 1, 0, best=improved)
-            stopping = ep + 1 < cfg.epochs and distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]
+            stopping = distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]
             metrics.write(state["history"], final=ep + 1 == cfg.epochs or stopping)
             peak = f"peak {row['peak_rss_mib'] / 1024:.2f} GiB RSS"  # this run's, so far
             if row["peak_gpu_mib"]:
@@ -522,9 +522,12 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% | "
                 f"lr {row['lr']:.3g} | {row['epoch_seconds']:.0f}s, {row['images_per_s']:.0f} img/s | {peak}"
                 + (" | best" if improved else ""))
-            # A request that came during the evaluation: the epoch is saved, stop here.
+            # A request that came during the evaluation: the epoch is saved, stop here. After the
+            # last epoch too: whoever asked (a study's Ctrl-C, a scheduler) hears 128 + signal.
             if stopping:
-                _stopped(run, f"the end of epoch {ep + 1}", say)
+                last = ep + 1 == cfg.epochs
+                _stopped(run, f"the end of epoch {ep + 1}" + (", the last: the run is complete" if last else ""),
+                         say, resume=not last)
     except BaseException:
         # A write still in flight lands first (under the stop handler, which leaves it be);
         # if it fails too, the run's own error is still the one raised.
@@ -558,15 +561,15 @@ def _note(line: str) -> None:
     os.write(fd, (line + "\n").encode())
 
 
-def _stopped(run: Run, where: str, say) -> None:
+def _stopped(run: Run, where: str, say, resume: bool = True) -> None:
     """Leave after a stop request, last.pth saved at `where`: exit status 128 + the signal.
     Every rank waits for rank 0's write first: a launcher that sees one process exit stops
     the others, and rank 0 would be stopped in the middle of its save."""
     run.writer.wait()
     distributed.barrier(run.dist)
     sig = run.stop_signal[0] if run.stop_signal else signal.SIGTERM  # a rank that got none stops with the others
-    say(f"stopped by {signal.Signals(sig).name} at {where}; {run.out / 'last.pth'} saved. "
-        f"Resume with: {resume_command(run.cfg)}")
+    say(f"stopped by {signal.Signals(sig).name} at {where}; {run.out / 'last.pth'} saved"
+        + (f". Resume with: {resume_command(run.cfg)}" if resume else ""))
     raise SystemExit(128 + sig)
 
 

@@ -5,6 +5,7 @@ table."""
 from __future__ import annotations
 
 import csv
+import os
 import json
 import signal
 import statistics
@@ -182,3 +183,32 @@ def test_killed_study_resumes_and_report_reproduces_the_table(tiny_cache, tmp_pa
     assert r.returncode == 0, r.stderr
     assert (out / "results.md").read_text() == md
     assert "| Combined-GAP |" in r.stdout
+
+
+def test_stop_during_a_runs_last_evaluation_ends_the_study(tiny_cache, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C (here SIGTERM) that lands in a run's last evaluation ends the study there, as
+    one mid-epoch does, instead of counting the run finished and starting the next; the same
+    command then finishes that run (already complete: nothing retrained) and the rest."""
+    from alexnet import train
+
+    out = tmp_path / "runs"
+    args = ["ablate", "--data", str(tiny_cache), "--out", str(out), "--variants", "combined_gap", "--seeds", "2",
+            "--epochs", "1", "--bs", "8", "--max-steps", "2", "--device", "cpu"]
+    real_eval = train.evaluate
+
+    def evaluate(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the evaluation
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "Combined-GAP seed 0: interrupted" in capsys.readouterr().out
+    seed0, seed1 = out / "combined_gap" / "seed0", out / "combined_gap" / "seed1"
+    assert (seed0 / "last.pth").exists() and not (seed0 / "done.json").exists() and not seed1.exists()
+    monkeypatch.setattr(train, "evaluate", real_eval)
+    assert main(args) == 0
+    assert "Combined-GAP seed 0: resumed from last.pth" in capsys.readouterr().out
+    assert "the run is already complete" in (seed0 / "train.log").read_text()
+    assert (seed0 / "done.json").exists() and (seed1 / "done.json").exists()

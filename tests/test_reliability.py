@@ -79,7 +79,7 @@ def test_sigkill_then_resume_equals_uninterrupted(learnable_cache, tmp_path):
     assert_same_run(full / "last.pth", cut / "last.pth")
 
 
-@pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation"])
+@pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation", "last evaluation"])
 def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path, monkeypatch, capsys, when):
     """A stop request (the signal sent to this process) mid-epoch, at an epoch's last step
     (12 steps of 16 per epoch) or during an evaluation: the resumed run ends bit for bit where
@@ -90,7 +90,7 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["train", *run_args(learnable_cache, full), "--epochs", "2"]) == 0
-    steps, real_step, real_eval = [], train.train_step, train.evaluate
+    steps, evals, real_step, real_eval = [], [], train.train_step, train.evaluate
 
     def step(*a, **k):
         steps.append(1)
@@ -99,7 +99,8 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path
         return real_step(*a, **k)
 
     def evaluate(*a, **k):
-        if when == "evaluation":
+        evals.append(1)
+        if (when, len(evals)) in {("evaluation", 1), ("last evaluation", 2)}:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_eval(*a, **k)
 
@@ -109,10 +110,16 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path
         main(["train", *run_args(learnable_cache, cut), "--epochs", "2"])
     assert stopped.value.code == 128 + signal.SIGTERM
     where = {"step 5": "epoch 1, step 5 of 12", "step 12": "epoch 1, step 12 of 12",
-             "evaluation": "the end of epoch 1"}[when]
-    assert f"stopped by SIGTERM at {where}; {cut / 'last.pth'} saved" in capsys.readouterr().out
+             "evaluation": "the end of epoch 1",
+             # The last evaluation: the run is complete, and still the stop is reported (an
+             # ablation's Ctrl-C must end the study, not start its next run).
+             "last evaluation": "the end of epoch 2, the last: the run is complete"}[when]
+    printed = capsys.readouterr().out
+    assert f"stopped by SIGTERM at {where}; {cut / 'last.pth'} saved" in printed
+    assert ("Resume with:" in printed) == (when != "last evaluation")
     saved = torch.load(cut / "last.pth", weights_only=False)
-    assert (saved["epoch"], saved["batch"]) == {"step 5": (0, 5), "step 12": (0, 12), "evaluation": (1, 0)}[when]
+    assert (saved["epoch"], saved["batch"]) == {"step 5": (0, 5), "step 12": (0, 12), "evaluation": (1, 0),
+                                                "last evaluation": (2, 0)}[when]
     monkeypatch.setattr(train, "train_step", real_step)
     monkeypatch.setattr(train, "evaluate", real_eval)
     assert main(["train", *run_args(learnable_cache, cut), "--epochs", "2", "--resume"]) == 0
