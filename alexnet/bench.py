@@ -115,8 +115,16 @@ def _jpeg_folder(zip_path: str | None, root: Path, per_class: int = 20, classes:
 
     root.mkdir(parents=True, exist_ok=True)
     if zip_path:
-        with zipfile.ZipFile(zip_path) as z:
+        expected = "expected the TinyImageNet-200 zip (tiny-imagenet-200/train/<wnid>/images/*.JPEG)"
+        try:
+            z = zipfile.ZipFile(zip_path)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise UserError(f"--jpeg-zip {zip_path}: cannot open it as a zip ({e.__class__.__name__}: {e}); "
+                            f"{expected}") from None
+        with z:
             names = sorted(n for n in z.namelist() if "/train/" in n and n.endswith(".JPEG"))
+            if not names:
+                raise UserError(f"--jpeg-zip {zip_path}: no train/ JPEGs in it; {expected}")
             by_class: dict[str, list[str]] = {}
             for n in names:
                 by_class.setdefault(n.split("/train/")[1].split("/")[0], []).append(n)
@@ -385,12 +393,13 @@ def compare_setting(name: str, setting: str, a: argparse.Namespace, log=print) -
 
 
 def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
-    names = list(VARIANTS) if a.variants == ["all"] else a.variants
-    for n in names:
-        if n not in VARIANTS:
-            raise UserError(f"unknown variant {n!r}; known variants: {', '.join(VARIANTS)}")
-    if a.bs < 1 or a.steps < 1 or a.rounds < 1:
-        raise UserError("--bs, --steps and --rounds must be at least 1")
+    for n in a.variants:
+        if n != "all" and n not in VARIANTS:
+            raise UserError(f"unknown variant {n!r}; known variants: all, {', '.join(VARIANTS)}")
+    names = list(VARIANTS) if "all" in a.variants else list(dict.fromkeys(a.variants))
+    if a.bs < 1 or a.steps < 1 or a.rounds < 1 or a.reference_bs < 1:
+        raise UserError(f"--bs, --steps, --rounds and --reference-bs must be at least 1, got {a.bs}, {a.steps}, "
+                        f"{a.rounds} and {a.reference_bs}")
     dev = settle_device(pick_device(a.device))
     # (1) and (2) in the precision a training run here would use; `--compare amp` still
     # measures bf16 against fp32, as asked.
@@ -420,6 +429,11 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
+        images = 0 if folder is None else sum(1 for _ in folder.glob("*/*.JPEG"))
+        if folder is not None and images < a.reference_bs:  # (3) drops the last partial batch: none would come
+            raise UserError(f"(3) has {images} JPEGs{f' from --jpeg-zip {a.jpeg_zip}' if a.jpeg_zip else ''} "
+                            f"(up to 20 per class), fewer than one batch of --reference-bs {a.reference_bs}; "
+                            f"lower --reference-bs or leave (3) out with --no-reference")
         if len(names) == 1 and not a.data:  # a synthetic cache in memory: nothing to keep or release
             x, y, stats, _ = _source(None)
             return [bench_variant(names[0], a, x, y, stats, folder, log)]

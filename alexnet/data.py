@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -32,7 +33,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5
+from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5, forget
 from alexnet.errors import DataError
 from alexnet.sources import TINY_SIZE, Log, _decode, _open_source, _Plan, _plan_folder, _plan_tiny, _Reader
 
@@ -96,6 +97,8 @@ def prepare(source: str | Path | None, data_dir: Path,
     url = str(source) if _is_url(source) else None
     if url == OFFICIAL_URL and md5 is None:
         md5 = OFFICIAL_MD5
+    if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
+        raise DataError(f"--md5 {md5!r}: expected an MD5 checksum, 32 hexadecimal digits")
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise DataError(f"--img-size must be a positive number of pixels, got {img_size!r}")
     if url == OFFICIAL_URL:  # before a download that could only end in this error
@@ -146,7 +149,13 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
             path = Path(source)
             if md5 and path.is_file() and (got := file_md5(path)) != md5.lower():
                 raise DataError(f"{path}: MD5 mismatch: expected {md5.lower()}, got {got}")
-        _build(path, str(source), fingerprint, data_dir, counts, img_size, workers, log)
+        try:
+            _build(path, str(source), fingerprint, data_dir, counts, img_size, workers, log)
+        except DataError:
+            if url and not md5:  # unverified, and unusable as it is: the next prepare downloads again
+                forget(path)
+                log(f"removed the unverified download {path}: the next prepare downloads {url} again")
+            raise
     return data_dir
 
 

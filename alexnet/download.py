@@ -55,14 +55,21 @@ def download(url: str, dest: Path, md5: str | None, retries: int = 3, progress: 
     """
     dest = Path(dest)
     md5 = md5.lower() if md5 else None
+    origin = _origin_file(dest)
     if dest.is_file():
         if md5 is None:
-            log(f"warning: using the existing {dest} unverified (no MD5 to check it against)")
-            return dest
-        if file_md5(dest) == md5:
+            # Without a checksum only the address it came from tells the file is the one asked
+            # for: another URL ending in the same name would otherwise get the old archive.
+            if _read(origin) == url:
+                log(f"warning: using the existing {dest} (downloaded from {url}) unverified (no MD5 to check it "
+                    "against)")
+                return dest
+            log(f"{dest}: not known to come from {url}; downloading it again")
+        elif file_md5(dest) == md5:
             log(f"{dest}: already downloaded, MD5 ok")
             return dest
-        log(f"{dest}: MD5 differs from {md5}; downloading {url} again")
+        else:
+            log(f"{dest}: MD5 differs from {md5}; downloading {url} again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     try:
@@ -74,12 +81,32 @@ def download(url: str, dest: Path, md5: str | None, retries: int = 3, progress: 
             if got != md5:
                 raise DataError(f"{url}: MD5 mismatch: expected {md5}, got {got}; the download is "
                                 f"corrupt or not the expected file, so it was not kept")
+        origin.unlink(missing_ok=True)  # no moment where the old address names the new file
         os.replace(part, dest)
+        origin.write_text(url + "\n")
     finally:
         # Our own partial file only; after a successful os.replace it no longer exists.
         part.unlink(missing_ok=True)
     log(f"downloaded {url} to {dest}")
     return dest
+
+
+def _origin_file(dest: Path) -> Path:
+    """Where the address `dest` was downloaded from is recorded."""
+    return dest.with_name(dest.name + ".url")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def forget(dest: Path) -> None:
+    """Remove a downloaded file and its recorded address (a download that proved unusable)."""
+    Path(dest).unlink(missing_ok=True)
+    _origin_file(Path(dest)).unlink(missing_ok=True)
 
 
 def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[str], object],
@@ -92,7 +119,7 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
         if attempt:
             have = part.stat().st_size if part.exists() else 0
             log(f"{url}: attempt failed ({error}); retry {attempt} of {retries}"
-                + (f", resuming at byte {have}" if have else ""))
+                + (f", asking to resume at byte {have} (from the start if the server cannot)" if have else ""))
             time.sleep(RETRY_DELAY_S * attempt)
         try:
             _attempt(url, part, progress, timeout)

@@ -141,7 +141,7 @@ def test_retry_resumes_with_range(serve: Callable[..., Server], tiny_zip: Path, 
     assert dest.read_bytes() == tiny_zip.read_bytes()
     half = tiny_zip.stat().st_size // 2
     assert server.ranges == [None, f"bytes={half}-"] and server.statuses == [200, 206]
-    assert any(f"resuming at byte {half}" in m for m in logs)
+    assert any(f"asking to resume at byte {half}" in m for m in logs)
 
 
 def test_always_cut_fails_after_retries(serve: Callable[..., Server], tiny_zip: Path, tmp_path: Path) -> None:
@@ -172,3 +172,43 @@ def test_unverified_download_warns(serve: Callable[..., Server], tiny_zip: Path,
     dest = download(server.url, tmp_path / "a.zip", None, progress=False, log=logs.append)
     assert dest.read_bytes() == tiny_zip.read_bytes()
     assert any("warning" in m and "unverified" in m for m in logs)
+
+
+def test_unverified_file_is_reused_only_for_its_own_address(serve: Callable[..., Server], tiny_zip: Path,
+                                                             tmp_path: Path) -> None:
+    """Without an MD5, a file in downloads/ is reused only for the URL it came from: another
+    address ending in the same name is downloaded, not answered with the old archive."""
+    first, other = serve(), serve()
+    assert first.url != other.url and first.url.rsplit("/", 1)[1] == other.url.rsplit("/", 1)[1]
+    d = tmp_path / "c"
+    prepare(first.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
+    logs: list[str] = []
+    prepare(other.url, d, counts=TINY_COUNTS, workers=1, log=logs.append)
+    assert len(other.ranges) == 1 and any("not known to come from" in m for m in logs)
+    logs.clear()
+    prepare(other.url, d, counts=TINY_COUNTS, workers=1, force=True, log=logs.append)
+    assert len(other.ranges) == 1  # its own file: reused, with the warning
+    assert any(f"downloaded from {other.url}) unverified" in m for m in logs)
+
+
+def test_unusable_unverified_download_is_not_kept(serve: Callable[..., Server], tiny_zip: Path,
+                                                   tmp_path: Path) -> None:
+    """An address that answers with a web page instead of the archive: the error says so, and
+    the page is not kept to be reused by the next prepare (which used to fail the same way
+    until the file was found and deleted by hand)."""
+    server = serve(payload=b"<html>a login page, not a zip</html>")
+    d = tmp_path / "c"
+    for attempt in (1, 2):
+        logs: list[str] = []
+        with pytest.raises(DataError, match="not a readable zip"):
+            prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=logs.append)
+        assert len(server.ranges) == attempt  # downloaded each time
+        assert any("removed the unverified download" in m for m in logs)
+        assert not (d / "downloads" / "tiny-imagenet-200.zip").exists()
+
+
+def test_md5_that_cannot_be_one_is_refused_before_downloading(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve()
+    with pytest.raises(DataError, match=r"^--md5 'xyz': expected an MD5 checksum, 32 hexadecimal digits$"):
+        prepare(server.url, tmp_path / "c", counts=TINY_COUNTS, md5="xyz", workers=1, log=quiet)
+    assert server.ranges == [] and not (tmp_path / "c").exists()

@@ -46,6 +46,29 @@ def test_bench_prints_ratios(capsys):
     assert "(2)/(1)" in out
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--variants", "all", "nope"], "unknown variant 'nope'; known variants: all, baseline"),
+    (["--reference-bs", "0"], "--bs, --steps, --rounds and --reference-bs must be at least 1, got 8, 1, 1 and 0"),
+    (["--jpeg-zip", "{tmp}/missing.zip"], "--jpeg-zip {tmp}/missing.zip: cannot open it as a zip (FileNotFoundError"),
+    (["--jpeg-zip", "{tmp}/text.zip"], "--jpeg-zip {tmp}/text.zip: cannot open it as a zip (BadZipFile"),
+    (["--jpeg-zip", "{tmp}/empty.zip"], "--jpeg-zip {tmp}/empty.zip: no train/ JPEGs in it"),
+    # (3) drops a last partial batch, so fewer images than one batch would never yield one:
+    # refused, where it used to wait forever.
+    (["--jpeg-zip", "{tiny_zip}", "--reference-bs", "64"],
+     "(3) has 48 JPEGs from --jpeg-zip {tiny_zip} (up to 20 per class), fewer than one batch of --reference-bs 64"),
+])
+def test_bench_bad_input_is_one_line(tiny_zip, tmp_path, capsys, args, match):
+    import zipfile
+
+    (tmp_path / "text.zip").write_text("not a zip")
+    zipfile.ZipFile(tmp_path / "empty.zip", "w").close()
+    fill = {"tmp": tmp_path, "tiny_zip": tiny_zip}
+    code = main(["bench", "--variants", "combined_gap", "--bs", "8", "--steps", "1", "--rounds", "1", "--device", "cpu",
+                 *[x.format(**fill) for x in args]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and match.format(**fill) in err
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the split's residency reads /proc/self")
 @pytest.mark.parametrize("budget,split", [("0", "released"), ("0.001", "released"), ("1000", "kept")],
                          ids=["never", "over the budget", "fits"])
