@@ -71,8 +71,17 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, d: 
     return res
 
 
-def write_per_class(path: str | Path, confusion: torch.Tensor, wnids: list[str], names: list[str], top_pairs: int = 20) -> None:
-    """CSV of per-class accuracy, then the most-confused (true, predicted) pairs."""
+def confused_path(path: str | Path) -> Path:
+    """Where `write_per_class` puts the most-confused pairs, next to the per-class table."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_confused{path.suffix or '.csv'}")
+
+
+def write_per_class(path: str | Path, confusion: torch.Tensor, wnids: list[str], names: list[str],
+                    top_pairs: int = 20) -> Path:
+    """Per-class accuracy as a CSV at `path` (worst class first), and the most-confused (true,
+    predicted) pairs as a second CSV (`confused_path`): two tables, two files, so that any CSV
+    reader takes each as it is. Returns the second file's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     totals = confusion.sum(1).clamp(min=1)
@@ -82,13 +91,16 @@ def write_per_class(path: str | Path, confusion: torch.Tensor, wnids: list[str],
     flat = off.flatten().topk(min(top_pairs, off.numel())).indices.tolist()
     c = confusion.shape[0]
     with path.open("w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["class", "wnid", "name", "top1", "n"])
         for i in acc.argsort().tolist():
             w.writerow([i, wnids[i], names[i], f"{acc[i]:.2f}", int(totals[i])])
-        w.writerow([])
+    pairs = confused_path(path)
+    with pairs.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"])
         for k in flat:
             t, p = divmod(k, c)
             if off[t, p] > 0:
                 w.writerow([wnids[t], names[t], wnids[p], names[p], int(off[t, p])])
+    return pairs

@@ -19,7 +19,7 @@ from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
 from alexnet.loader import to_memory
 from alexnet.sources import load_image_file
-from alexnet.evaluate import TTA, evaluate, logits_for, write_per_class
+from alexnet.evaluate import TTA, confused_path, evaluate, logits_for, write_per_class
 from alexnet.models import AlexNet, AlexNetConfig
 from alexnet.precision import resolve_amp
 from alexnet.train import pick_device
@@ -72,7 +72,8 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
     if bs < 1:
         raise UserError(f"--bs must be at least 1, got {bs}")
     if per_class:
-        _check_writable(Path(per_class), "--per-class")  # before the evaluation, not after it
+        for path in (Path(per_class), confused_path(per_class)):  # before the evaluation, not after it
+            _check_writable(path, "--per-class")
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     cache = cache_for(data, log=log)
@@ -87,8 +88,8 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
     log(f"{ckpt_path} (epoch {c['epoch']}, variant {c.get('variant') or 'custom'}), tta={tta}: "
         f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['n']:,} val images")
     if per_class:
-        write_per_class(per_class, res.pop("confusion"), c["wnids"], c["names"])
-        log(f"per-class accuracy and most-confused pairs written to {per_class}")
+        pairs = write_per_class(per_class, res.pop("confusion"), c["wnids"], c["names"])
+        log(f"per-class accuracy written to {per_class}, the most-confused class pairs to {pairs}")
     return res
 
 

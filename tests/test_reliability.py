@@ -2,6 +2,7 @@
 error per kind of bad input."""
 
 import os
+import re
 import platform
 import shutil
 import signal
@@ -635,6 +636,31 @@ def test_evaluate_needs_a_checkpoint(capsys):
     assert main(["evaluate", "models/alexnet_baseline.py"]) == 2
     err = capsys.readouterr().err
     assert "got only the model file models/alexnet_baseline.py" in err and "results/best.pth" in err
+
+
+def test_per_class_tables(small_ckpt, tiny_cache, tmp_path, capsys):
+    """--per-class: one CSV per table (a reader takes each as it is), "\\n" line ends, every
+    class once with its val count, accuracies that add up to the printed top-1, and the
+    confused pairs as counts of off-diagonal predictions."""
+    import csv
+
+    path = tmp_path / "per_class.csv"
+    assert main(["evaluate", str(small_ckpt), "--data", str(tiny_cache), "--device", "cpu", "--per-class", str(path)]) == 0
+    printed = capsys.readouterr().out
+    top1 = float(re.search(r"top-1 ([\d.]+)%", printed).group(1))
+    pairs = tmp_path / "per_class_confused.csv"
+    assert f"per-class accuracy written to {path}, the most-confused class pairs to {pairs}" in printed
+    for f in (path, pairs):
+        assert b"\r" not in f.read_bytes()
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["class", "wnid", "name", "top1", "n"]
+    assert sorted(int(r["class"]) for r in rows) == [0, 1, 2, 3] and all(int(r["n"]) == 4 for r in rows)
+    assert [float(r["top1"]) for r in rows] == sorted(float(r["top1"]) for r in rows)  # worst first
+    assert sum(float(r["top1"]) * int(r["n"]) for r in rows) / 16 == pytest.approx(top1, abs=0.01)
+    confused = list(csv.DictReader(pairs.open()))
+    assert all(list(r) == ["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"] for r in confused)
+    assert all(r["true_wnid"] != r["predicted_wnid"] and int(r["count"]) > 0 for r in confused)
+    assert sum(int(r["count"]) for r in confused) == round(16 * (100 - top1) / 100)  # 12 pairs of 4 classes, under the 20 written: every error
 
 
 @pytest.mark.parametrize("kind", ["directory", "unmakeable folder"])
