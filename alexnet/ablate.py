@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from alexnet.config import DEVICES, SCHEDULES, TrainConfig, defaults
 from alexnet.atomic import write_text_atomic
-from alexnet.errors import UserError
+from alexnet.errors import CheckpointError, UserError
 
 
 @dataclass(frozen=True)
@@ -274,6 +274,11 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
         except SystemExit:
             log(f"{head}: interrupted; run the same command again to continue the study")
             raise
+        except CheckpointError as e:
+            if not resumed:
+                raise
+            raise CheckpointError(f"{e} (the study's run {row.key}/seed{seed}: delete {folder} to train it again "
+                                  "from the start)") from None
         wall = before + time.perf_counter() - t0
         done = {"row": row.key, "title": row.title, "variant": row.variant, "recipe": row.recipe, "seed": seed,
                 "best_top1": summary["best_top1"], "best_epoch": summary["best_epoch"], "best": summary["best"],

@@ -93,7 +93,8 @@ class TrainConfig:
              f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,
              f"--memory-budget must be a number of GB >= 0, got {self.memory_budget}")
-        need(self.save_every >= 0 and self.max_steps >= 0, "--save-every and --max-steps must be >= 0")
+        need(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        need(self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}")
         from alexnet.augment import RECIPES
 
         need(self.recipe is None or self.recipe in RECIPES,

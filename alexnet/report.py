@@ -73,6 +73,13 @@ def load_runs(runs_dir: Path) -> list[tuple[StudyRow, list[dict]]]:
     return found
 
 
+def unfinished_runs(runs_dir: Path) -> list[str]:
+    """row/seedN of every run folder without done.json (interrupted or not started yet)."""
+    return [f"{row.key}/{p.name}" for row in STUDY
+            for p in sorted((Path(runs_dir) / row.key).glob("seed*"), key=lambda p: _seed_of(p) or 0)
+            if _seed_of(p) is not None and not (p / DONE).is_file()]
+
+
 # -- numbers -----------------------------------------------------------------------------
 
 def _mean(xs: list[float]) -> float:
@@ -191,7 +198,9 @@ def markdown(rows: list[dict], b: dict) -> str:
         f"label smoothing {_one(b['label_smoothing'])}, image size {_one(b['img_size'])}, "
         f"amp {_one(['bf16' if v else 'off' for v in amps])}, device {device}.  ",
         f"Total wall time: {_duration(total)}{'' if total < 60 else f' ({total:.0f} s)'} over {b['runs']} "
-        f"run{'s' if b['runs'] != 1 else ''}.",
+        f"run{'s' if b['runs'] != 1 else ''}."
+        + (f"  \nNot in the table, unfinished (no {DONE}): {', '.join(b['unfinished'])}; the same "
+           "`alexnet ablate` command completes them." if b.get("unfinished") else ""),
         "",
         "| " + " | ".join(MD_COLUMNS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(MD_COLUMNS) - 1)) + "|",
@@ -293,6 +302,7 @@ def build_report(runs_dir: Path, log=print) -> dict:
     found = load_runs(runs_dir)
     rows = summarise(found)
     b = budget(found)
+    b["unfinished"] = unfinished_runs(runs_dir)
     md = markdown(rows, b)
     write_text_atomic(runs_dir / "results.md", md)
     write_text_atomic(runs_dir / "results.csv", _csv_text(rows))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -212,3 +213,26 @@ def test_stop_during_a_runs_last_evaluation_ends_the_study(tiny_cache, tmp_path,
     assert "Combined-GAP seed 0: resumed from last.pth" in capsys.readouterr().out
     assert "the run is already complete" in (seed0 / "train.log").read_text()
     assert (seed0 / "done.json").exists() and (seed1 / "done.json").exists()
+
+
+def test_interrupted_runs_named_by_the_study_and_its_report(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "runs"
+    folder = out / "combined_gap" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "last.pth").write_bytes(b"cut short by a full disk")
+    args = ["ablate", "--data", str(tiny_cache), "--out", str(out), "--variants", "combined_gap", "--seeds", "1",
+            "--epochs", "1", "--bs", "8", "--max-steps", "2", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'last.pth'}: not a readable checkpoint" in err
+    assert f"(the study's run combined_gap/seed0: delete {folder} to train it again from the start)" in err
+    shutil.rmtree(folder)
+    assert main(args) == 0  # as it says
+    # A run folder without done.json (a study with more seeds, interrupted): named under the
+    # table, not silently left out of it.
+    (out / "combined_gap" / "seed1").mkdir()
+    (out / "combined_gap" / "seed1" / "last.pth").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    note = "Not in the table, unfinished (no done.json): combined_gap/seed1"
+    assert note in capsys.readouterr().out and note in (out / "results.md").read_text()

@@ -434,6 +434,8 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
     (["--variant", "baseline", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
     (["--variant", "baseline", "--momentum", "0", "--nesterov"], "--nesterov needs --momentum above 0"),
+    (["--variant", "baseline", "--max-steps", "-1"], "--max-steps must be >= 0, got -1"),
+    (["--variant", "baseline", "--save-every", "-2"], "--save-every must be >= 0, got -2"),
     (["--variant", "batchnorm", "--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA"),  # one process too
     (["--variant", "baseline", "--img-size", "32"], "--img-size must be at least 63"),
     (["--variant", "baseline", "--recipe", "pixel", "--transforms", "utils/transforms_pixel.py"],
