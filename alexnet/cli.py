@@ -61,7 +61,8 @@ def _predict(a: argparse.Namespace) -> int:
 
     if a.topk < 1:
         raise UserError(f"--topk must be at least 1, got {a.topk}")
-    run_predict(a.checkpoint, a.images, model_file=a.model, device=a.device, topk=a.topk)
+    batch = {} if a.bs is None else {"bs": a.bs}  # the default lives with run_predict
+    run_predict(a.checkpoint, a.images, model_file=a.model, device=a.device, topk=a.topk, csv_path=a.csv, **batch)
     return 0
 
 
@@ -134,9 +135,11 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                    help="bf16 autocast (default: as the checkpoint was trained)")
     s.set_defaults(func=_evaluate)
 
-    s = sub.add_parser("predict", help="top-5 classes of image files")
+    s = sub.add_parser("predict", help="top-5 classes of image files (or of the images in folders)")
     s.add_argument("checkpoint")
-    s.add_argument("images", nargs="+")
+    s.add_argument("images", nargs="+", help="image files, or folders searched recursively for them")
+    s.add_argument("--csv", metavar="FILE", help="write each image's classes to FILE, one row an image, instead of printing them")
+    s.add_argument("--bs", type=int, default=None, help="images classified at a time (default 256)")
     s.add_argument("--model", help="model file, for checkpoints of custom (non-registry) models")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     s.add_argument("--topk", type=int, default=5)

@@ -7,6 +7,8 @@ also needs that file).
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
 from alexnet.loader import to_memory
-from alexnet.sources import load_image_file
+from alexnet.atomic import write_text_atomic
+from alexnet.sources import image_files, load_image_file
 from alexnet.evaluate import TTA, confused_path, evaluate, logits_for, write_per_class
 from alexnet.models import AlexNet, AlexNetConfig
 from alexnet.precision import resolve_amp
@@ -99,22 +102,44 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(load_image_file(Path(path), size))
 
 
+PREDICT_BS = 256  # images decoded and classified at a time: memory stays flat for any number of files
+
+
 @torch.no_grad()
-def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, log=print) -> list[list[tuple[str, str, float]]]:
+def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PREDICT_BS, csv_path=None,
+                log=print) -> list[list[tuple[str, str, float]]]:
+    """Top-k classes of each image; `images` holds files and folders (walked for image files).
+    Prints each image's classes, or with `csv_path` writes them there (one row an image) and
+    prints a line saying so."""
+    if bs < 1:
+        raise UserError(f"--bs must be at least 1, got {bs}")
+    if csv_path is not None:
+        _check_writable(Path(csv_path), "--csv")
+    files = image_files(images)
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     size = c.get("cache_img_size", 64)
-    batch = torch.stack([load_image(p, size) for p in images])
     amp = resolve_amp(c["config"].get("amp", False), dev, log)
-    logits = logits_for(model, batch, augment, "none", amp, c["config"].get("channels_last", True))
-    probs = logits.softmax(1).cpu()
-    k = min(topk, probs.shape[1])
+    k = min(topk, len(c["wnids"]))
     results = []
-    for path, pr in zip(images, probs):
-        p, i = pr.topk(k)
-        rows = [(c["wnids"][j], c["names"][j], float(q)) for q, j in zip(p.tolist(), i.tolist())]
-        results.append(rows)
-        log(f"{path}:")
-        for wnid, name, q in rows:
-            log(f"  {100 * q:6.2f}%  {wnid}  {name}")
+    for start in range(0, len(files), bs):
+        chunk = files[start:start + bs]
+        batch = torch.stack([load_image(p, size) for p in chunk])
+        logits = logits_for(model, batch, augment, "none", amp, c["config"].get("channels_last", True))
+        p, i = logits.float().softmax(1).topk(k)
+        for path, probs, idx in zip(chunk, p.cpu().tolist(), i.cpu().tolist()):
+            rows = [(c["wnids"][j], c["names"][j], q) for q, j in zip(probs, idx)]
+            results.append(rows)
+            if csv_path is None:
+                log(f"{path}:")
+                for wnid, name, q in rows:
+                    log(f"  {100 * q:6.2f}%  {wnid}  {name}")
+    if csv_path is not None:
+        header = ["image"] + [f"{col}{r}" for r in range(1, k + 1) for col in ("wnid", "name", "prob")]
+        lines = [header] + [[str(f)] + [v for wnid, name, q in rows for v in (wnid, name, f"{q:.6f}")]
+                            for f, rows in zip(files, results)]
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(lines)
+        write_text_atomic(csv_path, out.getvalue())
+        log(f"top-{k} classes of {len(files):,} images written to {csv_path}")
     return results

@@ -191,14 +191,38 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
                          "val_i.JPEG (val_0 ... val_9999); labels only from val/val_annotations.txt"})
 
 
+def _is_image_name(name: str) -> bool:
+    """An image by its name, as both image-folder training data and `predict`'s folders take
+    them: an extension PIL registers, and no hidden file or folder on the way."""
+    parts = name.split("/")
+    return (not any(p.startswith(".") for p in parts)
+            and os.path.splitext(parts[-1])[1].lower() in Image.registered_extensions())
+
+
+def image_files(paths) -> list[Path]:
+    """The files `predict` reads: files as given; folders walked recursively for image files
+    (`_is_image_name`), in natural order of their paths within the folder."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            if not path.exists():  # now, not after the images before it have been classified
+                raise UserError(f"{path}: image file not found")
+            files.append(path)
+            continue
+        found = [f for f in path.rglob("*") if f.is_file() and _is_image_name(f.relative_to(path).as_posix())]
+        if not found:
+            raise UserError(f"{path}: a folder with no image files in it or its subfolders; "
+                            f"expected JPEG, PNG or another format PIL reads")
+        files += sorted(found, key=lambda f: _natural(f.relative_to(path).as_posix()))
+    return files
+
+
 def _plan_folder(reader: _Reader) -> _Plan:
     """root/train/<class>/**, root/val/<class>/**: classes are the sorted train folder names."""
-    extensions = set(Image.registered_extensions())
     splits: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
     for n in reader.names():
         parts = n.split("/")
-        if (len(parts) >= 3 and parts[0] in splits and not any(p.startswith(".") for p in parts)
-                and os.path.splitext(n)[1].lower() in extensions):
+        if len(parts) >= 3 and parts[0] in splits and _is_image_name(n):
             splits[parts[0]].setdefault(parts[1], []).append(n)
     classes = sorted(splits["train"])
     if not classes:

@@ -203,6 +203,65 @@ def test_predict_prints_top_classes(trained, tmp_path, capsys):
     assert "--topk must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_predict_folders_in_batches_and_to_csv(trained, tmp_path, capsys):
+    """A folder is walked for image files (subfolders too; hidden files and non-images left
+    out) in natural order; batches of any size give the same classes; --csv writes one row an
+    image instead of printing them."""
+    from alexnet.inference import run_predict
+
+    rng = np.random.default_rng(1)
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / ".cache").mkdir()
+    names = ["img2.jpg", "img10.png", "sub/a.JPEG"]
+    for n in names + [".hidden.jpg", ".cache/x.jpg"]:
+        Image.fromarray(rng.integers(0, 255, (48, 70, 3), dtype=np.uint8)).save(photos / n)
+    (photos / "notes.txt").write_text("not an image")
+    extra = tmp_path / "extra.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(extra)
+    ckpt = trained / "best.pth"
+    quiet = dict(device="cpu", topk=3, log=lambda *a: None)
+    expected = [photos / n for n in names] + [extra]
+    one = [run_predict(ckpt, [f], **quiet)[0] for f in expected]  # each image alone
+    for bs in (1, 2, 256):
+        got = run_predict(ckpt, [photos, extra], bs=bs, **quiet)
+        # the same top class; the probabilities up to the float rounding a batch's size changes
+        assert [r[0][0] for r in got] == [r[0][0] for r in one]
+        assert [p for r in got for _, _, p in r] == pytest.approx([p for r in one for _, _, p in r], abs=1e-5)
+
+    table = tmp_path / "out" / "pred.csv"
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), str(photos), str(extra), "--csv", str(table), "--topk", "2",
+                 "--bs", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "%" not in out and f"top-2 classes of 4 images written to {table}" in out
+    with table.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "wnid1", "name1", "prob1", "wnid2", "name2", "prob2"]
+    assert [r[0] for r in rows[1:]] == [str(f) for f in expected]
+    assert [r[1] for r in rows[1:]] == [r[0][0] for r in one]
+    assert [float(r[3]) for r in rows[1:]] == pytest.approx([r[0][2] for r in one], abs=1e-5)
+
+
+def test_predict_bad_inputs_named_before_any_work(trained, tmp_path, capsys):
+    ckpt = str(trained / "best.pth")
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("no images here")
+    assert main(["predict", ckpt, str(empty), "--device", "cpu"]) == 2
+    assert f"{empty}: a folder with no image files in it or its subfolders" in capsys.readouterr().err
+    jpg = tmp_path / "a.jpg"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(jpg)
+    missing = tmp_path / "nope.jpg"
+    assert main(["predict", ckpt, str(jpg), str(missing), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert f"{missing}: image file not found" in captured.err and "%" not in captured.out
+    assert main(["predict", ckpt, str(jpg), "--bs", "0"]) == 2
+    assert "--bs must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["predict", ckpt, str(jpg), "--csv", str(tmp_path)]) == 2
+    assert f"--csv {tmp_path}: is a directory" in capsys.readouterr().err
+
+
 def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert train(tiny_cache, tmp_path / "tv", "models/alexnet_combined_gap.py",
