@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5, forget
 from alexnet.errors import DataError
-from alexnet.sources import TINY_SIZE, Log, _decode, _open_source, _Plan, _plan_folder, _plan_tiny, _Reader
+from alexnet.sources import TINY_SIZE, Log, SettingsMismatch, _decode, _open_source, _Plan, _plan_folder, _plan_tiny, _Reader
 
 FORMAT_VERSION = 1
 DEFAULT_DATA_DIR = "data"
@@ -151,8 +151,10 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
                 raise DataError(f"{path}: MD5 mismatch: expected {md5.lower()}, got {got}")
         try:
             _build(path, str(source), fingerprint, data_dir, counts, img_size, workers, log)
-        except DataError:
-            if url and not md5:  # unverified, and unusable as it is: the next prepare downloads again
+        except DataError as e:
+            # Unverified and unreadable as it is: the next prepare downloads again. A readable
+            # archive that does not fit --counts or --img-size stays for the next try.
+            if url and not md5 and not isinstance(e, SettingsMismatch):
                 forget(path)
                 log(f"removed the unverified download {path}: the next prepare downloads {url} again")
             raise
@@ -162,7 +164,7 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
 def _check_tiny_size(img_size: int, source: str) -> None:
     """TinyImageNet-200 is cached as it is: its images are checked to be 64x64, not resized."""
     if img_size != TINY_SIZE:
-        raise DataError(f"--img-size {img_size}: {source} is TinyImageNet-200, whose images are all "
+        raise SettingsMismatch(f"--img-size {img_size}: {source} is TinyImageNet-200, whose images are all "
                         f"{TINY_SIZE}x{TINY_SIZE} and are cached as they are; --img-size resizes only image "
                         f"folders (root/train/<class>/*, root/val/<class>/*), so leave it at {TINY_SIZE} here "
                         f"(training upsamples on the device: alexnet train --img-size)")
@@ -423,7 +425,9 @@ def _rebuild_hint(data_dir: Path, manifest: dict | None = None) -> str:
         c = manifest["counts"]
         counts = (c["classes"], c["train_per_class"], c["val_per_class"])
         if manifest["source"]["layout"] == "tinyimagenet" and counts != DEFAULT_COUNTS:
-            cmd.append("--counts " + ",".join(str(int(k)) for k in counts))
+            # per-class counts that differ between classes (a list) came from --counts any
+            uneven = any(isinstance(k, list) for k in counts)
+            cmd.append("--counts " + ("any" if uneven else ",".join(str(int(k)) for k in counts)))
     except (TypeError, KeyError, AttributeError, ValueError):  # no manifest, or not one of ours
         pass
     return f"run `{' '.join(cmd)} --data {shlex.quote(str(data_dir))} --force`"

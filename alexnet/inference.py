@@ -75,8 +75,8 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
     if bs < 1:
         raise UserError(f"--bs must be at least 1, got {bs}")
     if per_class:
-        for path in (Path(per_class), confused_path(per_class)):  # before the evaluation, not after it
-            _check_writable(path, "--per-class")
+        _check_writable(Path(per_class), "--per-class")  # before the evaluation, not after it
+        _check_writable(confused_path(per_class), f"--per-class {per_class}: its confused pairs' file")
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     cache = cache_for(data, log=log)

@@ -26,6 +26,11 @@ from alexnet.errors import DataError, UserError
 
 Log = Callable[[str], object]
 
+
+class SettingsMismatch(DataError):
+    """A readable data set that does not fit the options given (`--counts`, `--img-size`):
+    the options are wrong for it, not the data set, so a download of it is kept."""
+
 TINY = "tiny-imagenet-200"
 TINY_SIZE = 64  # every TinyImageNet-200 image is 64x64
 LAYOUT = "expected the official TinyImageNet-200 layout"
@@ -132,7 +137,8 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
     if len(set(wnids)) != len(wnids) or not wnids or (counts and len(wnids) != counts[0]):
         expected = f"{counts[0]} distinct" if counts else "distinct"
         subset = " (for a subset of the data set in the same layout: prepare --counts any)" if counts else ""
-        raise DataError(f"{reader.show('wnids.txt')}: {len(wnids)} class ids ({len(set(wnids))} "
+        error = SettingsMismatch if wnids and len(set(wnids)) == len(wnids) else DataError
+        raise error(f"{reader.show('wnids.txt')}: {len(wnids)} class ids ({len(set(wnids))} "
                         f"distinct), expected {expected} WordNet ids, one a line{subset}")
     files = reader.names()
     words = {}
@@ -154,7 +160,7 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
     why = f"counts={tuple(counts)}" if counts else "as many as the largest class"
     for w, images in by_class.items():
         if len(images) != expected or not images:
-            raise DataError(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
+            raise (SettingsMismatch if counts and images else DataError)(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
                             f"expected {expected} per class ({why})")
     ann = "val/val_annotations.txt"
     index = {w: i for i, w in enumerate(wnids)}
@@ -180,7 +186,7 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
     per_class = np.bincount(val_y, minlength=len(wnids))
     for c, k in enumerate(per_class):
         if (counts and k != counts[2]) or k == 0:
-            raise DataError(f"{reader.show(ann)}: class {wnids[c]} has {k} val images, expected "
+            raise (SettingsMismatch if k else DataError)(f"{reader.show(ann)}: class {wnids[c]} has {k} val images, expected "
                             f"{counts[2] if counts else 'at least 1'}")
     train = [n for w in wnids for n in sorted(by_class[w], key=_natural)]
     return _Plan(wnids, [words.get(w) or w for w in wnids], train,

@@ -538,6 +538,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         raise
     else:
         run.writer.close()
+        # A request after the last epoch's check (during its log lines or the wait for its
+        # checkpoint): the run is complete, and whoever asked still hears 128 + signal.
+        if distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]:
+            _stopped(run, f"the end of epoch {cfg.epochs}, the last: the run is complete", say, resume=False)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

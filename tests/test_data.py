@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import shutil
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -315,6 +316,24 @@ def test_altered_cache_detected(tiny_cache: Path, tiny_zip: Path, tmp_path: Path
     with pytest.raises(DataError, match="val_x.npy: .* bytes, manifest.json says"):
         open_cache(d)
     assert main(shlex.split(hint)[1:]) == 0  # the hint, as printed, repairs the cache
+    open_cache(d, verify="full")
+
+
+def test_rebuild_hint_of_a_subset_with_uneven_classes(tiny_layout: Path, tmp_path: Path) -> None:
+    """A subset prepared with --counts any whose classes hold different numbers of val images:
+    the printed rebuild says --counts any (the counts are per class, no three numbers fit)."""
+    top = shutil.copytree(tiny_layout, tmp_path / "src" / "tiny-imagenet-200")
+    ann = top / "val" / "val_annotations.txt"
+    rows = ann.read_text().splitlines(keepends=True)
+    ann.write_text("".join(rows[1:]))  # one class one val image short
+    d = tmp_path / "c"
+    assert main(["prepare", "--source", str(top), "--counts", "any", "--data", str(d)]) == 0
+    (d / "val_y.npy").write_bytes(b"broken")
+    with pytest.raises(DataError) as e:
+        open_cache(d)
+    hint = re.search(r"run `(.*)`", str(e.value)).group(1)
+    assert hint == f"alexnet prepare --source {top.resolve()} --counts any --data {d} --force"
+    assert main(shlex.split(hint)[1:]) == 0
     open_cache(d, verify="full")
 
 

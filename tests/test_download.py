@@ -207,6 +207,23 @@ def test_unusable_unverified_download_is_not_kept(serve: Callable[..., Server], 
         assert not (d / "downloads" / "tiny-imagenet-200.zip").exists()
 
 
+def test_readable_download_that_does_not_fit_the_options_is_kept(serve: Callable[..., Server], tmp_path: Path) -> None:
+    """A readable archive refused for --img-size or --counts is the options' fault, not the
+    archive's: it stays in downloads/, and the next prepare with the right options reads it
+    without downloading again."""
+    server = serve()
+    d = tmp_path / "c"
+    for options, error in (({"img_size": 32}, "--img-size 32: .* is TinyImageNet-200"),
+                           ({"counts": (TINY_COUNTS[0], TINY_COUNTS[1] + 1, TINY_COUNTS[2])}, "images, expected")):
+        logs: list[str] = []
+        with pytest.raises(DataError, match=error):
+            prepare(server.url, d, **{"counts": TINY_COUNTS, **options}, workers=1, log=logs.append)
+        assert not any("removed" in m for m in logs) and (d / "downloads" / "tiny-imagenet-200.zip").is_file()
+    prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
+    assert len(server.ranges) == 1
+    open_cache(d)
+
+
 def test_md5_that_cannot_be_one_is_refused_before_downloading(serve: Callable[..., Server], tmp_path: Path) -> None:
     server = serve()
     with pytest.raises(DataError, match=r"^--md5 'xyz': expected an MD5 checksum, 32 hexadecimal digits$"):

@@ -80,13 +80,15 @@ def test_sigkill_then_resume_equals_uninterrupted(learnable_cache, tmp_path):
     assert_same_run(full / "last.pth", cut / "last.pth")
 
 
-@pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation", "last evaluation"])
+@pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation", "last evaluation", "last checkpoint"])
 def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path, monkeypatch, capsys, when):
     """A stop request (the signal sent to this process) mid-epoch, at an epoch's last step
-    (12 steps of 16 per epoch) or during an evaluation: the resumed run ends bit for bit where
+    (12 steps of 16 per epoch), during an evaluation or while the run waits for its last
+    checkpoint to be written: the resumed run ends bit for bit where
     the uninterrupted one does, BatchNorm's running statistics included (combined_gap has
     BatchNorm: a position saved before a step whose forward pass had already run would apply
     that batch to them twice)."""
+    from alexnet import checkpoint as ckpt_io
     from alexnet import train
 
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -105,8 +107,15 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
         return real_eval(*a, **k)
 
+    def close(writer):  # the run's last wait for its checkpoint, after every other check
+        if when == "last checkpoint":
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_close(writer)
+
+    real_close = ckpt_io.CheckpointWriter.close
     monkeypatch.setattr(train, "train_step", step)
     monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(ckpt_io.CheckpointWriter, "close", close)
     with pytest.raises(SystemExit) as stopped:
         main(["train", *run_args(learnable_cache, cut), "--epochs", "2"])
     assert stopped.value.code == 128 + signal.SIGTERM
@@ -114,15 +123,17 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path
              "evaluation": "the end of epoch 1",
              # The last evaluation: the run is complete, and still the stop is reported (an
              # ablation's Ctrl-C must end the study, not start its next run).
-             "last evaluation": "the end of epoch 2, the last: the run is complete"}[when]
+             "last evaluation": "the end of epoch 2, the last: the run is complete",
+             "last checkpoint": "the end of epoch 2, the last: the run is complete"}[when]
     printed = capsys.readouterr().out
     assert f"stopped by SIGTERM at {where}; {cut / 'last.pth'} saved" in printed
-    assert ("Resume with:" in printed) == (when != "last evaluation")
+    assert ("Resume with:" in printed) == (not when.startswith("last"))
     saved = torch.load(cut / "last.pth", weights_only=False)
     assert (saved["epoch"], saved["batch"]) == {"step 5": (0, 5), "step 12": (0, 12), "evaluation": (1, 0),
-                                                "last evaluation": (2, 0)}[when]
+                                                "last evaluation": (2, 0), "last checkpoint": (2, 0)}[when]
     monkeypatch.setattr(train, "train_step", real_step)
     monkeypatch.setattr(train, "evaluate", real_eval)
+    monkeypatch.setattr(ckpt_io.CheckpointWriter, "close", real_close)
     assert main(["train", *run_args(learnable_cache, cut), "--epochs", "2", "--resume"]) == 0
     assert_same_run(full / "last.pth", cut / "last.pth")
     assert any("running_mean" in k for k in saved["model"])  # the statistics were compared
@@ -665,17 +676,24 @@ def test_per_class_tables(small_ckpt, tiny_cache, tmp_path, capsys):
     assert sum(int(r["count"]) for r in confused) == round(16 * (100 - top1) / 100)  # 12 pairs of 4 classes, under the 20 written: every error
 
 
-@pytest.mark.parametrize("kind", ["directory", "unmakeable folder"])
+@pytest.mark.parametrize("kind", ["directory", "unmakeable folder", "pairs' file a directory"])
 def test_per_class_path_is_checked_before_evaluating(small_ckpt, tiny_cache, tmp_path, capsys, monkeypatch, kind):
     from alexnet import inference
 
     monkeypatch.setattr(inference, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --per-class"))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    path = tmp_path if kind == "directory" else blocker / "sub" / "per_class.csv"
+    path = {"directory": tmp_path, "unmakeable folder": blocker / "sub" / "per_class.csv",
+            "pairs' file a directory": tmp_path / "pc.csv"}[kind]
+    (tmp_path / "pc_confused.csv").mkdir()
     assert main(["evaluate", str(small_ckpt), "--data", str(tiny_cache), "--device", "cpu", "--per-class", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"--per-class {path}: " in err and ("is a directory" if kind == "directory" else "cannot create its folder") in err
+    expected = {"directory": f"--per-class {path}: is a directory",
+                "unmakeable folder": f"--per-class {path}: cannot create its folder",
+                # the file the user did not name is named as what it is
+                "pairs' file a directory": f"--per-class {path}: its confused pairs' file "
+                                           f"{tmp_path / 'pc_confused.csv'}: is a directory"}[kind]
+    assert expected in err
 
 
 @pytest.mark.parametrize("kind", ["directory", "foreign", "old format"])
