@@ -20,8 +20,8 @@ from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
 from alexnet.loader import to_memory
-from alexnet.atomic import write_text_atomic
-from alexnet.sources import image_files, load_image_file
+from alexnet.atomic import write_atomic
+from alexnet.sources import image_files, is_image_name, load_image_file
 from alexnet.evaluate import TTA, confused_path, evaluate, logits_for, write_per_class
 from alexnet.models import AlexNet, AlexNetConfig
 from alexnet.precision import resolve_amp
@@ -105,30 +105,52 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 PREDICT_BS = 256  # images decoded and classified at a time: memory stays flat for any number of files
 
 
+def _check_csv(csv_path: Path, files: list[Path]) -> None:
+    """--csv must not name an image, least of all one of those being classified."""
+    if is_image_name(csv_path.name):
+        raise UserError(f"--csv {csv_path}: names an image file ({csv_path.suffix}); give the path of a "
+                        f"CSV file to write, e.g. predictions.csv")
+    target = csv_path.resolve()
+    if any(f.resolve() == target for f in files):
+        raise UserError(f"--csv {csv_path}: is one of the files to classify; give a new file's path")
+    _check_writable(csv_path, "--csv")
+
+
 @torch.no_grad()
 def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PREDICT_BS, csv_path=None,
                 log=print) -> list[list[tuple[str, str, float]]]:
     """Top-k classes of each image; `images` holds files and folders (walked for image files).
     Prints each image's classes, or with `csv_path` writes them there (one row an image) and
-    prints a line saying so."""
+    prints a line saying so. A file that does not decode is skipped with a warning, so that
+    one bad file among thousands costs nothing else; the command still fails at the end."""
     if bs < 1:
         raise UserError(f"--bs must be at least 1, got {bs}")
-    if csv_path is not None:
-        _check_writable(Path(csv_path), "--csv")
     files = image_files(images)
+    if csv_path is not None:
+        _check_csv(Path(csv_path), files)
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     size = c.get("cache_img_size", 64)
     amp = resolve_amp(c["config"].get("amp", False), dev, log)
     k = min(topk, len(c["wnids"]))
-    results = []
+    done, results, skipped = [], [], []
     for start in range(0, len(files), bs):
-        chunk = files[start:start + bs]
-        batch = torch.stack([load_image(p, size) for p in chunk])
-        logits = logits_for(model, batch, augment, "none", amp, c["config"].get("channels_last", True))
+        pixels, chunk = [], []
+        for path in files[start:start + bs]:
+            try:
+                pixels.append(load_image(path, size))
+            except UserError as e:
+                skipped.append(str(e))
+                log(f"warning: skipped {e}")
+                continue
+            chunk.append(path)
+        if not chunk:
+            continue
+        logits = logits_for(model, torch.stack(pixels), augment, "none", amp, c["config"].get("channels_last", True))
         p, i = logits.float().softmax(1).topk(k)
         for path, probs, idx in zip(chunk, p.cpu().tolist(), i.cpu().tolist()):
             rows = [(c["wnids"][j], c["names"][j], q) for q, j in zip(probs, idx)]
+            done.append(path)
             results.append(rows)
             if csv_path is None:
                 log(f"{path}:")
@@ -137,9 +159,14 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
     if csv_path is not None:
         header = ["image"] + [f"{col}{r}" for r in range(1, k + 1) for col in ("wnid", "name", "prob")]
         lines = [header] + [[str(f)] + [v for wnid, name, q in rows for v in (wnid, name, f"{q:.6f}")]
-                            for f, rows in zip(files, results)]
+                            for f, rows in zip(done, results)]
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows(lines)
-        write_text_atomic(csv_path, out.getvalue())
-        log(f"top-{k} classes of {len(files):,} images written to {csv_path}")
+        # File names that are not UTF-8 go out as the bytes they are, not as an error.
+        text = out.getvalue().encode("utf-8", "surrogateescape")
+        write_atomic(csv_path, lambda f: f.write(text))
+        log(f"top-{k} classes of {len(done):,} images written to {csv_path}")
+    if skipped:
+        raise UserError(f"{len(skipped)} of {len(files)} files skipped, not readable as images "
+                        f"(the others were classified): {skipped[0]}" + (" (and more, above)" if len(skipped) > 1 else ""))
     return results

@@ -158,9 +158,11 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
             val_files.add(parts[2])
     expected = counts[1] if counts else max(len(v) for v in by_class.values())
     why = f"counts={tuple(counts)}" if counts else "as many as the largest class"
+    # Every class one other count: --counts could fit it. Uneven classes: no option does.
+    uneven = len({len(v) for v in by_class.values()}) > 1
     for w, images in by_class.items():
         if len(images) != expected or not images:
-            raise (SettingsMismatch if counts and images else DataError)(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
+            raise (SettingsMismatch if counts and images and not uneven else DataError)(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
                             f"expected {expected} per class ({why})")
     ann = "val/val_annotations.txt"
     index = {w: i for i, w in enumerate(wnids)}
@@ -197,29 +199,45 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
                          "val_i.JPEG (val_0 ... val_9999); labels only from val/val_annotations.txt"})
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     """An image by its name, as both image-folder training data and `predict`'s folders take
-    them: an extension PIL registers, and no hidden file or folder on the way."""
+    them: an extension of a format PIL can open (not one it only writes, as PDF), and no
+    hidden file or folder on the way."""
     parts = name.split("/")
-    return (not any(p.startswith(".") for p in parts)
-            and os.path.splitext(parts[-1])[1].lower() in Image.registered_extensions())
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return not any(p.startswith(".") for p in parts) and os.path.splitext(parts[-1])[1].lower() in readable
 
 
 def image_files(paths) -> list[Path]:
     """The files `predict` reads: files as given; folders walked recursively for image files
-    (`_is_image_name`), in natural order of their paths within the folder."""
+    (`is_image_name`; links to folders not followed), in natural order of their paths within
+    the folder. A missing file or an unreadable folder is an error now, before any work."""
     files: list[Path] = []
     for path in map(Path, paths):
-        if not path.is_dir():
-            if not path.exists():  # now, not after the images before it have been classified
+        try:
+            is_dir, exists = path.is_dir(), path.exists()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+        if not is_dir:
+            if not exists:
                 raise UserError(f"{path}: image file not found")
             files.append(path)
             continue
-        found = [f for f in path.rglob("*") if f.is_file() and _is_image_name(f.relative_to(path).as_posix())]
+        found = []
+
+        def unreadable(e: OSError) -> None:
+            raise UserError(f"{e.filename}: cannot read this folder ({e.strerror or e}); "
+                            f"predict reads every folder under {path}")
+
+        for root, dirs, names in os.walk(path, onerror=unreadable):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = Path(root).relative_to(path).as_posix()
+            found += [(Path(root) / n, n if rel == "." else f"{rel}/{n}") for n in names]
+        found = [(f, rel) for f, rel in found if is_image_name(rel)]
         if not found:
             raise UserError(f"{path}: a folder with no image files in it or its subfolders; "
                             f"expected JPEG, PNG or another format PIL reads")
-        files += sorted(found, key=lambda f: _natural(f.relative_to(path).as_posix()))
+        files += [f for f, rel in sorted(found, key=lambda item: _natural(item[1]))]
     return files
 
 
@@ -228,7 +246,7 @@ def _plan_folder(reader: _Reader) -> _Plan:
     splits: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
     for n in reader.names():
         parts = n.split("/")
-        if len(parts) >= 3 and parts[0] in splits and _is_image_name(n):
+        if len(parts) >= 3 and parts[0] in splits and is_image_name(n):
             splits[parts[0]].setdefault(parts[1], []).append(n)
     classes = sorted(splits["train"])
     if not classes:

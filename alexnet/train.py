@@ -537,10 +537,19 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             _note(f"also: {run.out / 'last.pth'} could not be written ({e.__class__.__name__}: {e})")
         raise
     else:
-        run.writer.close()
+        # Every rank reaches the all-reduce below, the one whose last write failed too: the
+        # others would otherwise wait in it for a rank that has left (or lose its connection).
+        failed = None
+        try:
+            run.writer.close()
+        except Exception as e:
+            failed = e
+        stop, any_failed = distributed.any_ranks([bool(run.stop_signal), failed is not None], d, run.device)
+        if failed is not None:
+            raise failed
         # A request after the last epoch's check (during its log lines or the wait for its
         # checkpoint): the run is complete, and whoever asked still hears 128 + signal.
-        if distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]:
+        if stop and not any_failed:
             _stopped(run, f"the end of epoch {cfg.epochs}, the last: the run is complete", say, resume=False)
     finally:
         for s, h in previous.items():

@@ -109,6 +109,45 @@ def test_torchrun_stop_request_saves_once_every_rank_agrees(learnable_cache, tmp
     assert where == (f"epoch {ck['epoch'] + 1}, step {ck['batch']} of 12" if ck["batch"] else f"the end of epoch {ck['epoch']}")
 
 
+FAILED_WRITE_DRIVER = textwrap.dedent("""
+    import os, sys
+    import alexnet.checkpoint as ckpt_io
+    from alexnet.config import TrainConfig
+    from alexnet.train import fit
+    rank, real_close = os.environ["RANK"], ckpt_io.CheckpointWriter.close
+
+    def close(writer):  # rank 0's last checkpoint write fails, as on a full disk
+        real_close(writer)
+        if rank == "0":
+            raise OSError(28, "No space left on device (simulated)")
+
+    ckpt_io.CheckpointWriter.close = close
+    try:
+        fit(TrainConfig(variant="combined_gap", data=sys.argv[1], out=sys.argv[2], device="cpu", num_classes=4,
+                        bs=8, epochs=1, lr=0.05, progress=False), log=lambda *a: None)
+        print(f"rank {rank}: finished", flush=True)
+    except OSError as e:
+        print(f"rank {rank}: {e}", flush=True)
+        sys.exit(1)
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_a_failed_last_write_on_rank_0_leaves_the_others_to_finish(learnable_cache, tmp_path):
+    """The end of a run agrees across ranks on stop requests (one all-reduce): rank 0, whose
+    last write failed, takes part before it raises, so rank 1 finishes instead of losing its
+    connection in the middle of that all-reduce (or, with NCCL, waiting in it)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(FAILED_WRITE_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(driver), str(learnable_cache), str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    printed = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "rank 0: [Errno 28] No space left on device (simulated)" in printed, printed[-3000:]
+    assert "rank 1: finished" in printed, printed[-3000:]
+
+
 def test_more_processes_than_gpus_is_one_clear_line(monkeypatch):
     # Checked before the process group is made: otherwise a raw CUDA "invalid device ordinal".
     from alexnet import distributed

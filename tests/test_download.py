@@ -19,6 +19,7 @@ from alexnet.data import open_cache, prepare
 from alexnet.download import download
 from alexnet.errors import DataError
 from tests.conftest import TINY_COUNTS, quiet
+from tests.synth import make_zip
 from tests.test_data import snapshot
 
 
@@ -222,6 +223,19 @@ def test_readable_download_that_does_not_fit_the_options_is_kept(serve: Callable
     prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
     assert len(server.ranges) == 1
     open_cache(d)
+
+
+def test_damaged_archive_no_option_fits_is_not_kept(serve: Callable[..., Server], tiny_layout: Path,
+                                                   tmp_path: Path) -> None:
+    """A train image missing from one class: classes of unequal size, which no --counts
+    accepts, so the archive is at fault and the unverified download is removed."""
+    top = shutil.copytree(tiny_layout, tmp_path / "src" / "tiny-imagenet-200")
+    next((top / "train").glob("*/images/*.JPEG")).unlink()
+    server = serve(payload=make_zip(top, tmp_path / "damaged.zip").read_bytes())
+    logs: list[str] = []
+    with pytest.raises(DataError, match="images, expected"):
+        prepare(server.url, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=logs.append)
+    assert any("removed the unverified download" in m for m in logs)
 
 
 def test_md5_that_cannot_be_one_is_refused_before_downloading(serve: Callable[..., Server], tmp_path: Path) -> None:

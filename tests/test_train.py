@@ -217,6 +217,7 @@ def test_predict_folders_in_batches_and_to_csv(trained, tmp_path, capsys):
     for n in names + [".hidden.jpg", ".cache/x.jpg"]:
         Image.fromarray(rng.integers(0, 255, (48, 70, 3), dtype=np.uint8)).save(photos / n)
     (photos / "notes.txt").write_text("not an image")
+    (photos / "receipt.pdf").write_bytes(b"%PDF-1.4 a format PIL writes but cannot read")
     extra = tmp_path / "extra.png"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(extra)
     ckpt = trained / "best.pth"
@@ -243,6 +244,36 @@ def test_predict_folders_in_batches_and_to_csv(trained, tmp_path, capsys):
     assert [float(r[3]) for r in rows[1:]] == pytest.approx([r[0][2] for r in one], abs=1e-5)
 
 
+def test_predict_skips_an_unreadable_image_and_fails_at_the_end(trained, tmp_path, capsys):
+    """One file that does not decode among many: skipped with a warning, the others classified
+    and written, then exit status 2 naming it. A file name that is not UTF-8 reaches the CSV
+    as its bytes."""
+    import os
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    for n in ("a.jpg", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photos / n)
+    (photos / "b.jpg").write_bytes(b"\xff\xd8 cut short")
+    try:
+        odd = photos / os.fsdecode(b"caf\xe9.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(odd)
+    except (OSError, UnicodeError):  # a file system that takes only UTF-8 names
+        odd = None
+    table = tmp_path / "pred.csv"
+    capsys.readouterr()
+    assert main(["predict", str(trained / "best.pth"), str(photos), "--csv", str(table), "--bs", "2",
+                 "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert f"warning: skipped {photos / 'b.jpg'}: not an image PIL can read" in captured.out
+    assert f"files skipped, not readable as images (the others were classified): {photos / 'b.jpg'}" in captured.err
+    rows = table.read_bytes().split(b"\n")
+    named = [r.split(b",")[0] for r in rows[1:] if r]
+    expected = [photos / "a.jpg", photos / "c.png"] + ([odd] if odd else [])
+    assert sorted(named) == sorted(os.fsencode(f) for f in expected)
+
+
 def test_predict_bad_inputs_named_before_any_work(trained, tmp_path, capsys):
     ckpt = str(trained / "best.pth")
     empty = tmp_path / "empty"
@@ -260,6 +291,35 @@ def test_predict_bad_inputs_named_before_any_work(trained, tmp_path, capsys):
     assert "--bs must be at least 1, got 0" in capsys.readouterr().err
     assert main(["predict", ckpt, str(jpg), "--csv", str(tmp_path)]) == 2
     assert f"--csv {tmp_path}: is a directory" in capsys.readouterr().err
+    # the table must not replace an image, one being classified least of all
+    assert main(["predict", ckpt, str(jpg), "--csv", str(jpg)]) == 2
+    assert f"--csv {jpg}: names an image file (.jpg)" in capsys.readouterr().err
+    same = tmp_path / "listed.csv"
+    same.write_text("a CSV given as an image too")
+    assert main(["predict", ckpt, str(jpg), str(same), "--csv", str(same)]) == 2
+    assert f"--csv {same}: is one of the files to classify" in capsys.readouterr().err
+    assert jpg.stat().st_size > 100 and same.read_text() == "a CSV given as an image too"
+
+
+def test_predict_unreadable_subfolder_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    """A folder the walk cannot enter (no permission: simulated, as root reads every folder)
+    is named, before any work, instead of a traceback or a silent gap."""
+    import alexnet.sources as sources
+
+    photos = tmp_path / "photos"
+    (photos / "locked").mkdir(parents=True)
+    real_walk = sources.os.walk
+
+    def walk(top, onerror=None, **kw):
+        for root, dirs, files in real_walk(top, onerror=onerror, **kw):
+            if Path(root).name == "locked":
+                onerror(PermissionError(13, "Permission denied", root))
+            yield root, dirs, files
+
+    monkeypatch.setattr(sources.os, "walk", walk)
+    assert main(["predict", str(trained / "best.pth"), str(photos), "--device", "cpu"]) == 2
+    assert (f"{photos / 'locked'}: cannot read this folder (Permission denied); predict reads every folder "
+            f"under {photos}") in capsys.readouterr().err
 
 
 def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeypatch):
