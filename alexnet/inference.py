@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,15 +111,30 @@ def _check_csv(csv_path: Path, files: list[Path]) -> None:
     if is_image_name(csv_path.name):
         raise UserError(f"--csv {csv_path}: names an image file ({csv_path.suffix}); give the path of a "
                         f"CSV file to write, e.g. predictions.csv")
-    target = csv_path.resolve()
-    if any(f.resolve() == target for f in files):
+    if csv_path.exists() and any(_same_file(f, csv_path) for f in files):
         raise UserError(f"--csv {csv_path}: is one of the files to classify; give a new file's path")
     _check_writable(csv_path, "--csv")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them unreadable: its own error comes when it is read
+        return False
+
+
+def _shown(path: Path) -> str:
+    """A path for the terminal: bytes of a name that is not UTF-8 as escapes, not an error."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)  # stderr escapes what it cannot encode, and stays out of piped results
+
+
 @torch.no_grad()
 def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PREDICT_BS, csv_path=None,
-                log=print) -> list[list[tuple[str, str, float]]]:
+                log=print, warn=_warn) -> list[list[tuple[str, str, float]]]:
     """Top-k classes of each image; `images` holds files and folders (walked for image files).
     Prints each image's classes, or with `csv_path` writes them there (one row an image) and
     prints a line saying so. A file that does not decode is skipped with a warning, so that
@@ -141,7 +157,7 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
                 pixels.append(load_image(path, size))
             except UserError as e:
                 skipped.append(str(e))
-                log(f"warning: skipped {e}")
+                warn(f"warning: skipped {e}")
                 continue
             chunk.append(path)
         if not chunk:
@@ -153,7 +169,7 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
             done.append(path)
             results.append(rows)
             if csv_path is None:
-                log(f"{path}:")
+                log(f"{_shown(path)}:")
                 for wnid, name, q in rows:
                     log(f"  {100 * q:6.2f}%  {wnid}  {name}")
     if csv_path is not None:

@@ -10,6 +10,7 @@ a one-line `DataError` (or `UserError`) naming the file.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -204,8 +205,14 @@ def is_image_name(name: str) -> bool:
     them: an extension of a format PIL can open (not one it only writes, as PDF), and no
     hidden file or folder on the way."""
     parts = name.split("/")
-    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    return not any(p.startswith(".") for p in parts) and os.path.splitext(parts[-1])[1].lower() in readable
+    return not any(p.startswith(".") for p in parts) and os.path.splitext(parts[-1])[1].lower() in _readable()
+
+
+@functools.cache
+def _readable() -> frozenset[str]:
+    # Formats PIL registers an extension for but only writes; every other one it opens
+    # (MPO, say, through JPEG's opener, though it has no opener of its own).
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt not in ("PDF", "PALM"))
 
 
 def image_files(paths) -> list[Path]:
@@ -232,7 +239,9 @@ def image_files(paths) -> list[Path]:
         for root, dirs, names in os.walk(path, onerror=unreadable):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel = Path(root).relative_to(path).as_posix()
-            found += [(Path(root) / n, n if rel == "." else f"{rel}/{n}") for n in names]
+            # regular files (or links to them): not a FIFO, which would block the read, nor a dangling link
+            found += [(Path(root) / n, n if rel == "." else f"{rel}/{n}") for n in names
+                      if os.path.isfile(os.path.join(root, n))]
         found = [(f, rel) for f, rel in found if is_image_name(rel)]
         if not found:
             raise UserError(f"{path}: a folder with no image files in it or its subfolders; "

@@ -3,6 +3,7 @@ command line (train.py / evaluate.py) and the package CLI."""
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -218,6 +219,12 @@ def test_predict_folders_in_batches_and_to_csv(trained, tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (48, 70, 3), dtype=np.uint8)).save(photos / n)
     (photos / "notes.txt").write_text("not an image")
     (photos / "receipt.pdf").write_bytes(b"%PDF-1.4 a format PIL writes but cannot read")
+    (photos / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # a dangling link
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(photos / "pipe.jpg")  # reading it would block for ever
+    from alexnet.sources import is_image_name
+
+    assert is_image_name("a.mpo") and is_image_name("b.JPEG") and not is_image_name("c.pdf")
     extra = tmp_path / "extra.png"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(extra)
     ckpt = trained / "best.pth"
@@ -248,8 +255,6 @@ def test_predict_skips_an_unreadable_image_and_fails_at_the_end(trained, tmp_pat
     """One file that does not decode among many: skipped with a warning, the others classified
     and written, then exit status 2 naming it. A file name that is not UTF-8 reaches the CSV
     as its bytes."""
-    import os
-
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(2)
@@ -266,7 +271,7 @@ def test_predict_skips_an_unreadable_image_and_fails_at_the_end(trained, tmp_pat
     assert main(["predict", str(trained / "best.pth"), str(photos), "--csv", str(table), "--bs", "2",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert f"warning: skipped {photos / 'b.jpg'}: not an image PIL can read" in captured.out
+    assert f"warning: skipped {photos / 'b.jpg'}: not an image PIL can read" in captured.err
     assert f"files skipped, not readable as images (the others were classified): {photos / 'b.jpg'}" in captured.err
     rows = table.read_bytes().split(b"\n")
     named = [r.split(b",")[0] for r in rows[1:] if r]
