@@ -80,8 +80,17 @@ def test_sigkill_then_resume_equals_uninterrupted(learnable_cache, tmp_path):
     assert_same_run(full / "last.pth", cut / "last.pth")
 
 
+@pytest.fixture(scope="module")
+def two_epochs_uninterrupted(learnable_cache, tmp_path_factory):
+    """The run each stop-and-resume case must end equal to: trained once for all of them."""
+    full = tmp_path_factory.mktemp("full")
+    assert main(["train", *run_args(learnable_cache, full), "--epochs", "2"]) == 0
+    return full
+
+
 @pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation", "last evaluation", "last checkpoint"])
-def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path, monkeypatch, capsys, when):
+def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, two_epochs_uninterrupted, tmp_path,
+                                                       monkeypatch, capsys, when):
     """A stop request (the signal sent to this process) mid-epoch, at an epoch's last step
     (12 steps of 16 per epoch), during an evaluation or while the run waits for its last
     checkpoint to be written: the resumed run ends bit for bit where
@@ -91,8 +100,7 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, tmp_path
     from alexnet import checkpoint as ckpt_io
     from alexnet import train
 
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(["train", *run_args(learnable_cache, full), "--epochs", "2"]) == 0
+    full, cut = two_epochs_uninterrupted, tmp_path / "cut"
     steps, evals, real_step, real_eval = [], [], train.train_step, train.evaluate
 
     def step(*a, **k):
