@@ -140,7 +140,7 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
         subset = " (for a subset of the data set in the same layout: prepare --counts any)" if counts else ""
         error = SettingsMismatch if wnids and len(set(wnids)) == len(wnids) else DataError
         raise error(f"{reader.show('wnids.txt')}: {len(wnids)} class ids ({len(set(wnids))} "
-                        f"distinct), expected {expected} WordNet ids, one a line{subset}")
+                    f"distinct), expected {expected} WordNet ids, one a line{subset}")
     files = reader.names()
     words = {}
     if "words.txt" in files:
@@ -163,8 +163,9 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
     uneven = len({len(v) for v in by_class.values()}) > 1
     for w, images in by_class.items():
         if len(images) != expected or not images:
-            raise (SettingsMismatch if counts and images and not uneven else DataError)(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
-                            f"expected {expected} per class ({why})")
+            error = SettingsMismatch if counts and images and not uneven else DataError
+            raise error(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
+                        f"expected {expected} per class ({why})")
     ann = "val/val_annotations.txt"
     index = {w: i for i, w in enumerate(wnids)}
     labels: dict[str, int] = {}
@@ -189,8 +190,9 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
     per_class = np.bincount(val_y, minlength=len(wnids))
     for c, k in enumerate(per_class):
         if (counts and k != counts[2]) or k == 0:
-            raise (SettingsMismatch if k else DataError)(f"{reader.show(ann)}: class {wnids[c]} has {k} val images, expected "
-                            f"{counts[2] if counts else 'at least 1'}")
+            error = SettingsMismatch if k else DataError  # some val images: --counts any takes them
+            raise error(f"{reader.show(ann)}: class {wnids[c]} has {k} val images, expected "
+                        f"{counts[2] if counts else 'at least 1'}")
     train = [n for w in wnids for n in sorted(by_class[w], key=_natural)]
     return _Plan(wnids, [words.get(w) or w for w in wnids], train,
                  np.repeat(np.arange(len(wnids), dtype=np.int64), expected),

@@ -511,7 +511,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             if improved:
                 state["best_top1"], state["best_epoch"] = row["val_top1"], ep + 1
             save(ep + 1, 0, best=improved)
-            stopping = distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]
+            # the last epoch's request is read once, after its checkpoint is written (below)
+            stopping = ep + 1 < cfg.epochs and distributed.any_ranks([bool(run.stop_signal)], d, run.device)[0]
             metrics.write(state["history"], final=ep + 1 == cfg.epochs or stopping)
             peak = f"peak {row['peak_rss_mib'] / 1024:.2f} GiB RSS"  # this run's, so far
             if row["peak_gpu_mib"]:
@@ -522,12 +523,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% | "
                 f"lr {row['lr']:.3g} | {row['epoch_seconds']:.0f}s, {row['images_per_s']:.0f} img/s | {peak}"
                 + (" | best" if improved else ""))
-            # A request that came during the evaluation: the epoch is saved, stop here. After the
-            # last epoch too: whoever asked (a study's Ctrl-C, a scheduler) hears 128 + signal.
+            # A request that came during the evaluation: the epoch is saved, stop here.
             if stopping:
-                last = ep + 1 == cfg.epochs
-                _stopped(run, f"the end of epoch {ep + 1}" + (", the last: the run is complete" if last else ""),
-                         say, resume=not last)
+                _stopped(run, f"the end of epoch {ep + 1}", say)
     except BaseException:
         # A write still in flight lands first (under the stop handler, which leaves it be);
         # if it fails too, the run's own error is still the one raised.
@@ -547,8 +545,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         stop, any_failed = distributed.any_ranks([bool(run.stop_signal), failed is not None], d, run.device)
         if failed is not None:
             raise failed
-        # A request after the last epoch's check (during its log lines or the wait for its
-        # checkpoint): the run is complete, and whoever asked still hears 128 + signal.
+        # A request during the last epoch's evaluation, its log lines or the wait for its
+        # checkpoint: the run is complete, and whoever asked (a study's Ctrl-C, a scheduler)
+        # still hears 128 + signal.
         if stop and not any_failed:
             _stopped(run, f"the end of epoch {cfg.epochs}, the last: the run is complete", say, resume=False)
     finally:
