@@ -266,8 +266,9 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
         held = rss_bytes()
     if folder is not None:
         ref_model = create_model(name, 200).to(dev)
-        # Typical code: the default (foreach) SGD, no channels_last, no autocast, and FC1 over
-        # the pooled vector's 36 copies, as torchvision's AlexNet computes it.
+        # Typical code: the default SGD (a loop over the parameters on the CPU), no
+        # channels_last, no autocast, and FC1 over the pooled vector's 36 copies, as
+        # torchvision's AlexNet computes it.
         ref_model.fold_fc1 = False
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         it = _reference_loader(folder, recipe, a.reference_bs, stats)
