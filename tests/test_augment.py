@@ -85,7 +85,7 @@ def test_batched_equals_per_image_reference(name, size, path):
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["pixel", "combined", "lighting64"])
+@pytest.mark.parametrize("name", FUSING)
 def test_fused_kernel_equals_eager_ops(name):
     # The same batches both ways, read by ids out of a cache as training does, also under
     # autocast (the kernel computes in float32 whatever the caller's context).
@@ -230,7 +230,7 @@ def test_ten_crop_views():
     torch.testing.assert_close(v[9], v[4].flip(-1), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("recipe", ["randomcrop", "combined", "baseline", "pixel"])
+@pytest.mark.parametrize("recipe", [name for name, r in RECIPES.items() if r.scale == 1])
 def test_ten_crop_views_come_from_the_training_frame(recipe):
     """Corners and centre of the frame training crops came from: the image reflect-padded by
     the recipe's pad (no enlargement: the model never saw one), or the image itself."""

@@ -43,7 +43,7 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync_bn", [False, True], ids=["ddp", "ddp-syncbn"])
+@pytest.mark.parametrize("sync_bn", [False, True], ids=["ddp", "sync-bn-refused-on-cpu"])
 def test_torchrun_two_processes(learnable_cache, tmp_path, sync_bn):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

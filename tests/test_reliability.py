@@ -732,11 +732,11 @@ def test_missing_data_path_other_commands(small_ckpt, tmp_path, capsys, command)
     assert f"--data {missing}: directory does not exist" in err and not missing.exists()
 
 
-def test_checkpoint_of_other_variant_or_classes(small_ckpt, tiny_cache, capsys):
+def test_checkpoint_of_other_variant_or_classes(small_ckpt, tiny_cache, tmp_path, capsys):
     assert main(["evaluate", str(ROOT / "models/alexnet_bn.py"), str(small_ckpt), "--data", str(tiny_cache),
                  "--device", "cpu"]) == 2
     assert "trained as variant 'combined_gap', but the model here is 'batchnorm'" in capsys.readouterr().err
-    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(small_ckpt.parent / "x"),
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "x"),
                  "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(small_ckpt),
                  "--epochs", "2", "--max-steps", "1"])
     assert code == 0  # the same variant resumes
@@ -821,8 +821,8 @@ def test_resume_with_other_settings_is_refused(small_ckpt, tiny_cache, tmp_path,
     assert code == 2 and "made with other settings (--channels-last False -> True)" in err
 
 
-def test_fresh_run_does_not_overwrite_a_previous_one(small_ckpt, tiny_cache, capsys):
-    out = small_ckpt.parent
+def test_fresh_run_does_not_overwrite_a_previous_one(small_ckpt, tiny_cache, tmp_path, capsys):
+    out = shutil.copytree(small_ckpt.parent, tmp_path / "previous")  # the fixture's run stays as it is
     before = (out / "best.pth").read_bytes()
     code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
                  "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress"])

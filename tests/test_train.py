@@ -188,6 +188,12 @@ def test_predict_prints_top_classes(trained, tmp_path, capsys):
     # each index named by the checkpoint's class list; --topk cuts it.
     from alexnet.inference import load_image, load_trained
 
+    # What the model is shown, computed by hand: the 90x120 JPEG's shorter side to 64 (64x85),
+    # the greyscale 50x30 PNG's to 64 (107x64) as RGB, then the centre 64x64 of each.
+    want = {jpg: Image.open(jpg).resize((64, 85), Image.Resampling.BILINEAR).crop((0, 10, 64, 74)),
+            png: Image.open(png).convert("RGB").resize((107, 64), Image.Resampling.BILINEAR).crop((21, 0, 85, 64))}
+    for f, im in want.items():
+        assert torch.equal(load_image(f, 64), torch.from_numpy(np.asarray(im))), f
     model, c, augment = load_trained(trained / "best.pth", None, torch.device("cpu"))
     with torch.no_grad():
         probs = model(augment(load_image(jpg, 64)[None], train=False)).softmax(1)[0]
