@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from alexnet import checkpoint as ckpt_io
+from alexnet.atomic import write_atomic
 from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
-from alexnet.loader import to_memory
-from alexnet.atomic import write_atomic
-from alexnet.sources import image_files, is_image_name, load_image_file
 from alexnet.evaluate import TTA, confused_path, evaluate, logits_for, write_per_class
+from alexnet.loader import to_memory
 from alexnet.models import AlexNet, AlexNetConfig
 from alexnet.precision import resolve_amp
+from alexnet.sources import image_files, is_image_name, load_image_file
 from alexnet.train import pick_device
 from alexnet.userfiles import check_model_output, load_model_file
 
