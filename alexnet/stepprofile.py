@@ -70,13 +70,18 @@ def profiled(step: Callable[[], object], steps: int, dev: torch.device) -> tuple
         # Some versions (2.11) warn that a profile keeps only its last cycle's events: one
         # cycle here, every time.
         warnings.filterwarnings("ignore", message=".*Profiler clears events", category=UserWarning)
-        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        # On CUDA the CPU's activity too, though only kernels are counted: traces of CUDA
+        # activity alone have come back without kernel events (meta-pytorch/tritonbench#401).
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
             for _ in range(steps):
                 step()
             sync(dev)
     events = prof.events()
     if cuda:
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        # The GPU's side of a CPU range (the optimizer's "Optimizer.step#SGD.step") is a CUDA
+        # event too, over kernels already counted: left out.
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
         if not kernels:  # CUPTI did not load or record: no figures, rather than a GPU that looks idle
             return None, None
         return len(kernels) / steps, sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3

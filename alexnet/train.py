@@ -402,6 +402,19 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
 
 def fit(cfg: TrainConfig, log=print) -> dict:
     """Train to the end (or resume and continue); returns the final state summary."""
+    # --deterministic and cuDNN's algorithm timing are switches of the whole process: a run
+    # sets them for itself and hands them back, so that the next run of a study in this
+    # process, or the caller's own code, does not inherit them.
+    switches = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        return _fit(cfg, log)
+    finally:
+        torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
+        torch.backends.cudnn.benchmark = switches[2]
+
+
+def _fit(cfg: TrainConfig, log=print) -> dict:
     out, first = Path(cfg.out), int(os.environ.get("RANK", "0")) == 0
     created = first and not out.exists()
 

@@ -40,9 +40,12 @@ def assert_same_run(a: Path, b: Path):
 
 
 def test_deterministic_runs_match(learnable_cache, tmp_path):
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     assert main(["train", *run_args(learnable_cache, tmp_path / "a"), "--epochs", "1"]) == 0
     assert main(["train", *run_args(learnable_cache, tmp_path / "b"), "--epochs", "1"]) == 0
     assert_same_run(tmp_path / "a" / "last.pth", tmp_path / "b" / "last.pth")
+    # The process-wide switches go back as they were (a study's next run, the caller's code).
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
 
 
 @pytest.mark.slow
