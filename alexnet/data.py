@@ -527,6 +527,16 @@ def ensure_cache(data_dir: Path | None, log: Log = print,
     return open_cache(data_dir)
 
 
+def _source_in(folder: Path, looks: list[str]) -> Path:
+    """What `prepare --source` takes of a folder's data-set-like entries: the folder when the
+    layout starts there, else the folder one down that holds wnids.txt, else the zip (prepare
+    reads a zip, not a folder that holds one)."""
+    if any("/" not in p and not p.endswith(".zip") for p in looks):
+        return folder
+    below = [p for p in looks if p.endswith("/wnids.txt")]
+    return folder / (Path(below[0]).parent if below else looks[0])
+
+
 def cache_for(data: str | Path | None, log: Log = print) -> Cache:
     """The cache a command's --data names: ensure_cache, except that a --data given that does
     not exist is an error instead of a place to download into (a mistyped path would otherwise
@@ -549,5 +559,5 @@ def cache_for(data: str | Path | None, log: Log = print) -> Cache:
             name = f"--data {data}" if data else f"{folder} (the default --data)"
             raise DataError(f"{name}: holds no cache (no manifest.json) but what looks like a data set "
                             f"({', '.join(looks[:3])}{', ...' if len(looks) > 3 else ''}); make a cache from it with "
-                            f"`alexnet prepare --source {folder} --data DIR`, then give --data DIR")
+                            f"`alexnet prepare --source {_source_in(folder, looks)} --data DIR`, then give --data DIR")
     return ensure_cache(Path(data) if data else None, log=log)

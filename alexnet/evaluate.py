@@ -28,7 +28,7 @@ def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bo
     """Class scores for one uint8 batch, averaging softmax-free logits over TTA views."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if tta == "10crop":
-        views = augment.ten_crop(xb)  # (10, N, 3, S, S)
+        views = augment.ten_crop(xb, distinct=True)  # (10 or 2, N, 3, S, S)
     else:
         views = augment(xb, train=False).unsqueeze(0)
         if tta == "flip":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -743,4 +744,4 @@ def resume_command(cfg: TrainConfig) -> str:
         if not a.startswith("--resume="):
             argv.append(a)
         i += 1
-    return " ".join([head, *argv, "--resume"])
+    return " ".join([head, shlex.join(argv), "--resume"]) if argv else f"{head} --resume"  # pasted into a shell

@@ -247,6 +247,17 @@ def test_ten_crop_views_come_from_the_training_frame(recipe):
     torch.testing.assert_close(v[[0, 1, 2, 3, 4, 6, 5, 8, 7]], want[:9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v[9], v[4].flip(-1), atol=0, rtol=0)
     torch.testing.assert_close(v[4], aug(x, train=False), atol=1e-5, rtol=1e-5)  # the centre: the eval view
+    # What evaluation runs: the distinct views only, with the same mean of the model's scores.
+    d = aug.ten_crop(x, distinct=True)
+    assert torch.equal(d, v) if pad else torch.equal(d, v[[0, 5]])
+    from alexnet.evaluate import logits_for
+    from alexnet.models import create_model
+
+    model = create_model("combined_gap", 200).eval()
+    with torch.no_grad():
+        want = torch.stack([model(view) for view in v]).mean(0)
+    torch.testing.assert_close(logits_for(model, x, aug, "10crop", amp=False, channels_last=False), want,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_upsampled_geometry():

@@ -598,6 +598,15 @@ def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_w
     err = capsys.readouterr().err
     assert code == 2 and f"data (the default --data): holds no cache (no manifest.json) but what looks like a data set" \
         f" ({tiny_layout.name}/wnids.txt)" in err
+    assert f"alexnet prepare --source {Path('data', tiny_layout.name)} --data DIR" in err
+    # A folder that holds the zip: the command named is one that prepare takes (the zip, not
+    # the folder), and it does.
+    (tmp_path / "dl").mkdir()
+    shutil.copy(tiny_zip, tmp_path / "dl" / tiny_zip.name)
+    err = _bad(tmp_path / "dl", out_with_files, capsys, "--variant", "baseline")
+    source = tmp_path / "dl" / tiny_zip.name
+    assert f"alexnet prepare --source {source} --data DIR" in err
+    assert main(["prepare", "--source", str(source), "--data", str(tmp_path / "cache"), "--counts", "any"]) == 0
 
 
 def test_prepare_from_a_missing_source_makes_no_folder(tmp_path, capsys):
@@ -770,6 +779,8 @@ def test_resume_command_for_each_entry_point(monkeypatch):
     assert resume_command(None) == "alexnet train --variant bn --bs 8 --resume"
     monkeypatch.setattr(sys, "argv", ["train.py", "models/alexnet_bn.py", "--out", "r"])
     assert resume_command(None) == "python train.py models/alexnet_bn.py --out r --resume"
+    monkeypatch.setattr(sys, "argv", ["train.py", "models/alexnet_bn.py", "--out", "my runs/it's"])
+    assert resume_command(None) == """python train.py models/alexnet_bn.py --out 'my runs/it'"'"'s' --resume"""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert resume_command(None).startswith("torchrun --nproc_per_node=2 train.py models/alexnet_bn.py")
