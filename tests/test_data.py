@@ -9,6 +9,8 @@ import os
 import shlex
 import shutil
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -268,6 +270,17 @@ def test_failed_rebuild_keeps_old_cache(tiny_cache: Path, tiny_layout: Path, tmp
         prepare(z, d, counts=TINY_COUNTS, workers=1, log=quiet)
     assert snapshot(d) == before and not list(d.glob("*.tmp"))
     open_cache(d, verify="full")
+
+
+def test_prepare_runs_without_torch(tiny_zip: Path, tmp_path: Path) -> None:
+    """`alexnet prepare` needs numpy and PIL only: importing torch made a prepare that had
+    nothing to do take 3.1 s and 0.65 GB resident, against 0.36 s and 41 MB without."""
+    code = ("import sys; from alexnet.cli import main; "
+            f"rc = main(['prepare', '--source', {str(tiny_zip)!r}, '--data', {str(tmp_path / 'c')!r}, "
+            "'--counts', 'any', '--workers', '2']); print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.split()[-2:] == ["0", "False"] and (tmp_path / "c" / "manifest.json").is_file()
 
 
 # -- open_cache --------------------------------------------------------------------------
