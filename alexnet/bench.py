@@ -65,7 +65,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=["baseline"], help=f"variants, or 'all' ({', '.join(VARIANTS)})")
     p.add_argument("--bs", type=int, default=256, help="batch size of the project's path (1) and (2)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for (1) and (2)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for (1) and (2) (default: on; fp32 where bf16 would be emulated, with a warning)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for (1) and (2) (compilation happens in the warm-up)")
@@ -401,6 +401,10 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     if a.bs < 1 or a.steps < 1 or a.rounds < 1 or a.reference_bs < 1:
         raise UserError(f"--bs, --steps, --rounds and --reference-bs must be at least 1, got {a.bs}, {a.steps}, "
                         f"{a.rounds} and {a.reference_bs}")
+    if a.data and not a.compare:
+        from alexnet.data import open_cache
+
+        open_cache(Path(a.data))  # a bad --data is one error now, not one from each row's process later
     dev = settle_device(pick_device(a.device))
     # (1) and (2) in the precision a training run here would use; `--compare amp` still
     # measures bf16 against fp32, as asked.

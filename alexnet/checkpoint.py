@@ -146,6 +146,15 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, variant: str | None
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """load_state_dict with a one-line error instead of PyTorch's page of key lists."""
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if missing or unexpected:
+        def keys(what: str, ks: list[str]) -> str:
+            return f"{len(ks)} {what}: {', '.join(ks[:3])}{f' and {len(ks) - 3} more' if len(ks) > 3 else ''}"
+
+        found = [keys(w, ks) for w, ks in (("missing", missing), ("unexpected", unexpected)) if ks]
+        raise CheckpointError(f"{path}: weights do not fit this model ({'; '.join(found)}); was it trained "
+                              f"from another model file or variant?")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -54,7 +54,8 @@ class TrainConfig:
                                            "(README, Speed)")
     compile: bool = opt(False, "torch.compile the model")
     img_size: int = opt(64, "training resolution; 224 or 227 upsample on the device (paper geometry)")
-    resume: str | None = opt(None, "checkpoint to resume from; 'auto' takes OUT/last.pth", nargs="?", const="auto")
+    resume: str | None = opt(None, "checkpoint to resume from; --resume alone (or 'auto') takes OUT/last.pth", nargs="?",
+                             const="auto")
     save_every: int = opt(0, "also save last.pth every N steps inside an epoch (0: only at epoch ends)")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes (torchrun)")
     memory_budget: float = opt(3.0, "resident-set budget in GB per process (Linux CPU runs with a built-in recipe): "

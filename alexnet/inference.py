@@ -41,7 +41,9 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
         model = AlexNet(AlexNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}),
                         c["num_classes"])
     else:
-        raise CheckpointError(f"{ckpt_path}: holds a custom model; pass its model file too")
+        source = c.get("config", {}).get("model")
+        raise CheckpointError(f"{ckpt_path}: holds a custom model{f' (trained from {source})' if source else ''}; "
+                              "pass its model file too (`evaluate MODEL_FILE CHECKPOINT`, `predict --model MODEL_FILE`)")
     ckpt_io.load_weights(model, c["model"], ckpt_path)
     model = model.to(device).eval()
     channels_last = c["config"].get("channels_last", True)
@@ -183,6 +185,7 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
         write_atomic(csv_path, lambda f: f.write(text))
         log(f"top-{k} classes of {len(done):,} images written to {csv_path}")
     if skipped:
+        rest = "the others were classified" if len(skipped) < len(files) else "none was classified"
         raise UserError(f"{len(skipped)} of {len(files)} files skipped, not readable as images "
-                        f"(the others were classified): {skipped[0]}" + (" (and more, above)" if len(skipped) > 1 else ""))
+                        f"({rest}): {skipped[0]}" + (" (and more, above)" if len(skipped) > 1 else ""))
     return results

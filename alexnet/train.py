@@ -494,8 +494,8 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
         run.stop_signal.append(signum)
         first_request[0] = time.monotonic()
         if d.main:
-            _note(f"{signal.Signals(signum).name}: stopping at the next step boundary, with {run.out / 'last.pth'} "
-                  "saved (Ctrl-C again to stop at once, without saving)")
+            _note(f"{signal.Signals(signum).name}: stopping at the next step boundary (or once an evaluation under "
+                  f"way ends), with {run.out / 'last.pth'} saved (Ctrl-C again to stop at once, without saving)")
 
     for s, handler in previous.items():
         # A signal the process was started with ignored stays ignored, as Python leaves it: a

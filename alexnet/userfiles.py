@@ -45,7 +45,8 @@ def load_python_file(path: str | Path, contract: str) -> ModuleType:
     try:
         code = compile(source, str(path), "exec")
     except SyntaxError as e:
-        raise UserError(f"{path}: syntax error at line {e.lineno}: {e.msg}") from None
+        hint = "" if path.suffix == ".py" else f"; not a Python file? it {contract}"
+        raise UserError(f"{path}: syntax error at line {e.lineno}: {e.msg}{hint}") from None
     name = f"alexnet_user_{path.stem}_{abs(hash(str(path.resolve())))}"
     module = ModuleType(name)
     module.__file__ = str(path)

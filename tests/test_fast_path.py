@@ -49,6 +49,7 @@ def test_bench_prints_ratios(capsys):
 @pytest.mark.parametrize("args,match", [
     (["--variants", "all", "nope"], "unknown variant 'nope'; known variants: all, baseline"),
     (["--reference-bs", "0"], "--bs, --steps, --rounds and --reference-bs must be at least 1, got 8, 1, 1 and 0"),
+    (["--data", "{tmp}/nowhere"], "error: {tmp}/nowhere: no prepared data cache here (no manifest.json)"),
     (["--jpeg-zip", "{tmp}/missing.zip"], "--jpeg-zip {tmp}/missing.zip: cannot open it as a zip (FileNotFoundError"),
     (["--jpeg-zip", "{tmp}/text.zip"], "--jpeg-zip {tmp}/text.zip: cannot open it as a zip (BadZipFile"),
     (["--jpeg-zip", "{tmp}/empty.zip"], "--jpeg-zip {tmp}/empty.zip: no train/ JPEGs in it"),

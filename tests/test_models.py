@@ -218,3 +218,27 @@ def test_model_file_errors(tmp_path, text, match):
     with pytest.raises(UserError, match=match) as e:
         load_model_file(p, 200)
     assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_file_that_is_not_python_is_named_so(tmp_path):
+    p = _write(tmp_path, "# AlexNet\n\nThe README, given by mistake.\n", name="README.md")
+    with pytest.raises(UserError, match=r"syntax error at line 3: .*; not a Python file\? it must define build_model"):
+        load_model_file(p, 200)
+    with pytest.raises(UserError) as e:
+        load_model_file(_write(tmp_path, "def build_model(:\n"), 200)
+    assert "not a Python file" not in str(e.value)  # a .py file's syntax error is just that
+
+
+def test_weights_of_another_model_are_one_line_naming_the_keys(tmp_path):
+    from alexnet.checkpoint import load_weights
+    from alexnet.errors import CheckpointError
+
+    state = create_model("combined_gap", 10).state_dict()
+    with pytest.raises(CheckpointError) as e:
+        load_weights(create_model("baseline", 10), state, tmp_path / "ck.pth")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'ck.pth'}: weights do not fit this model (") and "\n" not in msg
+    assert re.search(r"\(\d+ missing: [\w.]+, [\w.]+, [\w.]+ and \d+ more; \d+ unexpected: ", msg)
+    state = create_model("baseline", 10).state_dict()
+    with pytest.raises(CheckpointError, match="size mismatch for classifier"):  # same keys, other shapes
+        load_weights(create_model("baseline", 20), state, tmp_path / "ck.pth")

@@ -541,6 +541,21 @@ def test_model_file_placed_and_cast_as_the_run_uses_it(tiny_cache, tmp_path):
                  "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--amp", "--no-progress"]) == 0
 
 
+def test_checkpoint_of_a_custom_model_asks_for_its_file(tiny_cache, tmp_path, capsys):
+    m = tmp_path / "linear.py"
+    m.write_text("from torch import nn\n\n"
+                 "def build_model(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes))\n")
+    assert main(["train", str(m), "--data", str(tiny_cache), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress"]) == 0
+    ck = tmp_path / "o" / "best.pth"
+    capsys.readouterr()
+    for args in (["evaluate", str(ck), "--data", str(tiny_cache)], ["predict", str(ck), str(m)]):
+        assert main([*args, "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (f"error: {ck}: holds a custom model (trained from {m}); pass its model file "
+                                           "too (`evaluate MODEL_FILE CHECKPOINT`, `predict --model MODEL_FILE`)\n")
+    assert main(["evaluate", str(m), str(ck), "--data", str(tiny_cache), "--device", "cpu"]) == 0
+
+
 def test_model_output_check_leaves_each_module_as_it_was():
     from alexnet.userfiles import check_model_output
 
@@ -763,7 +778,8 @@ def test_predict_non_image(small_ckpt, tmp_path, capsys):
     txt = tmp_path / "notes.jpg"
     txt.write_text("not an image")
     assert main(["predict", str(small_ckpt), str(txt), "--device", "cpu"]) == 2
-    assert f"{txt}: not an image PIL can read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{txt}: not an image PIL can read" in err and "1 of 1 files skipped, not readable as images (none was" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
