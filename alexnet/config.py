@@ -14,6 +14,15 @@ from typing import Any
 
 from alexnet.errors import ConfigError
 
+# conv1 (11x11, stride 4) and three 3x3 max-pools of stride 2 leave a 3x3 map before the last
+# pool at 63 pixels; below, a 2x2 one, which that pool cannot take.
+MIN_IMG_SIZE = 63
+
+
+def img_size_error(size: int) -> str:
+    return f"--img-size must be at least {MIN_IMG_SIZE} (AlexNet's pooling needs it), got {size}"
+
+
 SCHEDULES = ("plateau", "cosine", "onecycle", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -89,7 +98,7 @@ class TrainConfig:
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.img_size >= 63, f"--img-size must be at least 63 (AlexNet's pooling needs it), got {self.img_size}")
+        need(self.img_size >= MIN_IMG_SIZE, img_size_error(self.img_size))
         need(math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,

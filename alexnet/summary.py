@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from alexnet.config import MIN_IMG_SIZE, img_size_error
+from alexnet.errors import ConfigError
 from alexnet.models import VARIANTS, count_parameters, create_model
 from alexnet.userfiles import load_model_file
 
@@ -85,6 +87,10 @@ def variants_table(img_size: int = 64, num_classes: int = 200) -> list[tuple[str
 
 
 def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200, log=print) -> None:
+    if img_size < MIN_IMG_SIZE:  # every variant's table runs at this size
+        raise ConfigError(img_size_error(img_size))
+    if num_classes < 1:
+        raise ConfigError(f"--num-classes must be at least 1, got {num_classes}")
     if target is not None:
         model = (load_model_file(target, num_classes) if Path(target).suffix == ".py" or Path(target).exists()
                  else create_model(target, num_classes))

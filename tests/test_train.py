@@ -376,6 +376,15 @@ def test_summary_lists_all_variants(capsys):
     assert "57,823,240" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args,error", [
+    (["--img-size", "62"], "--img-size must be at least 63 (AlexNet's pooling needs it), got 62"),
+    (["combined_gap", "--num-classes", "0"], "--num-classes must be at least 1, got 0"),
+])
+def test_summary_bad_sizes_are_one_line(capsys, args, error):
+    assert main(["summary", *args]) == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
 def test_prepare_command(tiny_zip, tmp_path, capsys):
     assert main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts", "4,12,4",
                  "--workers", "1"]) == 0
