@@ -7,6 +7,7 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -169,6 +170,7 @@ def build_parser(script: str | None = None, command: str | None = None) -> argpa
 
         add_bench_args(s)
     s.set_defaults(func=_bench)
+    p.commands = sub.choices  # each command's own parser, for its own usage line in errors
     return p
 
 
@@ -178,7 +180,10 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), "")  # the top level has no options of its own
-    args = build_parser(script, command).parse_args(argv)
+    parser = build_parser(script, command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser: `python train.py: error: ...`, not the top level's usage
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     keep_freed_memory()
     try:
         return args.func(args)
@@ -188,6 +193,11 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`alexnet predict ... | head`): nothing left to say, and Python's
+        # own flush at exit must not fail again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer its reader left
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from alexnet.atomic import write_atomic
 from alexnet.augment import BatchAugment
 from alexnet.distributed import Dist, all_reduce_sum
 from alexnet.loader import eval_batches
@@ -84,23 +85,22 @@ def write_per_class(path: str | Path, confusion: torch.Tensor, wnids: list[str],
     reader takes each as it is. Returns the second file's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    totals = confusion.sum(1).clamp(min=1)
-    acc = confusion.diag().double() / totals * 100
+    totals = confusion.sum(1)
+    # A class without val images (possible in an image folder) has no accuracy: blank, listed last.
+    acc = confusion.diag().double() / totals.clamp(min=1) * 100
+    acc[totals == 0] = float("inf")
     off = confusion.clone()
     off.fill_diagonal_(0)
     flat = off.flatten().topk(min(top_pairs, off.numel())).indices.tolist()
     c = confusion.shape[0]
-    with path.open("w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["class", "wnid", "name", "top1", "n"])
-        for i in acc.argsort().tolist():
-            w.writerow([i, wnids[i], names[i], f"{acc[i]:.2f}", int(totals[i])])
+    rows = [["class", "wnid", "name", "top1", "n"]]
+    rows += [[i, wnids[i], names[i], f"{acc[i]:.2f}" if totals[i] else "", int(totals[i])]
+             for i in acc.argsort().tolist()]
     pairs = confused_path(path)
-    with pairs.open("w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"])
-        for k in flat:
-            t, p = divmod(k, c)
-            if off[t, p] > 0:
-                w.writerow([wnids[t], names[t], wnids[p], names[p], int(off[t, p])])
+    pair_rows = [["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"]]
+    pair_rows += [[wnids[t], names[t], wnids[p], names[p], int(off[t, p])]
+                  for t, p in (divmod(k, c) for k in flat) if off[t, p] > 0]
+    # Replaced by rename, never written in place: a file that is a hard link to another stays as it was.
+    for target, table in ((path, rows), (pairs, pair_rows)):
+        write_atomic(target, lambda f, table=table: csv.writer(f, lineterminator="\n").writerows(table), binary=False)
     return pairs

@@ -77,9 +77,10 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
         raise UserError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
     if bs < 1:
         raise UserError(f"--bs must be at least 1, got {bs}")
-    if per_class:
-        _check_writable(Path(per_class), "--per-class")  # before the evaluation, not after it
-        _check_writable(confused_path(per_class), f"--per-class {per_class}: its confused pairs' file")
+    if per_class:  # before the evaluation, not after it
+        inputs = [Path(p) for p in (ckpt_path, model_file) if p is not None]
+        _check_output(Path(per_class), "--per-class", inputs)
+        _check_output(confused_path(per_class), f"--per-class {per_class}: its confused pairs' file", inputs)
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     cache = cache_for(data, log=log)
@@ -108,6 +109,22 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 PREDICT_BS = 256  # images decoded and classified at a time: memory stays flat for any number of files
 
 
+# Never the path of a table: a checkpoint (best.pth is a hard link to last.pth, so writing
+# through one loses both) or a model file.
+KEPT_SUFFIXES = (".pth", ".pt", ".ckpt", ".py")
+
+
+def _check_output(path: Path, flag: str, inputs: list[Path]) -> None:
+    """An output table must not land on a checkpoint, a model file or one of the command's inputs."""
+    if path.suffix.lower() in KEPT_SUFFIXES:
+        raise UserError(f"{flag} {path}: names a checkpoint or model file ({path.suffix}); give the path of a "
+                        f"CSV file to write, e.g. {'predictions' if flag == '--csv' else 'per_class'}.csv")
+    if path.exists() and any(_same_file(f, path) for f in inputs):
+        raise UserError(f"{flag} {path}: is one of this command's input files (or a link to one); "
+                        f"give a new file's path")
+    _check_writable(path, flag)
+
+
 def _check_csv(csv_path: Path, files: list[Path]) -> None:
     """--csv must not name an image, least of all one of those being classified."""
     if is_image_name(csv_path.name):
@@ -115,7 +132,6 @@ def _check_csv(csv_path: Path, files: list[Path]) -> None:
                         f"CSV file to write, e.g. predictions.csv")
     if csv_path.exists() and any(_same_file(f, csv_path) for f in files):
         raise UserError(f"--csv {csv_path}: is one of the files to classify; give a new file's path")
-    _check_writable(csv_path, "--csv")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -146,6 +162,7 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
     files = image_files(images)
     if csv_path is not None:
         _check_csv(Path(csv_path), files)
+        _check_output(Path(csv_path), "--csv", [Path(p) for p in (ckpt_path, model_file) if p is not None])
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     size = c.get("cache_img_size", 64)

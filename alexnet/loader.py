@@ -13,6 +13,7 @@ import mmap
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -24,6 +25,7 @@ from alexnet.augment import BatchAugment, as_nchw_uint8
 from alexnet.distributed import Dist
 from alexnet.errors import UserError
 from alexnet.memory import rss_bytes
+from alexnet.userfiles import load_transforms_file
 
 
 def to_memory(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -207,8 +209,29 @@ class _PerImage(Dataset):
     """Cache rows through a user's torchvision transform; each item seeded by its position so
     the result does not depend on the number of workers."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable, order: torch.Tensor, seed: int) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable, order: torch.Tensor, seed: int,
+                 transform_file: str | None = None) -> None:
         self.x, self.y, self.transform, self.order, self.seed = x, y, transform, order, seed
+        self.transform_file = transform_file
+
+    # Pickled only for workers started by spawn (macOS, Windows; fork copies the process): the
+    # split travels as its file, not as 1.2 GB of pixels a worker an epoch, and the transform
+    # as the file that builds it, whose classes the new process could not import by name.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if isinstance(self.x, np.memmap) and self.x.filename is not None:
+            state["x"] = ("memmap", self.x.filename, self.x.offset, self.x.dtype.str, self.x.shape)
+        if self.transform_file is not None:
+            state["transform"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["x"], tuple):
+            _, filename, offset, dtype, shape = state["x"]
+            state["x"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+        if state["transform"] is None:
+            state["transform"] = load_transforms_file(state["transform_file"])
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -229,9 +252,10 @@ class PerImageBatches:
     """Training batches for a torchvision transform, run per image in DataLoader workers."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable, augment: BatchAugment,
-                 bs: int, workers: int, seed: int, source: str) -> None:
+                 bs: int, workers: int, seed: int, source: str, transform_file: str | Path | None = None) -> None:
         self.x, self.y, self.transform, self.augment = x, y, transform, augment
         self.bs, self.workers, self.seed, self.source = bs, workers, seed, source
+        self.transform_file = None if transform_file is None else str(Path(transform_file).resolve())
 
     def probe(self) -> None:
         """Run the transform once in this process, so that a transform that raises or returns
@@ -245,11 +269,19 @@ class PerImageBatches:
         if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[0] != 3:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UserError(f"{self.source}: the transform must return a (3, H, W) tensor, got {got}")
+        if out.is_floating_point():
+            # `finish` reads float pixels as 0..1 and normalises them itself: 0..255 floats or an
+            # already normalised image would train at the wrong scale without any error.
+            lo, hi = out.min().item(), out.max().item()
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise UserError(f"{self.source}: the transform returned float pixels in [{lo:.4g}, {hi:.4g}]; "
+                                f"expected uint8, or float in [0, 1] (v2.ToDtype(torch.float32, scale=True), "
+                                f"no v2.Normalize: normalisation is applied after the transform)")
 
     def __call__(self, order: torch.Tensor, start: int, epoch: int = 0, rank: int = 0):
         order = order[start * self.bs:]
         base = ((self.seed * 1_000_003 + epoch) * 1_009 + rank) * 10_000_019 + start * self.bs
-        ds = _PerImage(self.x, self.y, self.transform, order, base)
+        ds = _PerImage(self.x, self.y, self.transform, order, base, self.transform_file)
         dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True, worker_init_fn=_worker_init,
                         persistent_workers=False, pin_memory=self.augment.device.type == "cuda")
         for xb, yb in dl:

@@ -313,6 +313,13 @@ def _fit(im: Image.Image, size: int) -> Image.Image:
 
 
 def _rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I"):
+        # 16-bit greyscale (PNG, TIFF): PIL's convert clips at 255, which turns it white; scale
+        # its 0..65535 down to 0..255 instead.
+        a = np.asarray(im).astype(np.int64).clip(0, 65535)
+        im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif im.mode == "F":
+        raise ValueError("32-bit float pixels have no fixed range; save the image with 8 or 16 bits a channel")
     # Palette images may carry transparency: through RGBA, which RGB then drops.
     return (im.convert("RGBA") if im.mode == "P" else im).convert("RGB")
 

@@ -195,6 +195,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if not cfg.resume and (out / "last.pth").exists():
         raise UserError(f"--out {out}: holds a previous run (last.pth); continue it with --resume, "
                         "or choose another --out (nothing was overwritten)")
+    fresh = not cfg.resume or (cfg.resume == "auto" and not (out / "last.pth").exists())
+    if fresh and (out / "best.pth").exists():  # a checkpoint kept or copied there on its own
+        raise UserError(f"--out {out}: holds a checkpoint (best.pth) that a new run would replace; move it "
+                        "or choose another --out (nothing was overwritten)")
     cache = cache_for(cfg.data, log=log if d.main else (lambda *a: None))
     if cache.num_classes != cfg.num_classes:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "
@@ -208,7 +212,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.model is not None:  # a user's file; the registered variants are tested
-        check_model_output(cfg.model, model, cfg.num_classes, cfg.img_size, device, cfg.amp, cfg.channels_last)
+        check_model_output(cfg.model, model, cfg.num_classes, cfg.img_size, device, cfg.amp, cfg.channels_last,
+                           training=True)
     raw = model
     aug_gen = torch.Generator(device=device)
     st = cache.stats
@@ -223,7 +228,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         batches = FastBatches(to_memory(cache.train.x, device), torch.from_numpy(np.array(cache.train.y)).to(device),
                               augment, cfg.bs, release=release)
     else:
-        batches = PerImageBatches(cache.train.x, cache.train.y, transform, augment, cfg.bs, cfg.workers, cfg.seed, source)
+        batches = PerImageBatches(cache.train.x, cache.train.y, transform, augment, cfg.bs, cfg.workers, cfg.seed, source,
+                                  transform_file=cfg.transforms)
         batches.probe()
     train_n = len(cache.train.y)
     steps = (train_n // d.world) // cfg.bs

@@ -51,18 +51,27 @@ def load_python_file(path: str | Path, contract: str) -> ModuleType:
     module = ModuleType(name)
     module.__file__ = str(path)
     sys.modules[name] = module  # so that pickling/multiprocessing can find its classes
+    # As `python file.py` would: modules beside the file import by name while it loads.
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
     try:
         exec(code, module.__dict__)
     except Exception as e:
         raise UserError(f"{path}: raised {e.__class__.__name__}{_where(e, path)} while loading: {e}") from None
+    finally:
+        sys.path.remove(folder)
     return module
 
 
 def _call(path: Path, fn: Callable, what: str, *args):
     try:
         return fn(*args)
-    except UserError:
-        raise
+    except UserError as e:
+        # the project's own check (a Recipe's range, a variant's option) saw the mistake; the
+        # file it is in is what the user needs to be told
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {what}{_where(e, path)}: {e}") from None
     except Exception as e:
         raise UserError(f"{path}: {what} raised {e.__class__.__name__}{_where(e, path)}: {e}") from None
 
@@ -81,32 +90,43 @@ def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
 
 
 def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img_size: int,
-                       device: torch.device, amp: bool, channels_last: bool) -> None:
+                       device: torch.device, amp: bool, channels_last: bool, training: bool = False) -> None:
     """A model file's model, placed as the run will use it, must take a batch of two blank
     `img_size` images and return (2, num_classes) logits. Without this check a model with
     another number of outputs trains (and evaluation indexes past its logits), and one made
     for another input size fails inside PyTorch. One forward pass in eval mode under the run's
-    autocast: no BatchNorm statistics move, no dropout is drawn, and every module's mode is put
-    back as it was."""
+    autocast, and with `training` one in training mode too (a model may return a tuple only
+    there, as torchvision's Inception does with its auxiliary head). Nothing of the run moves:
+    BatchNorm's statistics and the random generators are put back, and every module's mode."""
     path = Path(path)
     modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    # SyncBatchNorm's training pass is a collective; its eval pass is the same as BatchNorm's
+    passes = [False, True] if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else [False]
     x = torch.zeros(2, 3, img_size, img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model.eval()(x)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images "
-                        f"(shape (2, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
-                        f"{e.__class__.__name__}{_where(e, path)}: {first}") from None
+        for train_mode in passes:
+            where = " in training mode" if train_mode else ""
+            try:
+                with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
+                      torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):
+                    out = model.train(train_mode)(x)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images{where} "
+                                f"(shape (2, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
+                                f"{e.__class__.__name__}{_where(e, path)}: {first}") from None
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(f"{path}: the model returns {got}{where} for a batch of 2 images; expected logits of "
+                                f"shape (2, {num_classes}) for --num_classes {num_classes}")
     finally:
-        for m, training in modes:
-            m.training = training
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"{path}: the model returns {got} for a batch of 2 images; expected logits of shape "
-                        f"(2, {num_classes}) for --num_classes {num_classes}")
+        for m, was in modes:
+            m.training = was
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def load_transforms_file(path: str | Path) -> Recipe | Callable:

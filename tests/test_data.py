@@ -144,6 +144,24 @@ def test_cmyk_becomes_rgb(tiny_layout: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(cache.train.x[2 * 12 + 3], expected)
 
 
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit greyscale PNG (PIL mode I;16) keeps its shades: 0..65535 becomes 0..255, where
+    PIL's own convert would clip everything above 255 to white. `prepare` and `predict` share
+    this decoding."""
+    from alexnet.sources import load_image_file
+
+    values = np.linspace(7168, 40192, 64 * 64).reshape(64, 64).astype(np.uint16)
+    values[0, :3] = [0, 65535, 257]
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = load_image_file(path, 64)
+    expected = np.rint(values / 257).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], expected)
+    assert rgb[0, :3, 0].tolist() == [0, 255, 1] and rgb[0, 3].tolist() == [28] * 3 and rgb[1:].max() == 156  # not 255
+
+
 # -- bad input -------------------------------------------------------------------------
 
 def mutated_zip(tiny_layout: Path, tmp_path: Path, mutate: Callable[[Path], object]) -> Path:

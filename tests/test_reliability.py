@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from alexnet.cli import main
 
@@ -429,7 +431,7 @@ def test_plot_redrawn_at_most_every_interval_and_at_the_end(tmp_path, monkeypatc
 def out_with_files(tmp_path):
     out = tmp_path / "keep"
     out.mkdir()
-    (out / "best.pth").write_bytes(b"precious")
+    (out / "notes.txt").write_bytes(b"precious")  # a user's file; a checkpoint there would refuse any new run
     return out
 
 
@@ -439,7 +441,7 @@ def _bad(cache, out, capsys, *args):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert (out / "best.pth").read_bytes() == b"precious"
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_bytes() == b"precious"
     return err
 
 
@@ -565,11 +567,71 @@ def test_model_output_check_leaves_each_module_as_it_was():
     assert [m.training for m in model] == [True, False, True]
 
 
+def test_model_with_another_output_in_training_mode(tiny_cache, out_with_files, capsys, tmp_path):
+    """A model that returns a tuple only while training (an auxiliary head, as torchvision's
+    Inception has) is refused before training, not by a traceback in the first step."""
+    m = tmp_path / "aux.py"
+    m.write_text("from torch import nn\n\n"
+                 "class Aux(nn.Module):\n"
+                 "    def __init__(self, n):\n"
+                 "        super().__init__()\n"
+                 "        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, n))\n\n"
+                 "    def forward(self, x):\n"
+                 "        y = self.fc(x)\n"
+                 "        return (y, y) if self.training else y\n\n"
+                 "def build_model(num_classes):\n    return Aux(num_classes)\n")
+    err = _bad(tiny_cache, out_with_files, capsys, str(m))
+    assert (f"{m}: the model returns tuple in training mode for a batch of 2 images; expected logits of shape "
+            f"(2, 4) for --num_classes 4") in err
+
+
+def test_model_output_check_in_training_mode_moves_nothing():
+    """The training-mode pass leaves BatchNorm's statistics and the random stream as they were:
+    a seeded run draws the same numbers with the check as without it."""
+    from alexnet.userfiles import check_model_output
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    model(torch.ones(2, 3, 64, 64))  # statistics away from their initial values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    check_model_output("m.py", model, 4, 64, torch.device("cpu"), False, False, training=True)
+    assert torch.equal(torch.rand(4), expected)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(m.training for m in model)
+
+
 def test_transforms_file_that_raises(tiny_cache, out_with_files, capsys, tmp_path):
     t = tmp_path / "t.py"
     t.write_text("def build_transforms():\n    raise RuntimeError('no such recipe')\n")
     err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(t))
     assert f"{t}: build_transforms() raised RuntimeError (line 2): no such recipe" in err
+
+
+def test_model_file_imports_a_module_beside_it(tiny_cache, tmp_path, monkeypatch):
+    """A model file may keep its building blocks in a module next to it, as a script would,
+    whatever the working directory; sys.path is as it was afterwards."""
+    from alexnet.userfiles import load_model_file
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "blocks_for_the_test.py").write_text(
+        "from torch import nn\n\ndef head(n):\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, n))\n")
+    m = tmp_path / "m" / "uses_blocks.py"
+    m.write_text("from blocks_for_the_test import head\n\ndef build_model(num_classes):\n    return head(num_classes)\n")
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    assert load_model_file(m, 4)(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
+    assert sys.path == path_before
+
+
+def test_transforms_file_whose_recipe_is_refused_is_named(tiny_cache, out_with_files, capsys, tmp_path):
+    t = tmp_path / "t.py"
+    t.write_text("from alexnet.augment import Recipe\n\ndef build_transforms():\n    return Recipe(brightness=1.5)\n")
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(t))
+    assert err == f"error: {t}: build_transforms() (line 4): brightness must be in [0, 1), got 1.5"
 
 
 def test_unreadable_model_file(tiny_cache, out_with_files, capsys, tmp_path):
@@ -680,6 +742,37 @@ def test_truncated_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # the run never started: no empty --out left behind
 
 
+@pytest.mark.parametrize("argv, script, said", [
+    (["train", "models/alexnet_baseline.py", "--bogus", "2"], "train.py", "python train.py: error: unrecognized arguments: --bogus 2"),
+    (["evaluate", "models/alexnet_baseline.py", "results/best.pth", "--num_classes", "100"], "evaluate.py",
+     "python evaluate.py: error: unrecognized arguments: --num_classes 100"),
+    (["summary", "--bogus"], None, "alexnet summary: error: unrecognized arguments: --bogus"),
+])
+def test_unknown_option_is_named_by_its_command(capsys, argv, script, said):
+    """An unknown option gets the usage of the command it was given to, not the top level's
+    list of commands."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv, script=script)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and said in err and "{prepare,train" not in err
+    assert err.startswith(f"usage: {said.split(':')[0]} ")
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(small_ckpt, tmp_path):
+    """`alexnet predict ... | head`: when the pipe's reader is gone the command stops without
+    a traceback, with status 141 (128 + SIGPIPE) as a shell reports for such a writer."""
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "predict", str(small_ckpt), str(tmp_path), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # the reader leaves before the first line
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
+
+
 def test_evaluate_needs_a_checkpoint(capsys):
     assert main(["evaluate", "models/alexnet_baseline.py"]) == 2
     err = capsys.readouterr().err
@@ -709,6 +802,55 @@ def test_per_class_tables(small_ckpt, tiny_cache, tmp_path, capsys):
     assert all(list(r) == ["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"] for r in confused)
     assert all(r["true_wnid"] != r["predicted_wnid"] and int(r["count"]) > 0 for r in confused)
     assert sum(int(r["count"]) for r in confused) == round(16 * (100 - top1) / 100)  # 12 pairs of 4 classes, under the 20 written: every error
+
+
+def test_output_tables_never_land_on_a_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
+    """--per-class and --csv refuse a checkpoint's or model file's name, and any path that is
+    one of the command's inputs under another name (best.pth and last.pth are one file, so
+    writing through either would lose both); a table written over a hard link replaces the link,
+    not the file it shared."""
+    run = shutil.copytree(small_ckpt.parent, tmp_path / "run")
+    ck = run / "best.pth"
+    before = ck.read_bytes()
+    alias = tmp_path / "looks_like_a_table.csv"
+    os.link(ck, alias)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    cases = [
+        (["evaluate", str(ck), "--data", str(tiny_cache), "--per-class", str(run / "last.pth")],
+         f"--per-class {run / 'last.pth'}: names a checkpoint or model file (.pth); give the path of a CSV file"),
+        (["evaluate", str(ck), "--data", str(tiny_cache), "--per-class", str(alias)],
+         f"--per-class {alias}: is one of this command's input files (or a link to one)"),
+        (["predict", str(ck), str(image), "--csv", str(run / "best.pth")],
+         f"--csv {run / 'best.pth'}: names a checkpoint or model file (.pth); give the path of a CSV file to write, "
+         f"e.g. predictions.csv"),
+        (["predict", str(ck), str(image), "--csv", str(alias)],
+         f"--csv {alias}: is one of this command's input files (or a link to one)"),
+    ]
+    for args, expected in cases:
+        assert main([*args, "--device", "cpu"]) == 2
+        assert expected in capsys.readouterr().err
+    assert ck.read_bytes() == before and (run / "last.pth").read_bytes() == before
+    kept = tmp_path / "kept.csv"
+    kept.write_text("another table\n")
+    table = tmp_path / "table.csv"
+    os.link(kept, table)
+    assert main(["evaluate", str(ck), "--data", str(tiny_cache), "--per-class", str(table), "--device", "cpu"]) == 0
+    assert kept.read_text() == "another table\n" and table.read_text().startswith("class,wnid,name,top1,n\n")
+
+
+def test_per_class_table_of_a_class_without_val_images(tmp_path):
+    """An image folder may give a class no val images: its row says n 0 and no accuracy
+    (not 0% of a made-up 1), and it is not listed as the worst class."""
+    import csv
+
+    from alexnet.evaluate import write_per_class
+
+    confusion = torch.tensor([[3, 1, 0], [0, 0, 0], [2, 0, 2]])
+    path = tmp_path / "pc.csv"
+    write_per_class(path, confusion, ["a", "b", "c"], ["A", "B", "C"])
+    rows = [(r["wnid"], r["top1"], r["n"]) for r in csv.DictReader(path.open())]
+    assert rows == [("c", "50.00", "4"), ("a", "75.00", "4"), ("b", "", "0")]
 
 
 @pytest.mark.parametrize("kind", ["directory", "unmakeable folder", "pairs' file a directory"])
@@ -857,6 +999,15 @@ def test_fresh_run_does_not_overwrite_a_previous_one(small_ckpt, tiny_cache, tmp
     code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
                  "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress"])
     assert code == 2 and "holds a previous run" in capsys.readouterr().err
+    assert (out / "best.pth").read_bytes() == before
+    (out / "last.pth").unlink()  # a checkpoint kept there on its own (results/best.pth, evaluate's default path)
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress"])
+    assert code == 2 and (f"--out {out}: holds a checkpoint (best.pth) that a new run would replace"
+                          in capsys.readouterr().err)
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress", "--resume"])  # nothing to resume
+    assert code == 2 and "holds a checkpoint (best.pth)" in capsys.readouterr().err
     assert (out / "best.pth").read_bytes() == before
 
 

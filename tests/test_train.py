@@ -340,11 +340,61 @@ def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeyp
     assert (tmp_path / "tv" / "best.pth").is_file()
 
 
+def test_per_image_data_travels_to_a_spawned_worker_as_files(tiny_cache, tmp_path):
+    """Under spawn (macOS, Windows) DataLoader pickles the data set into each worker: the split
+    goes as its memory-mapped file, not its pixels, and a transform whose class is defined in
+    the user's file is rebuilt from that file, giving the same images as in this process."""
+    import pickle
+
+    from alexnet.data import open_cache
+    from alexnet.loader import _PerImage
+    from alexnet.userfiles import load_transforms_file
+
+    t = tmp_path / "own_class.py"
+    t.write_text("import torch\n\nclass Invert:\n    def __call__(self, img):\n"
+                 "        return 255 - img if torch.rand(()) < 0.5 else img\n\n"
+                 "def build_transforms():\n    return Invert()\n")
+    split = open_cache(tiny_cache).train
+    ds = _PerImage(split.x, split.y, load_transforms_file(t), torch.arange(len(split.y)).flip(0), 7, str(t))
+    blob = pickle.dumps(ds)
+    assert len(blob) < split.x.nbytes / 20
+    here = torch.stack([ds[i][0] for i in range(6)])
+    code = ("import pickle, sys, torch\n"
+            "ds = pickle.loads(sys.stdin.buffer.read())\n"
+            "torch.save(torch.stack([ds[i][0] for i in range(6)]), sys.argv[1])\n")
+    out = tmp_path / "there.pt"
+    subprocess.run([sys.executable, "-c", code, str(out)], input=blob, check=True, timeout=120, cwd=tmp_path,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert torch.equal(torch.load(out), here)
+    raw = [torch.from_numpy(np.array(split.x[len(split.y) - 1 - i])).permute(2, 0, 1) for i in range(6)]
+    inverted = [torch.equal(h, 255 - r) for h, r in zip(here, raw)]
+    assert all(inv or torch.equal(h, r) for h, r, inv in zip(here, raw, inverted)) and 0 < sum(inverted) < 6
+
+
 def test_torchvision_path_checks_output(tiny_cache, tmp_path, capsys):
     bad = tmp_path / "t.py"
     bad.write_text("def build_transforms():\n    return lambda img: img[0]\n")
     assert train(tiny_cache, tmp_path / "o", "--variant", "combined_gap", "--transforms", str(bad), "--workers", "0") == 2
     assert "must return a (3, H, W) tensor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pipeline, pixels", [
+    ("v2.ToDtype(torch.float32)", lambda v: v),  # no scale=True: 0..255 as floats
+    ("v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.25] * 3)", lambda v: (v / 255 - 0.5) / 0.25),
+])
+def test_torchvision_path_checks_the_pixel_range(tiny_cache, tmp_path, capsys, pipeline, pixels):
+    """Float pixels must be in [0, 1]: the project normalises after the transform, so 0..255
+    floats or a normalised image would train at the wrong scale and say nothing."""
+    from alexnet.data import open_cache
+
+    bad = tmp_path / "t.py"
+    bad.write_text("import torch\nfrom torchvision.transforms import v2\n\n"
+                   f"def build_transforms():\n    return v2.Compose([{pipeline}])\n")
+    first = open_cache(tiny_cache).train.x[0]  # the image the check runs the transform on
+    shown = f"[{pixels(float(first.min())):.4g}, {pixels(float(first.max())):.4g}]"
+    assert train(tiny_cache, tmp_path / "o", "--variant", "combined_gap", "--transforms", str(bad), "--workers", "0") == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: the transform returned float pixels in {shown}; expected uint8, or float in [0, 1]" in err
 
 
 def test_img_size_224(tiny_cache, tmp_path, monkeypatch):
