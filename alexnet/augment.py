@@ -136,6 +136,8 @@ class BatchAugment:
 
     def __init__(self, recipe: Recipe, size: int, mean, std, eigval=None, eigvec=None,
                  device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> None:
+        if recipe.crop_pad >= size:  # the ten-crop test reflect-pads, which mirrors at most size - 1 pixels
+            raise ConfigError(f"crop_pad must be less than the image size {size}, got {recipe.crop_pad}")
         self.recipe = recipe
         self.size = size
         # indexed: a bare "cuda" would never equal the cache's device, and __call__ would

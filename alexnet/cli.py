@@ -49,8 +49,8 @@ def _evaluate(a: argparse.Namespace) -> int:
                         f"(e.g. evaluate.py {a.paths[0]} results/best.pth)")
     model, ckpt = (a.paths[0], a.paths[1]) if len(a.paths) == 2 else (None, a.paths[0])
     if model is not None and not model.endswith(".py"):
-        raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT, and the model file is a .py file; got {model} "
-                        f"(one checkpoint at a time)")
+        swapped = f"; swapped? evaluate {ckpt} {model}" if ckpt.endswith(".py") else " (one checkpoint at a time)"
+        raise UserError(f"evaluate takes [MODEL_FILE] CHECKPOINT, and the model file is a .py file; got {model}{swapped}")
     run_evaluate(model, ckpt, data=a.data, device=a.device, bs=a.bs, tta=a.tta, per_class=a.per_class, amp=a.amp)
     return 0
 

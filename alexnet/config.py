@@ -98,7 +98,10 @@ class TrainConfig:
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.img_size >= MIN_IMG_SIZE, img_size_error(self.img_size))
+        if self.model is None:  # a registered variant: AlexNet's geometry
+            need(self.img_size >= MIN_IMG_SIZE, img_size_error(self.img_size))
+        else:  # a model file's model is run at this size before training (check_model_output)
+            need(self.img_size >= 1, f"--img-size must be at least 1, got {self.img_size}")
         need(math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,

@@ -101,6 +101,8 @@ def prepare(source: str | Path | None, data_dir: Path,
         raise DataError(f"--md5 {md5!r}: expected an MD5 checksum, 32 hexadecimal digits")
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise DataError(f"--img-size must be a positive number of pixels, got {img_size!r}")
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1 (decoding processes), got {workers}")
     if url == OFFICIAL_URL:  # before a download that could only end in this error
         _check_tiny_size(img_size, url)
     if data_dir.exists() and not data_dir.is_dir():
@@ -236,7 +238,7 @@ def _build(path: Path, description: str, fingerprint: dict, data_dir: Path,
     try:
         if layout == "tinyimagenet":
             _check_tiny_size(img_size, description)
-        plan = _plan_tiny(reader, counts, log) if layout == "tinyimagenet" else _plan_folder(reader)
+        plan = _plan_tiny(reader, counts, log) if layout == "tinyimagenet" else _plan_folder(reader, log)
         shapes = {"train": len(plan.train), "val": len(plan.val)}
         for split, n in shapes.items():
             _allocate(tmp[f"{split}_x.npy"], (n, img_size, img_size, 3), data_dir)

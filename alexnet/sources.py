@@ -35,6 +35,7 @@ class SettingsMismatch(DataError):
 TINY = "tiny-imagenet-200"
 TINY_SIZE = 64  # every TinyImageNet-200 image is 64x64
 LAYOUT = "expected the official TinyImageNet-200 layout"
+SUBSET = " (for a subset of the data set in the same layout: prepare --counts any)"
 
 
 class _Reader:
@@ -137,7 +138,7 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
     wnids = _text(reader, "wnids.txt").split()
     if len(set(wnids)) != len(wnids) or not wnids or (counts and len(wnids) != counts[0]):
         expected = f"{counts[0]} distinct" if counts else "distinct"
-        subset = " (for a subset of the data set in the same layout: prepare --counts any)" if counts else ""
+        subset = SUBSET if counts else ""
         error = SettingsMismatch if wnids and len(set(wnids)) == len(wnids) else DataError
         raise error(f"{reader.show('wnids.txt')}: {len(wnids)} class ids ({len(set(wnids))} "
                     f"distinct), expected {expected} WordNet ids, one a line{subset}")
@@ -165,7 +166,7 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
         if len(images) != expected or not images:
             error = SettingsMismatch if counts and images and not uneven else DataError
             raise error(f"{reader.show(f'train/{w}/images/')}: {len(images)} images, "
-                        f"expected {expected} per class ({why})")
+                        f"expected {expected} per class ({why}){SUBSET if error is SettingsMismatch else ''}")
     ann = "val/val_annotations.txt"
     index = {w: i for i, w in enumerate(wnids)}
     labels: dict[str, int] = {}
@@ -192,7 +193,7 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
         if (counts and k != counts[2]) or k == 0:
             error = SettingsMismatch if k else DataError  # some val images: --counts any takes them
             raise error(f"{reader.show(ann)}: class {wnids[c]} has {k} val images, expected "
-                        f"{counts[2] if counts else 'at least 1'}")
+                        f"{counts[2] if counts else 'at least 1'}{SUBSET if error is SettingsMismatch else ''}")
     train = [n for w in wnids for n in sorted(by_class[w], key=_natural)]
     return _Plan(wnids, [words.get(w) or w for w in wnids], train,
                  np.repeat(np.arange(len(wnids), dtype=np.int64), expected),
@@ -252,17 +253,39 @@ def image_files(paths) -> list[Path]:
     return files
 
 
-def _plan_folder(reader: _Reader) -> _Plan:
-    """root/train/<class>/**, root/val/<class>/**: classes are the sorted train folder names."""
+def _plan_folder(reader: _Reader, log: Log = lambda *a: None) -> _Plan:
+    """root/train/<class>/**, root/val/<class>/**: classes are the sorted train folder names.
+    What is left out (files that are not images, images outside a class folder, a train
+    folder without images) and classes without val images are said, not passed over."""
     splits: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
+    skipped: list[str] = []
+    folders: set[str] = set()
     for n in reader.names():
         parts = n.split("/")
-        if len(parts) >= 3 and parts[0] in splits and is_image_name(n):
+        if parts[0] not in splits or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            continue  # outside the splits, or the hidden files of file managers
+        if len(parts) >= 3 and parts[0] == "train":
+            folders.add(parts[1])
+        if len(parts) >= 3 and is_image_name(n):
             splits[parts[0]].setdefault(parts[1], []).append(n)
+        else:
+            skipped.append(n)
     classes = sorted(splits["train"])
     if not classes:
         raise DataError(f"{reader.show('train/')}: no images in train/<class>/ folders; expected an "
                         f"image folder (train/<class>/*, val/<class>/*) or {TINY}")
+    if len(classes) < 2:
+        raise DataError(f"{reader.show('train/')}: one class folder ({classes[0]}); a classifier needs at "
+                        f"least 2, each a folder of images in train/")
+    if skipped:
+        log(f"warning: left out {len(skipped)} file(s) that are not images in a train/<class>/ or val/<class>/ "
+            f"folder, e.g. {reader.show(skipped[0])}")
+    if empty := sorted(folders - set(classes)):
+        log(f"warning: train/ folder(s) without images, not classes: {', '.join(empty[:5])}"
+            f"{f' and {len(empty) - 5} more' if len(empty) > 5 else ''}")
+    if no_val := [c for c in classes if c not in splits["val"]]:
+        log(f"warning: {len(no_val)} class(es) without val images, so without a val accuracy: "
+            f"{', '.join(no_val[:5])}{f' and {len(no_val) - 5} more' if len(no_val) > 5 else ''}")
     if unknown := sorted(set(splits["val"]) - set(classes)):
         raise DataError(f"{reader.show('val/' + unknown[0] + '/')}: class folder missing from train/; "
                         f"every val class must be a train class")

@@ -218,8 +218,11 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     aug_gen = torch.Generator(device=device)
     st = cache.stats
     recipe = transform if isinstance(transform, Recipe) else Recipe()
-    augment = BatchAugment(recipe, cfg.img_size, st["mean"], st["std"], st.get("eigval"), st.get("eigvec"),
-                           device=device, generator=aug_gen)
+    try:
+        augment = BatchAugment(recipe, cfg.img_size, st["mean"], st["std"], st.get("eigval"), st.get("eigvec"),
+                               device=device, generator=aug_gen)
+    except ConfigError as e:  # the recipe does not fit this run's images: say whose recipe
+        raise ConfigError(f"{source}: {e}") from None
     if isinstance(transform, Recipe):
         def every_process_keeps(want: bool) -> bool:  # one that released would set the pace of all
             return not distributed.any_ranks([not want], d, device)[0]
@@ -457,11 +460,13 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
     metrics.write(state["history"])  # after a resume: the files match the checkpoint's history
     if d.main:
         (run.out / "config.json").write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
+        path = "per image in DataLoader workers" if isinstance(run.batches, PerImageBatches) else "batched on the device"
         say(f"training {run.variant or cfg.model} ({sum(p.numel() for p in run.raw.parameters()):,} parameters) "
             f"on {run.device.type}{f' x{d.world}' if d.enabled else ''}: {run.train_n:,} train / {len(run.val_y):,} val "
             f"images, {run.steps_per_epoch} {'step' if run.steps_per_epoch == 1 else 'steps'} of "
             f"{cfg.bs}{'x' + str(d.world) if d.enabled else ''} per epoch, "
-            f"transforms {run.transforms_source}, amp={'bf16' if cfg.amp else 'off'}, "
+            f"{cfg.img_size}x{cfg.img_size} px, transforms {run.transforms_source} ({path}), "
+            f"amp={'bf16' if cfg.amp else 'off'}, "
             f"{'channels_last' if cfg.channels_last else 'NCHW'}")
 
     def save(ep: int, batch: int, best: bool = False) -> None:
@@ -729,9 +734,12 @@ def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:
 
 
 def resume_command(cfg: TrainConfig) -> str:
-    """The command line that continues this run: the same arguments plus --resume."""
+    """The command line that continues this run: the same arguments plus --resume (for a run of
+    `alexnet ablate`, that command as it was)."""
     args = sys.argv[1:]
     prog = Path(sys.argv[0])
+    if prog.name != "train.py" and args[:1] == ["ablate"]:
+        return shlex.join(["alexnet", *args])  # a study run again resumes its unfinished runs
     if prog.name == "train.py":
         head = "python train.py"
     else:

@@ -36,6 +36,8 @@ def _where(exc: BaseException, path: Path) -> str:
 
 def load_python_file(path: str | Path, contract: str) -> ModuleType:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a .py file; the file {contract}")
     if not path.is_file():
         raise UserError(f"{path}: file not found; it {contract}")
     try:

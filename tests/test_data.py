@@ -135,6 +135,29 @@ def test_image_folder_source(tmp_path: Path) -> None:
                                   cache.val.x)
 
 
+def test_image_folder_says_what_it_leaves_out(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
+    (root / "train" / "class_a" / "readme.txt").write_text("not an image")
+    (root / "train" / "class_a" / ".DS_Store").write_bytes(b"a file manager's; not worth a word")
+    Image.new("RGB", (8, 8)).save(root / "train" / "loose.jpg")  # in no class folder
+    (root / "train" / "class_z").mkdir()
+    (root / "train" / "class_z" / "labels.csv").write_text("a folder without images")
+    shutil.rmtree(root / "val" / "class_c")
+    logs: list[str] = []
+    cache = open_cache(prepare(root, tmp_path / "c", img_size=32, workers=1, log=logs.append))
+    assert cache.wnids == ["class_a", "class_b", "class_c"] and cache.val.y.tolist() == [0, 0, 1, 1]
+    warnings = [m for m in logs if m.startswith("warning:")]
+    left_out = "warning: left out 3 file(s) that are not images in a train/<class>/ or val/<class>/ folder, e.g. "
+    example = {str(root / "train" / n) for n in ("class_a/readme.txt", "loose.jpg", "class_z/labels.csv")}
+    assert len(warnings) == 3 and warnings[0].startswith(left_out) and warnings[0][len(left_out):] in example
+    assert warnings[1:] == ["warning: train/ folder(s) without images, not classes: class_z",
+                            "warning: 1 class(es) without val images, so without a val accuracy: class_c"]
+    shutil.rmtree(root / "train" / "class_b")
+    shutil.rmtree(root / "train" / "class_c")
+    with pytest.raises(DataError, match="one class folder \\(class_a\\); a classifier needs at least 2"):
+        prepare(root, tmp_path / "c1", img_size=32, workers=1, log=quiet)
+
+
 def test_cmyk_becomes_rgb(tiny_layout: Path, tmp_path: Path) -> None:
     path = f"train/{wnid(2)}/images/{wnid(2)}_3.JPEG"
     z = mutated_zip(tiny_layout, tmp_path, lambda top: Image.open(top / path).convert("CMYK").save(top / path, quality=95))
@@ -200,7 +223,7 @@ BAD_INPUTS = {
                         ["wnids.txt", "3 class ids", "prepare --counts any"]),
     "unknown wnid in val": (_write(ANN, lambda b: b.replace(W1.encode(), b"n12345678", 1)), [ANN, "n12345678", "not in wnids.txt"]),
     "missing val file": (_rm("val/images/val_7.JPEG"), [ANN, "val_7.JPEG", "missing from val/images"]),
-    "val count": (_write(ANN, lambda b: b.replace(wnid(0).encode(), W1.encode(), 1)), [ANN, "val images, expected 4"]),
+    "val count": (_write(ANN, lambda b: b.replace(wnid(0).encode(), W1.encode(), 1)), [ANN, "val images, expected 4", "prepare --counts any"]),
 }
 
 

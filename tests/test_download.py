@@ -215,7 +215,8 @@ def test_readable_download_that_does_not_fit_the_options_is_kept(serve: Callable
     server = serve()
     d = tmp_path / "c"
     for options, error in (({"img_size": 32}, "--img-size 32: .* is TinyImageNet-200"),
-                           ({"counts": (TINY_COUNTS[0], TINY_COUNTS[1] + 1, TINY_COUNTS[2])}, "images, expected")):
+                           ({"counts": (TINY_COUNTS[0], TINY_COUNTS[1] + 1, TINY_COUNTS[2])},
+                            r"images, expected .*\(for a subset .*: prepare --counts any\)")):
         logs: list[str] = []
         with pytest.raises(DataError, match=error):
             prepare(server.url, d, **{"counts": TINY_COUNTS, **options}, workers=1, log=logs.append)

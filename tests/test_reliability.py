@@ -462,6 +462,10 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--save-every", "-2"], "--save-every must be >= 0, got -2"),
     (["--variant", "batchnorm", "--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA"),  # one process too
     (["--variant", "baseline", "--img-size", "32"], "--img-size must be at least 63"),
+    # a model file's model is run at the size asked for: AlexNet's own says what fails
+    (["models/alexnet_baseline.py", "--img-size", "32"],
+     "models/alexnet_baseline.py: the model does not take a batch of 32x32 RGB images"),
+    (["models/alexnet_baseline.py", "--img-size", "0"], "--img-size must be at least 1, got 0"),
     (["--variant", "baseline", "--recipe", "pixel", "--transforms", "utils/transforms_pixel.py"],
      "give --recipe or --transforms, not both"),
     (["models/alexnet_baseline.py", "--variant", "baseline"], "give exactly one of a model file"),
@@ -632,6 +636,34 @@ def test_transforms_file_whose_recipe_is_refused_is_named(tiny_cache, out_with_f
     t.write_text("from alexnet.augment import Recipe\n\ndef build_transforms():\n    return Recipe(brightness=1.5)\n")
     err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(t))
     assert err == f"error: {t}: build_transforms() (line 4): brightness must be in [0, 1), got 1.5"
+
+
+def test_transforms_file_whose_crops_reach_past_the_image(tiny_cache, out_with_files, capsys, tmp_path):
+    """Training pads periodically and would take any crop_pad; the ten-crop test reflect-pads,
+    which cannot mirror more than the image: refused before training, with the file named."""
+    t = tmp_path / "t.py"
+    t.write_text("from alexnet.augment import Recipe\n\ndef build_transforms():\n    return Recipe(crop_pad=64)\n")
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(t))
+    assert err == f"error: {t}: crop_pad must be less than the image size 64, got 64"
+
+
+def test_model_or_transforms_path_that_is_a_directory(tiny_cache, out_with_files, capsys, tmp_path):
+    assert _bad(tiny_cache, out_with_files, capsys, str(tmp_path)) == (
+        f"error: {tmp_path}: is a directory, not a .py file; the file must define build_model(num_classes) "
+        "returning a torch.nn.Module")
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(tmp_path))
+    assert err.startswith(f"error: {tmp_path}: is a directory, not a .py file; the file must define build_transforms()")
+
+
+def test_evaluate_with_its_paths_swapped(capsys):
+    assert main(["evaluate", "results/best.pth", "models/alexnet_baseline.py"]) == 2
+    assert capsys.readouterr().err == ("error: evaluate takes [MODEL_FILE] CHECKPOINT, and the model file is a .py file; "
+                                       "got results/best.pth; swapped? evaluate models/alexnet_baseline.py results/best.pth\n")
+
+
+def test_prepare_needs_a_decoding_process(tmp_path, capsys):
+    assert main(["prepare", "--source", str(tmp_path), "--data", str(tmp_path / "c"), "--workers", "-1"]) == 2
+    assert "--workers must be at least 1 (decoding processes), got -1" in capsys.readouterr().err
 
 
 def test_unreadable_model_file(tiny_cache, out_with_files, capsys, tmp_path):
@@ -935,6 +967,8 @@ def test_resume_command_for_each_entry_point(monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["/usr/bin/alexnet", "train", "--variant", "bn", "--resume", "x.pth", "--bs", "8"])
     assert resume_command(None) == "alexnet train --variant bn --bs 8 --resume"
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/alexnet", "ablate", "--variants", "bn", "--out", "study"])
+    assert resume_command(None) == "alexnet ablate --variants bn --out study"  # a run of a study: the study again
     monkeypatch.setattr(sys, "argv", ["train.py", "models/alexnet_bn.py", "--out", "r"])
     assert resume_command(None) == "python train.py models/alexnet_bn.py --out r --resume"
     monkeypatch.setattr(sys, "argv", ["train.py", "models/alexnet_bn.py", "--out", "my runs/it's"])

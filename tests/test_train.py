@@ -333,11 +333,16 @@ def test_predict_unreadable_subfolder_is_one_line(trained, tmp_path, capsys, mon
             f"under {photos}") in capsys.readouterr().err
 
 
-def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeypatch):
+def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert train(tiny_cache, tmp_path / "tv", "models/alexnet_combined_gap.py",
                  "--transforms", "examples/transforms_torchvision.py", "--workers", "2") == 0
     assert (tmp_path / "tv" / "best.pth").is_file()
+    assert ("64x64 px, transforms examples/transforms_torchvision.py (per image in DataLoader workers)"
+            in capsys.readouterr().out)
+    assert train(tiny_cache, tmp_path / "recipe", "models/alexnet_combined_gap.py",
+                 "--transforms", "utils/transforms_randomcrop.py") == 0
+    assert "transforms utils/transforms_randomcrop.py (batched on the device)" in capsys.readouterr().out
 
 
 def test_per_image_data_travels_to_a_spawned_worker_as_files(tiny_cache, tmp_path):
@@ -395,6 +400,23 @@ def test_torchvision_path_checks_the_pixel_range(tiny_cache, tmp_path, capsys, p
     assert train(tiny_cache, tmp_path / "o", "--variant", "combined_gap", "--transforms", str(bad), "--workers", "0") == 2
     err = capsys.readouterr().err
     assert f"{bad}: the transform returned float pixels in {shown}; expected uint8, or float in [0, 1]" in err
+
+
+def test_a_model_file_for_small_images_trains_below_alexnets_minimum(tmp_path):
+    """AlexNet needs 63 pixels; a user's model made for 32x32 images trains and evaluates on a
+    32-pixel cache (the size check is the model's own forward pass)."""
+    from alexnet.data import prepare
+    from tests.synth import make_image_folder
+
+    cache = prepare(make_image_folder(tmp_path / "images", classes=3, per_class=8), tmp_path / "c32", img_size=32,
+                    workers=1, log=lambda *a: None)
+    m = tmp_path / "small.py"
+    m.write_text("from torch import nn\n\ndef build_model(num_classes):\n"
+                 "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+                 "                         nn.Flatten(), nn.Linear(8, num_classes))\n")
+    assert main(["train", str(m), "--data", str(cache), "--out", str(tmp_path / "o"), "--img-size", "32",
+                 "--num_classes", "3", "--bs", "8", "--epochs", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["evaluate", str(m), str(tmp_path / "o" / "best.pth"), "--data", str(cache), "--device", "cpu"]) == 0
 
 
 def test_img_size_224(tiny_cache, tmp_path, monkeypatch):
