@@ -139,6 +139,7 @@ def test_image_folder_says_what_it_leaves_out(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
     (root / "train" / "class_a" / "readme.txt").write_text("not an image")
     (root / "train" / "class_a" / ".DS_Store").write_bytes(b"a file manager's; not worth a word")
+    (root / "train" / "class_a" / "._img0.jpg").write_bytes(b"\x00\x05\x16\x07 macOS metadata, not a JPEG")
     Image.new("RGB", (8, 8)).save(root / "train" / "loose.jpg")  # in no class folder
     (root / "train" / "class_z").mkdir()
     (root / "train" / "class_z" / "labels.csv").write_text("a folder without images")
