@@ -284,9 +284,7 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
         except SystemExit:
             log(f"{head}: interrupted; run the same command again to continue the study")
             raise
-        except CheckpointError as e:
-            if not resumed:
-                raise
+        except CheckpointError as e:  # an unreadable last.pth, or a best.pth left without one
             raise CheckpointError(f"{e} (the study's run {row.key}/seed{seed}: delete {folder} to train it again "
                                   "from the start)") from None
         wall = before + time.perf_counter() - t0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     keep_freed_memory()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left is then this try's to handle
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+            raise  # not our output's reader that went away
         # The reader went away (`alexnet predict ... | head`): nothing left to say, and Python's
         # own flush at exit must not fail again on the closed pipe.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -101,7 +101,7 @@ class TrainConfig:
         if self.model is None:  # a registered variant: AlexNet's geometry
             need(self.img_size >= MIN_IMG_SIZE, img_size_error(self.img_size))
         else:  # a model file's model is run at this size before training (check_model_output)
-            need(self.img_size >= 1, f"--img-size must be at least 1, got {self.img_size}")
+            need(self.img_size >= 2, f"--img-size must be at least 2, got {self.img_size}")  # a mirror needs 2
         need(math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,

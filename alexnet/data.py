@@ -101,8 +101,8 @@ def prepare(source: str | Path | None, data_dir: Path,
         raise DataError(f"--md5 {md5!r}: expected an MD5 checksum, 32 hexadecimal digits")
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise DataError(f"--img-size must be a positive number of pixels, got {img_size!r}")
-    if workers < 1:
-        raise DataError(f"--workers must be at least 1 (decoding processes), got {workers}")
+    if workers < 0:
+        raise DataError(f"--workers must be >= 0 (decoding processes; 0 or 1 decodes in this process), got {workers}")
     if url == OFFICIAL_URL:  # before a download that could only end in this error
         _check_tiny_size(img_size, url)
     if data_dir.exists() and not data_dir.is_dir():

@@ -214,9 +214,10 @@ class _PerImage(Dataset):
         self.x, self.y, self.transform, self.order, self.seed = x, y, transform, order, seed
         self.transform_file = transform_file
 
-    # Pickled only for workers started by spawn (macOS, Windows; fork copies the process): the
-    # split travels as its file, not as 1.2 GB of pixels a worker an epoch, and the transform
-    # as the file that builds it, whose classes the new process could not import by name.
+    # Pickled only for workers started by spawn or forkserver (macOS, Windows, Linux from
+    # Python 3.14; fork copies the process): the split travels as its file, not as 1.2 GB of
+    # pixels a worker an epoch, and the transform as the file that builds it, whose classes
+    # the new process could not import by name.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         if isinstance(self.x, np.memmap) and self.x.filename is not None:

@@ -324,6 +324,8 @@ def load_image_file(path: Path, size: int) -> np.ndarray:
             return np.array(_fit(im, size), dtype=np.uint8)
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found") from None
+    except DataError as e:  # readable, but not as pixels we can take
+        raise UserError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure to read or decode is this file's problem
         raise UserError(f"{path}: not an image PIL can read ({e.__class__.__name__}); "
                         f"expected JPEG, PNG or similar") from None
@@ -342,7 +344,7 @@ def _rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im).astype(np.int64).clip(0, 65535)
         im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
     elif im.mode == "F":
-        raise ValueError("32-bit float pixels have no fixed range; save the image with 8 or 16 bits a channel")
+        raise DataError("32-bit float pixels, which have no fixed range; expected 8 or 16 bits a channel")
     # Palette images may carry transparency: through RGBA, which RGB then drops.
     return (im.convert("RGBA") if im.mode == "P" else im).convert("RGB")
 

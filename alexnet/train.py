@@ -31,7 +31,7 @@ from alexnet.allocator import release_free_memory
 from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
-from alexnet.errors import ConfigError, UserError
+from alexnet.errors import CheckpointError, ConfigError, UserError
 from alexnet.evaluate import autocast, evaluate
 from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_resident, epoch_order, releaser,
                             seed_torch, step_seed, to_memory)
@@ -197,8 +197,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
                         "or choose another --out (nothing was overwritten)")
     fresh = not cfg.resume or (cfg.resume == "auto" and not (out / "last.pth").exists())
     if fresh and (out / "best.pth").exists():  # a checkpoint kept or copied there on its own
-        raise UserError(f"--out {out}: holds a checkpoint (best.pth) that a new run would replace; move it "
-                        "or choose another --out (nothing was overwritten)")
+        raise CheckpointError(f"--out {out}: holds a checkpoint (best.pth) that a new run would replace; move it "
+                              "or choose another --out (nothing was overwritten)")
     cache = cache_for(cfg.data, log=log if d.main else (lambda *a: None))
     if cache.num_classes != cfg.num_classes:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "

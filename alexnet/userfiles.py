@@ -61,7 +61,8 @@ def load_python_file(path: str | Path, contract: str) -> ModuleType:
     except Exception as e:
         raise UserError(f"{path}: raised {e.__class__.__name__}{_where(e, path)} while loading: {e}") from None
     finally:
-        sys.path.remove(folder)
+        if folder in sys.path:  # the file may have taken it out itself
+            sys.path.remove(folder)
     return module
 
 
@@ -71,7 +72,7 @@ def _call(path: Path, fn: Callable, what: str, *args):
     except UserError as e:
         # the project's own check (a Recipe's range, a variant's option) saw the mistake; the
         # file it is in is what the user needs to be told
-        if str(path) in str(e):
+        if str(e).startswith(f"{path}:"):
             raise
         raise type(e)(f"{path}: {what}{_where(e, path)}: {e}") from None
     except Exception as e:
@@ -102,7 +103,7 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
     BatchNorm's statistics and the random generators are put back, and every module's mode."""
     path = Path(path)
     modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.clone()) for b in model.buffers()]
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     # SyncBatchNorm's training pass is a collective; its eval pass is the same as BatchNorm's
     passes = [False, True] if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else [False]
     x = torch.zeros(2, 3, img_size, img_size, device=device)
@@ -110,6 +111,8 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
     try:
         for train_mode in passes:
             where = " in training mode" if train_mode else ""
+            if train_mode:  # after the eval pass, which gives lazy modules' buffers their shapes
+                buffers = [(b, b.clone()) for b in model.buffers()]
             try:
                 with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
                       torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):

@@ -238,3 +238,19 @@ def test_interrupted_runs_named_by_the_study_and_its_report(tiny_cache, tmp_path
     assert main(["report", str(out)]) == 0
     note = "Not in the table, unfinished (no done.json): combined_gap/seed1"
     assert note in capsys.readouterr().out and note in (out / "results.md").read_text()
+
+
+def test_a_study_run_folder_with_a_lone_best_pth_says_how_to_redo_it(tiny_cache, tmp_path, capsys):
+    """A run folder holding best.pth but neither last.pth nor done.json (the user removed them):
+    the study does not replace the checkpoint, and says to delete that run's folder, not to
+    pick another --out, which would start the whole study again."""
+    out = tmp_path / "runs"
+    folder = out / "combined_gap" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "best.pth").write_bytes(b"kept")
+    assert main(["ablate", "--data", str(tiny_cache), "--out", str(out), "--variants", "combined_gap", "--seeds", "1",
+                 "--epochs", "1", "--bs", "8", "--max-steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint (best.pth) that a new run would replace" in err
+    assert f"(the study's run combined_gap/seed0: delete {folder} to train it again from the start)" in err
+    assert (folder / "best.pth").read_bytes() == b"kept"

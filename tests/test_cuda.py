@@ -303,3 +303,19 @@ def test_profiled_counts_the_gpus_kernels_and_busy_time():
     ops, busy = profiled(step, 3, torch.device("cuda"))
     assert ops is not None, "the profiler recorded no CUDA events (CUPTI)"
     assert 3 <= ops <= 6 and busy > 0
+
+
+def test_model_output_check_in_training_mode_moves_nothing_on_the_gpu():
+    """The training-mode check of a model file on CUDA draws dropout on the GPU: the CUDA
+    generator and BatchNorm's statistics are as they were afterwards."""
+    from alexnet.userfiles import check_model_output
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(4)).to(dev)
+    model(torch.ones(2, 3, 64, 64, device=dev))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.cuda.get_rng_state(dev)
+    check_model_output("m.py", model, 4, 64, dev, True, True, training=True)
+    assert torch.equal(torch.cuda.get_rng_state(dev), rng)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -184,6 +184,10 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
     for c in range(3):
         np.testing.assert_array_equal(rgb[..., c], expected)
     assert rgb[0, :3, 0].tolist() == [0, 255, 1] and rgb[0, 3].tolist() == [28] * 3 and rgb[1:].max() == 156  # not 255
+    tiff = tmp_path / "float.tiff"  # float pixels have no range to scale from: refused, saying so
+    Image.fromarray(values.astype(np.float32)).save(tiff)
+    with pytest.raises(UserError, match=f"{tiff}: 32-bit float pixels, which have no fixed range"):
+        load_image_file(tiff, 64)
 
 
 # -- bad input -------------------------------------------------------------------------
@@ -224,7 +228,8 @@ BAD_INPUTS = {
                         ["wnids.txt", "3 class ids", "prepare --counts any"]),
     "unknown wnid in val": (_write(ANN, lambda b: b.replace(W1.encode(), b"n12345678", 1)), [ANN, "n12345678", "not in wnids.txt"]),
     "missing val file": (_rm("val/images/val_7.JPEG"), [ANN, "val_7.JPEG", "missing from val/images"]),
-    "val count": (_write(ANN, lambda b: b.replace(wnid(0).encode(), W1.encode(), 1)), [ANN, "val images, expected 4", "prepare --counts any"]),
+    "val count": (_write(ANN, lambda b: b.replace(wnid(0).encode(), W1.encode(), 1)),
+                  [ANN, "val images, expected 4", "prepare --counts any"]),
 }
 
 

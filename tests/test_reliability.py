@@ -465,7 +465,7 @@ def _bad(cache, out, capsys, *args):
     # a model file's model is run at the size asked for: AlexNet's own says what fails
     (["models/alexnet_baseline.py", "--img-size", "32"],
      "models/alexnet_baseline.py: the model does not take a batch of 32x32 RGB images"),
-    (["models/alexnet_baseline.py", "--img-size", "0"], "--img-size must be at least 1, got 0"),
+    (["models/alexnet_baseline.py", "--img-size", "1"], "--img-size must be at least 2, got 1"),
     (["--variant", "baseline", "--recipe", "pixel", "--transforms", "utils/transforms_pixel.py"],
      "give --recipe or --transforms, not both"),
     (["models/alexnet_baseline.py", "--variant", "baseline"], "give exactly one of a model file"),
@@ -606,6 +606,10 @@ def test_model_output_check_in_training_mode_moves_nothing():
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert all(m.training for m in model)
+    lazy = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LazyBatchNorm2d(), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(4))  # buffers without a shape until a first forward
+    check_model_output("m.py", lazy, 4, 64, torch.device("cpu"), False, False, training=True)
+    assert torch.equal(lazy[1].running_mean, torch.zeros(4)) and int(lazy[1].num_batches_tracked) == 0
 
 
 def test_transforms_file_that_raises(tiny_cache, out_with_files, capsys, tmp_path):
@@ -663,7 +667,7 @@ def test_evaluate_with_its_paths_swapped(capsys):
 
 def test_prepare_needs_a_decoding_process(tmp_path, capsys):
     assert main(["prepare", "--source", str(tmp_path), "--data", str(tmp_path / "c"), "--workers", "-1"]) == 2
-    assert "--workers must be at least 1 (decoding processes), got -1" in capsys.readouterr().err
+    assert "--workers must be >= 0 (decoding processes; 0 or 1 decodes in this process), got -1" in capsys.readouterr().err
 
 
 def test_unreadable_model_file(tiny_cache, out_with_files, capsys, tmp_path):
@@ -795,8 +799,9 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(small_ckpt, tmp_path):
     a traceback, with status 141 (128 + SIGPIPE) as a shell reports for such a writer."""
     for i in range(3):
         Image.fromarray(np.full((64, 64, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as stdout to a pipe is
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "predict", str(small_ckpt), str(tmp_path), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     proc.stdout.close()  # the reader leaves before the first line
     try:
         _, err = proc.communicate(timeout=120)
