@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then rename into place.
 
 A crash at any moment leaves either the old file or the new one, never a torn one. Used for
-checkpoints, metrics, the ablation's records and reports.
+checkpoints, metrics, the ablation's records and reports. And the lock that keeps one run's
+folder to one process at a time, so that two runs cannot replace each other's files.
 """
 
 from __future__ import annotations
@@ -68,3 +69,49 @@ def link_atomic(src: str | Path, dst: str | Path) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text), binary=False)
+
+
+# -- one run per folder ------------------------------------------------------------------
+
+_HELD: dict[str, int] = {}  # folder -> the descriptor its lock lives on
+
+
+def lock_folder(path: str | Path) -> bool:
+    """Take an exclusive lock on a folder for this process (flock on the folder itself: no
+    lock file to leave behind, and the kernel drops it when the process dies, SIGKILL
+    included). False when another process holds it; True where the file system has no
+    locks (then nothing is checked)."""
+    key = str(Path(path).resolve())
+    if key in _HELD:
+        return True
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return True
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except OSError:  # no locks on this file system (some network ones)
+        os.close(fd)
+        return True
+    _HELD[key] = fd
+    return True
+
+
+def unlock_folder(path: str | Path) -> None:
+    fd = _HELD.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """The temporary files a killed writer left (`.NAME.XXXX.tmp`, `.NAME.PID.link`): a
+    checkpoint's is as large as the checkpoint. Only safe while this process holds the
+    folder's lock, so that no other writer is mid-write."""
+    stale = [p for p in Path(folder).glob(".*") if p.is_file() and p.suffix in (".tmp", ".link")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -7,6 +7,7 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import stat
 import sys
@@ -203,6 +204,26 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         # own flush at exit must not fail again on the closed pipe.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a writer its reader left
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's, around the OSError
+        failed = _storage_failure(e)
+        if failed is None:
+            raise
+        where = f" writing {failed.filename}" if failed.filename else ""
+        print(f"error: {failed.strerror}{where}. What was written before is whole (files are replaced only once "
+              "complete): make room and run the command again (a training run continues with --resume)",
+              file=sys.stderr)
+        return 2
+
+
+def _storage_failure(e: BaseException | None) -> OSError | None:
+    """The full disk or read-only file system behind an exception, if that is what it is."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

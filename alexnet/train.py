@@ -28,6 +28,7 @@ from tqdm import tqdm
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
 from alexnet.allocator import release_free_memory
+from alexnet.atomic import lock_folder, remove_stale_temporaries, unlock_folder
 from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
@@ -168,6 +169,13 @@ class Run:
         return epoch_order(self.train_n, self.cfg.seed, epoch, self.dist, self.cfg.bs)
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there: its own error comes when it is read
+        return False
+
+
 def build_run(cfg: TrainConfig, log=print) -> Run:
     device = pick_device(cfg.device)
     d = distributed.setup(device.type)
@@ -184,6 +192,11 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
             probe.unlink()
         except OSError as e:
             raise UserError(f"--out {out}: not a writable directory ({e.strerror})") from None
+        if not lock_folder(out):  # held until fit returns, or the process ends
+            raise UserError(f"--out {out}: in use by another training run (it holds the folder's lock); "
+                            "wait for it to end, or choose another --out (nothing was overwritten)")
+        if stale := remove_stale_temporaries(out):
+            log(f"removed {len(stale)} temporary file(s) that a killed run left in {out}")
     if cfg.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; a few CUDA backward kernels
         # (adaptive average pooling) have no deterministic version: PyTorch warns about them.
@@ -195,6 +208,9 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if not cfg.resume and (out / "last.pth").exists():
         raise UserError(f"--out {out}: holds a previous run (last.pth); continue it with --resume, "
                         "or choose another --out (nothing was overwritten)")
+    if cfg.resume not in (None, "auto") and (out / "last.pth").exists() and not _same_file(cfg.resume, out / "last.pth"):
+        raise UserError(f"--out {out}: holds another run's last.pth, which continuing {cfg.resume} there would "
+                        f"replace; give that run's own folder as --out, or an empty one (nothing was overwritten)")
     fresh = not cfg.resume or (cfg.resume == "auto" and not (out / "last.pth").exists())
     if fresh and (out / "best.pth").exists():  # a checkpoint kept or copied there on its own
         raise CheckpointError(f"--out {out}: holds a checkpoint (best.pth) that a new run would replace; move it "
@@ -420,6 +436,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     try:
         return _fit(cfg, log)
     finally:
+        unlock_folder(cfg.out)
         torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
         torch.backends.cudnn.benchmark = switches[2]
 
@@ -709,7 +726,8 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
         say(f"{path}: the run is already complete ({epoch} of {run.cfg.epochs} epochs); nothing to do "
             f"(a larger --epochs continues it)")
     else:
-        say(f"resumed from {path}: epoch {epoch + 1}, step {batch} of {run.steps_per_epoch}")
+        into = "" if _same_file(path.parent, run.out) else f", continuing in {run.out}"
+        say(f"resumed from {path}: epoch {epoch + 1}, step {batch} of {run.steps_per_epoch}{into}")
     return epoch, batch
 
 

@@ -1050,6 +1050,66 @@ def test_fresh_run_does_not_overwrite_a_previous_one(small_ckpt, tiny_cache, tmp
     assert (out / "best.pth").read_bytes() == before
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused(small_ckpt, tiny_cache, tmp_path, capsys):
+    """Two runs into one --out would replace each other's checkpoints and metrics: the second
+    is refused while the first holds the folder; the lock goes with its process."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(120)\n", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        args = ["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress"]
+        assert main(args) == 2
+        assert f"--out {out}: in use by another training run" in capsys.readouterr().err
+        assert list(out.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0 and (out / "last.pth").is_file()
+
+
+def test_resume_into_another_runs_folder_is_refused_and_temporaries_are_cleared(small_ckpt, tiny_cache, tmp_path,
+                                                                              capsys):
+    a = shutil.copytree(small_ckpt.parent, tmp_path / "a")
+    b = shutil.copytree(small_ckpt.parent, tmp_path / "b")
+    (b / "last.pth").unlink()
+    shutil.copy(a / "last.pth", b / "last.pth")  # another run's checkpoint, not a's file
+    before = (b / "last.pth").read_bytes()
+    args = ["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--device", "cpu", "--num_classes", "4",
+            "--bs", "8", "--epochs", "2", "--max-steps", "1", "--no-progress"]
+    assert main([*args, "--out", str(b), "--resume", str(a / "last.pth")]) == 2
+    assert f"--out {b}: holds another run's last.pth" in capsys.readouterr().err
+    assert (b / "last.pth").read_bytes() == before
+    left = a / ".last.pth.k1ll3d.tmp"  # what a save killed mid-write leaves
+    left.write_bytes(b"half a checkpoint")
+    assert main([*args, "--out", str(a), "--resume"]) == 0
+    assert not left.exists() and f"removed 1 temporary file(s) that a killed run left in {a}" in capsys.readouterr().out
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from alexnet import atomic
+
+    run = shutil.copytree(small_ckpt.parent, tmp_path / "run")
+    before = (run / "last.pth").read_bytes()
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(run), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "2", "--max-steps", "1", "--no-progress", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: No space left on device") and "\n" not in err, err
+    assert "run the command again (a training run continues with --resume)" in err
+    assert (run / "last.pth").read_bytes() == before and not list(run.glob(".*.tmp"))
+
+
 def test_torchvision_transform_that_fails_when_applied(tiny_cache, out_with_files, capsys, tmp_path):
     t = tmp_path / "t.py"
     t.write_text("def build_transforms():\n    return lambda img: img.float() / 0 + undefined_name\n")
