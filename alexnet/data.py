@@ -137,7 +137,7 @@ def _remove_if_empty(data_dir: Path) -> None:
 
 def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, counts, img_size: int,
                     workers: int, force: bool, log: Log) -> Path:
-    with _lock(data_dir):
+    with _lock(data_dir, log):
         fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
         stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
         if stale is None:
@@ -215,15 +215,20 @@ def _stale_reason(data_dir: Path, fingerprint: dict, counts: tuple[int, int, int
 
 
 @contextmanager
-def _lock(data_dir: Path) -> Iterator[None]:
-    """Serialise prepares of one directory (e.g. several training processes starting at once)."""
+def _lock(data_dir: Path, log: Log = lambda *a: None) -> Iterator[None]:
+    """Serialise prepares of one directory (e.g. several training processes starting at once);
+    a prepare that has to wait says so (a download and decode can take minutes)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
         yield
         return
     with open(data_dir / ".prepare.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process preparing the cache in {data_dir} to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:

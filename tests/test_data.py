@@ -135,6 +135,23 @@ def test_image_folder_source(tmp_path: Path) -> None:
                                   cache.val.x)
 
 
+def test_a_prepare_that_waits_for_another_says_so(tiny_zip: Path, tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    d.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(2)\n", str(d / ".prepare.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        logs: list[str] = []
+        open_cache(prepare(tiny_zip, d, counts=TINY_COUNTS, workers=1, log=logs.append))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert logs[0] == f"waiting for another process preparing the cache in {d} to finish"
+
+
 def test_image_folder_says_what_it_leaves_out(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
     (root / "train" / "class_a" / "readme.txt").write_text("not an image")
