@@ -208,7 +208,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if not cfg.resume and (out / "last.pth").exists():
         raise UserError(f"--out {out}: holds a previous run (last.pth); continue it with --resume, "
                         "or choose another --out (nothing was overwritten)")
-    if cfg.resume not in (None, "auto") and (out / "last.pth").exists() and not _same_file(cfg.resume, out / "last.pth"):
+    if (cfg.resume not in (None, "auto") and (out / "last.pth").exists()
+            and not _same_file(Path(cfg.resume).parent, out)):  # its own folder (from best.pth, say) is its own run
         raise UserError(f"--out {out}: holds another run's last.pth, which continuing {cfg.resume} there would "
                         f"replace; give that run's own folder as --out, or an empty one (nothing was overwritten)")
     fresh = not cfg.resume or (cfg.resume == "auto" and not (out / "last.pth").exists())

@@ -1084,6 +1084,8 @@ def test_resume_into_another_runs_folder_is_refused_and_temporaries_are_cleared(
     assert main([*args, "--out", str(b), "--resume", str(a / "last.pth")]) == 2
     assert f"--out {b}: holds another run's last.pth" in capsys.readouterr().err
     assert (b / "last.pth").read_bytes() == before
+    assert main([*args, "--out", str(b), "--resume", str(b / "best.pth")]) == 0  # a run's own checkpoint: its own run
+    assert f"resumed from {b / 'best.pth'}" in capsys.readouterr().out
     left = a / ".last.pth.k1ll3d.tmp"  # what a save killed mid-write leaves
     left.write_bytes(b"half a checkpoint")
     assert main([*args, "--out", str(a), "--resume"]) == 0
