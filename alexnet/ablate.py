@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alexnet.config import DEVICES, SCHEDULES, TrainConfig, defaults
-from alexnet.atomic import write_text_atomic
+from alexnet.atomic import same_file, write_text_atomic
 from alexnet.errors import CheckpointError, UserError
 
 
@@ -167,19 +166,11 @@ def check_same_settings(cfg: TrainConfig, folder: Path, amp_fell_back: bool = Fa
     new = cfg.to_dict()
     diff = [k for k in sorted(new) if k not in NOT_COMPARED and k in old and old[k] != new[k]
             and not (k == "amp" and amp_fell_back and old[k] is True)
-            and not (k == "data" and _same_folder(old[k], new[k]))]
+            and not (k == "data" and same_file(old[k], new[k]))]  # another path to the same cache
     if diff:
         shown = ", ".join(f"{k} {old[k]!r} there, {new[k]!r} now" for k in diff)
         raise UserError(f"{folder} was trained with other settings ({shown}); give the same options to "
                         f"continue that study, or another --out for a new one")
-
-
-def _same_folder(a: str | None, b: str | None) -> bool:
-    """--data given as another path to the same cache (`cache` and `/tmp/study/cache`)."""
-    try:
-        return a is not None and b is not None and os.path.samefile(a, b)
-    except OSError:  # one of them is not there: they differ
-        return False
 
 
 def _device_name(device: str) -> str:

@@ -71,6 +71,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text), binary=False)
 
 
+def same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two paths name one file or folder (through links too); False where either is
+    missing or unreadable, whose own error comes when it is read."""
+    try:
+        return a is not None and b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 # -- one run per folder ------------------------------------------------------------------
 
 _HELD: dict[str, int] = {}  # folder -> the descriptor its lock lives on

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from alexnet import checkpoint as ckpt_io
-from alexnet.atomic import write_atomic
+from alexnet.atomic import same_file, write_atomic
 from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
@@ -119,7 +119,7 @@ def _check_output(path: Path, flag: str, inputs: list[Path]) -> None:
     if path.suffix.lower() in KEPT_SUFFIXES:
         raise UserError(f"{flag} {path}: names a checkpoint or model file ({path.suffix}); give the path of a "
                         f"CSV file to write, e.g. {'predictions' if flag == '--csv' else 'per_class'}.csv")
-    if path.exists() and any(_same_file(f, path) for f in inputs):
+    if path.exists() and any(same_file(f, path) for f in inputs):
         raise UserError(f"{flag} {path}: is one of this command's input files (or a link to one); "
                         f"give a new file's path")
     _check_writable(path, flag)
@@ -130,15 +130,8 @@ def _check_csv(csv_path: Path, files: list[Path]) -> None:
     if is_image_name(csv_path.name):
         raise UserError(f"--csv {csv_path}: names an image file ({csv_path.suffix}); give the path of a "
                         f"CSV file to write, e.g. predictions.csv")
-    if csv_path.exists() and any(_same_file(f, csv_path) for f in files):
+    if csv_path.exists() and any(same_file(f, csv_path) for f in files):
         raise UserError(f"--csv {csv_path}: is one of the files to classify; give a new file's path")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them unreadable: its own error comes when it is read
-        return False
 
 
 def _shown(path: Path) -> str:

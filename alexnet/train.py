@@ -28,7 +28,7 @@ from tqdm import tqdm
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
 from alexnet.allocator import release_free_memory
-from alexnet.atomic import lock_folder, remove_stale_temporaries, unlock_folder
+from alexnet.atomic import lock_folder, remove_stale_temporaries, same_file, unlock_folder
 from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
@@ -169,13 +169,6 @@ class Run:
         return epoch_order(self.train_n, self.cfg.seed, epoch, self.dist, self.cfg.bs)
 
 
-def _same_file(a: str | Path, b: str | Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them is not there: its own error comes when it is read
-        return False
-
-
 def build_run(cfg: TrainConfig, log=print) -> Run:
     device = pick_device(cfg.device)
     d = distributed.setup(device.type)
@@ -209,7 +202,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         raise UserError(f"--out {out}: holds a previous run (last.pth); continue it with --resume, "
                         "or choose another --out (nothing was overwritten)")
     if (cfg.resume not in (None, "auto") and (out / "last.pth").exists()
-            and not _same_file(Path(cfg.resume).parent, out)):  # its own folder (from best.pth, say) is its own run
+            and not same_file(Path(cfg.resume).parent, out)):  # its own folder (from best.pth, say) is its own run
         raise UserError(f"--out {out}: holds another run's last.pth, which continuing {cfg.resume} there would "
                         f"replace; give that run's own folder as --out, or an empty one (nothing was overwritten)")
     fresh = not cfg.resume or (cfg.resume == "auto" and not (out / "last.pth").exists())
@@ -727,7 +720,7 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
         say(f"{path}: the run is already complete ({epoch} of {run.cfg.epochs} epochs); nothing to do "
             f"(a larger --epochs continues it)")
     else:
-        into = "" if _same_file(path.parent, run.out) else f", continuing in {run.out}"
+        into = "" if same_file(path.parent, run.out) else f", continuing in {run.out}"
         say(f"resumed from {path}: epoch {epoch + 1}, step {batch} of {run.steps_per_epoch}{into}")
     return epoch, batch
 
