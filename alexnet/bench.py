@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -52,6 +53,7 @@ from alexnet.errors import UserError
 from alexnet.loader import FastBatches, epoch_order, releaser, seed_torch, step_seed, to_memory
 from alexnet.memory import rss_bytes
 from alexnet.models import FOLD_ENV, VARIANTS, create_model, fc1_folds
+from alexnet.orphans import exit_with_parent
 from alexnet.precision import resolve_amp
 from alexnet.stepprofile import profile_line, step_profile, sync
 from alexnet.train import build_optimizer, pick_device, residency, settle_device, train_step
@@ -314,8 +316,9 @@ def row_line(row: dict) -> str:
             + (f"  | split {row['split']}" if "split" in row else ""))
 
 
-def _row_in_child(name: str, a: argparse.Namespace, folder: Path | None, threads: int, conn) -> None:
+def _row_in_child(name: str, a: argparse.Namespace, folder: Path | None, threads: int, conn, parent: int) -> None:
     """A fresh process's row (`run_bench`), sent back through `conn`."""
+    exit_with_parent(parent)  # a bench killed outright does not leave its row training on
     keep_freed_memory()  # as `alexnet` itself does at start
     torch.set_num_threads(threads)
     try:
@@ -331,7 +334,7 @@ def _row_in_fresh_process(name: str, a: argparse.Namespace, folder: Path | None)
     ctx = multiprocessing.get_context("spawn")  # a new interpreter, not a fork of this one's memory
     parent, child = ctx.Pipe(duplex=False)
     # Not a Pool: its daemonic workers could not start (3)'s DataLoader workers.
-    proc = ctx.Process(target=_row_in_child, args=(name, a, folder, torch.get_num_threads(), child))
+    proc = ctx.Process(target=_row_in_child, args=(name, a, folder, torch.get_num_threads(), child, os.getpid()))
     proc.start()
     child.close()
     kind, payload = "died", None

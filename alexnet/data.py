@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5, forget
 from alexnet.errors import DataError
+from alexnet.orphans import exit_with_parent
 from alexnet.sources import TINY_SIZE, Log, SettingsMismatch, _decode, _open_source, _Plan, _plan_folder, _plan_tiny, _Reader
 
 FORMAT_VERSION = 1
@@ -305,7 +306,9 @@ _WORKER: dict = {}  # per-process state: the opened source, the output memmaps, 
 
 
 def _init_worker(spec: tuple[str, str, str], outputs: dict[str, str], img_size: int,
-                 strict: bool, stride: int) -> None:
+                 strict: bool, stride: int, parent: int | None = None) -> None:
+    if parent is not None:  # a worker process, not prepare's own with workers=1
+        exit_with_parent(parent)
     _WORKER.update(reader=_Reader(*spec), size=img_size, strict=strict, stride=stride,
                    out={split: np.load(p, mmap_mode="r+") for split, p in outputs.items()})
 
@@ -365,7 +368,7 @@ def _decode_all(reader: _Reader, plan: _Plan, tmp: dict[str, Path], img_size: in
         # spawn: safe whatever threads (torch, CUDA) the parent already runs.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=init) as pool:
+                                 initargs=(*init, os.getpid())) as pool:
             futures = [pool.submit(_decode_task, *task) for task in tasks]
             try:
                 for future in as_completed(futures):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
 from alexnet.allocator import release_free_memory
-from alexnet.atomic import lock_folder, remove_stale_temporaries, same_file, unlock_folder
+from alexnet.atomic import lock_folder, remove_stale_temporaries, same_file, unlock_folder, write_text_atomic
 from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
@@ -470,7 +470,7 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
     metrics = MetricsLog(run.out, enabled=d.main)
     metrics.write(state["history"])  # after a resume: the files match the checkpoint's history
     if d.main:
-        (run.out / "config.json").write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
+        write_text_atomic(run.out / "config.json", json.dumps(run.cfg.to_dict(), indent=2) + "\n")
         path = "per image in DataLoader workers" if isinstance(run.batches, PerImageBatches) else "batched on the device"
         say(f"training {run.variant or cfg.model} ({sum(p.numel() for p in run.raw.parameters()):,} parameters) "
             f"on {run.device.type}{f' x{d.world}' if d.enabled else ''}: {run.train_n:,} train / {len(run.val_y):,} val "

@@ -1,6 +1,7 @@
 """Exact resume after SIGKILL, safe interruption, non-finite loss, determinism, and one clear
 error per kind of bad input."""
 
+import json
 import os
 import re
 import platform
@@ -1110,6 +1111,18 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_ckpt, tiny_
     assert code == 2 and err.startswith("error: No space left on device") and "\n" not in err, err
     assert "run the command again (a training run continues with --resume)" in err
     assert (run / "last.pth").read_bytes() == before and not list(run.glob(".*.tmp"))
+
+
+def test_config_json_is_replaced_whole_not_rewritten_in_place(small_ckpt, tiny_cache, tmp_path):
+    """Readers of config.json (report, ablate's settings check) never see half a file: a resume
+    writes a new one and moves it into place, so a copy opened before still reads whole."""
+    run = shutil.copytree(small_ckpt.parent, tmp_path / "run")
+    with open(run / "config.json") as before:
+        assert main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(run), "--device",
+                     "cpu", "--num_classes", "4", "--bs", "8", "--epochs", "2", "--max-steps", "1", "--no-progress",
+                     "--resume"]) == 0
+        old = json.load(before)
+    assert old["epochs"] == 1 and json.loads((run / "config.json").read_text())["epochs"] == 2
 
 
 def test_torchvision_transform_that_fails_when_applied(tiny_cache, out_with_files, capsys, tmp_path):

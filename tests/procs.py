@@ -1,0 +1,65 @@
+"""Watching a process's children from /proc (Linux only): for tests that kill a parent
+outright and check that what it started does not stay behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+
+def children(pid: int) -> set[int]:
+    """The pids whose parent is `pid`."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else ""
+        except OSError:  # ended meanwhile
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def spawned_children(proc: subprocess.Popen, n: int, timeout: float = 120) -> set[int]:
+    """Wait until `proc` has started `n` multiprocessing (spawn) processes besides its resource
+    tracker and return their pids; fewer if `proc` ended first or the time ran out."""
+    found: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(found) < n and proc.poll() is None and time.monotonic() < deadline:
+        found = {p for p in children(proc.pid)
+                 if b"multiprocessing" in cmdline(p) and b"resource_tracker" not in cmdline(p)}
+        time.sleep(0.005)
+    return found
+
+
+def end_within(pids: set[int], timeout: float) -> bool:
+    """Whether every one of `pids` has ended within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(map(alive, pids))
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:  # already gone
+            pass
