@@ -437,11 +437,17 @@ def fit(cfg: TrainConfig, log=print) -> dict:
 
 def _fit(cfg: TrainConfig, log=print) -> dict:
     out, first = Path(cfg.out), int(os.environ.get("RANK", "0")) == 0
-    created = first and not out.exists()
+    created = []  # the folders build_run's mkdir makes for --out, deepest first
+    for folder in (out, *out.parents) if first else ():
+        if os.path.lexists(folder):
+            break
+        created.append(folder)
 
-    def drop_empty_out() -> None:  # a run that never started leaves no folder
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+    def drop_empty_out() -> None:  # a run that never started leaves no folder, nor the ones above it it made
+        for folder in created:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
     try:
         run = build_run(cfg, log)

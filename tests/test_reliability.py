@@ -773,10 +773,11 @@ def test_truncated_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
     bad.write_bytes(small_ckpt.read_bytes()[:1000])
     assert main(["evaluate", str(bad), "--data", str(tiny_cache), "--device", "cpu"]) == 2
     assert f"{bad}: not a readable checkpoint" in capsys.readouterr().err
-    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"),
-                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(bad)])
-    assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()  # the run never started: no empty --out left behind
+    for out in (tmp_path / "r", tmp_path / "new" / "runs" / "r"):
+        code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out),
+                     "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(bad)])
+        assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+        assert os.listdir(tmp_path) == ["trunc.pth"]  # the run never started: no empty --out (or parent) left behind
 
 
 @pytest.mark.parametrize("argv, script, said", [
