@@ -6,6 +6,7 @@ the most-confused class pairs. Used by training every epoch and by `evaluate.py`
 from __future__ import annotations
 
 import csv
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bool, channels_last: bool) -> torch.Tensor:
-    """Class scores for one uint8 batch, averaging softmax-free logits over TTA views."""
+    """Class scores for one uint8 batch: the logits of its one view, or for several (TTA) the
+    log of the views' averaged softmax, as the paper averaged its ten crops' predictions.
+    (Averaging logits instead weighs a view by how confident it is, not by its vote.) Either
+    way softmax, top-k and cross-entropy read them as they read logits."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if tta == "10crop":
         views = augment.ten_crop(xb, distinct=True)  # (10 or 2, N, 3, S, S)
@@ -35,8 +39,10 @@ def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bo
         if tta == "flip":
             views = torch.cat([views, views.flip(-1)])
     with autocast(augment.device, amp):
-        out = torch.stack([model(v.contiguous(memory_format=fmt)) for v in views])
-    return out.float().mean(0)
+        out = torch.stack([model(v.contiguous(memory_format=fmt)) for v in views]).float()
+    if len(out) == 1:
+        return out[0]
+    return out.log_softmax(-1).logsumexp(0) - math.log(len(out))  # log(mean softmax), without underflow
 
 
 @torch.no_grad()

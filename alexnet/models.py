@@ -19,8 +19,8 @@ gradient. Measured on a 2-core AVX2 CPU in fp32 (docs/speed.md): Baseline steps 
 faster at batch 64, 1.67x at batch 128. The fold is exact math, not an approximation (the
 outputs and gradients differ by float rounding, the order of the sums); it is taken only
 where the copies are identical: a 1x1 map (not at 224 pixels) and no dropout on FC1's input
-(so in training only for variants without dropout; in evaluation for all but the GAP head,
-which has no copies), and where the head is the one built here, not replaced or hooked.
+(so in training for variants without dropout and for the paper's model, whose dropout acts
+after FC1; in evaluation for all but the GAP head, which has no copies), and where the head is the one built here, not replaced or hooked.
 `ALEXNET_FOLD_FC1=0`, or `model.fold_fc1 = False`, keeps the 36 copies.
 """
 
@@ -54,6 +54,12 @@ class AlexNetConfig:
     # conv1 and conv2 only, BatchNorm is usually after every conv.
     norm_layers: tuple[int, ...] = (0, 1, 2, 3, 4)
     dropout: float = 0.0
+    # Where the head's dropout acts. False: on the inputs of FC1 and FC2 (torchvision's order,
+    # the published design's). True: on the outputs of the hidden FC layers, after their ReLU,
+    # as the paper ("dropout in the first two fully-connected layers") and Caffe's
+    # bvlc_alexnet have it. At 64x64 the two differ more than the order suggests: FC1's input
+    # is 36 copies of one vector, and dropout there drops each copy on its own.
+    dropout_after_fc: bool = False
     head: Head = "large"
     hidden: int = 4096
     # "standard": conv1 11x11 stride 4 (15x15 map at 64x64 input, 1x1 after the last pool).
@@ -81,6 +87,8 @@ class AlexNetConfig:
             raise ConfigError(f"stem must be standard or small, got {self.stem!r}")
         if self.init not in ("pytorch", "paper"):
             raise ConfigError(f"init must be pytorch or paper, got {self.init!r}")
+        if self.dropout_after_fc and self.head == "gap":
+            raise ConfigError("dropout_after_fc needs a hidden FC layer (head large or small); the gap head has none")
         if not math.isfinite(self.init_bias):
             raise ConfigError(f"init_bias must be finite, got {self.init_bias}")
 
@@ -142,19 +150,14 @@ class AlexNet(nn.Module):
         if cfg.head == "gap":
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c5, num_classes))
-        elif cfg.head == "small":
-            self.avgpool = nn.AdaptiveAvgPool2d(6)
-            self.classifier = nn.Sequential(
-                nn.Dropout(cfg.dropout), nn.Linear(c5 * 36, cfg.hidden), nn.ReLU(inplace=True),
-                nn.Linear(cfg.hidden, num_classes),
-            )
         else:
+            def hidden_fc(cin: int, cout: int) -> list[nn.Module]:  # with its dropout where cfg puts it
+                fc, drop = [nn.Linear(cin, cout), nn.ReLU(inplace=True)], nn.Dropout(cfg.dropout)
+                return [*fc, drop] if cfg.dropout_after_fc else [drop, *fc]
+
             self.avgpool = nn.AdaptiveAvgPool2d(6)
-            self.classifier = nn.Sequential(
-                nn.Dropout(cfg.dropout), nn.Linear(c5 * 36, cfg.hidden), nn.ReLU(inplace=True),
-                nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(inplace=True),
-                nn.Linear(cfg.hidden, num_classes),
-            )
+            hidden = [*hidden_fc(c5 * 36, cfg.hidden), *(hidden_fc(cfg.hidden, cfg.hidden) if cfg.head == "large" else [])]
+            self.classifier = nn.Sequential(*hidden, nn.Linear(cfg.hidden, num_classes))
         if cfg.init == "paper":
             self._paper_init()
         # FC1 on summed weights where its input is 36 copies of one vector (module doc); read
@@ -191,22 +194,27 @@ class AlexNet(nn.Module):
         pool, head = self.avgpool, self.classifier
         if type(pool) is not nn.AdaptiveAvgPool2d or type(head) is not nn.Sequential or len(head) < 2:
             return False
-        drop, fc1 = head[0], head[1]
-        if type(drop) is not nn.Dropout or type(fc1) is not nn.Linear:
+        before, fc1 = head[:self._fc1_at], head[self._fc1_at]
+        if any(type(m) is not nn.Dropout for m in before) or type(fc1) is not nn.Linear:
             return False
         h, w = _pair(pool.output_size)
         if h is None or w is None or h * w == 1 or fc1.in_features != x.shape[1] * h * w:
             return False  # no copies (the GAP head), or a head built for another map
-        if drop.training and drop.p > 0:  # the module's own mode: test-time (MC) dropout keeps the copies
+        if any(drop.training and drop.p > 0 for drop in before):  # its own mode: test-time (MC) dropout too
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in (pool, head, drop, fc1))
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (pool, head, *before, fc1))
 
     def _classify_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The head on (N, C, 1, 1) features, FC1 on its weights summed over each channel's
         copies (flatten puts channel c's copies at columns c*k .. c*k+k-1)."""
-        fc1, (h, w) = self.classifier[1], _pair(self.avgpool.output_size)
+        fc1, (h, w) = self.classifier[self._fc1_at], _pair(self.avgpool.output_size)
         weight = fc1.weight.reshape(fc1.out_features, -1, h * w).sum(-1)
-        return self.classifier[2:](F.linear(torch.flatten(x, 1), weight, fc1.bias))
+        return self.classifier[self._fc1_at + 1:](F.linear(torch.flatten(x, 1), weight, fc1.bias))
+
+    @property
+    def _fc1_at(self) -> int:
+        """FC1's index in the classifier built here: after the dropout on its input, or first."""
+        return 0 if self.cfg.dropout_after_fc else 1
 
 
 def fc1_folds(model: nn.Module, img_size: int = 64) -> bool:
@@ -258,8 +266,9 @@ VARIANTS: dict[str, Variant] = {
                 "combined", "as Combined-Large with global average pooling + one FC"),
         Variant("paper", "Paper (2012)",
                 AlexNetConfig(widths=(96, 256, 384, 384, 256), norm="lrn", norm_layers=(0, 1),
-                              dropout=0.5, init="paper"),
-                "paper", "96-256-384-384-256, LRN, dropout 0.5, paper init (biases 0.1, as Caffe's), PCA lighting"),
+                              dropout=0.5, dropout_after_fc=True, init="paper"),
+                "paper", "96-256-384-384-256, LRN, dropout 0.5 after FC1 and FC2, paper init (biases 0.1, as Caffe's), "
+                         "PCA lighting"),
     ]
 }
 
@@ -273,6 +282,12 @@ def create_model(name: str, num_classes: int = 200, **overrides) -> AlexNet:
     # A modified variant gets its own name, so checkpoints of the two are never confused.
     model.variant = name + "".join(f"+{k}={v}" for k, v in sorted(overrides.items()))
     return model
+
+
+def registered(variant: str | None) -> Variant | None:
+    """The registry row a model's `variant` names, also one create_model modified
+    ("paper+init_bias=1.0" is the paper's model); None for any other name."""
+    return VARIANTS.get((variant or "").split("+")[0])
 
 
 def count_parameters(model: nn.Module) -> int:

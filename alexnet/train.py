@@ -38,7 +38,7 @@ from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_r
                             seed_torch, step_seed, to_memory)
 from alexnet.memory import peak_memory_mib, reset_peak
 from alexnet.metrics import MetricsLog
-from alexnet.models import VARIANTS, AlexNet, create_model
+from alexnet.models import AlexNet, Variant, create_model, registered
 from alexnet.precision import resolve_amp
 from alexnet.userfiles import check_model_output, load_model_file, load_transforms_file
 
@@ -81,17 +81,18 @@ def build_transforms(cfg: TrainConfig, variant: str | None) -> tuple[Recipe | Ca
     to the variant's own recipe."""
     if cfg.transforms is not None:
         return load_transforms_file(cfg.transforms), cfg.transforms
-    name = cfg.recipe or (VARIANTS[variant].recipe if cfg.variant is not None or _needs_own_recipe(variant)
-                          else "baseline")
+    row = registered(variant)
+    name = cfg.recipe or (row.recipe if cfg.variant is not None or _needs_own_recipe(row) else "baseline")
     return RECIPES[name], f"recipe:{name}"
 
 
-def _needs_own_recipe(variant: str | None) -> bool:
-    """Whether a model file's variant trains with its own recipe even in the seed interface:
-    one whose recipe sets the input's scale (the paper's model: centred pixels in 0..255
-    units, the scale of its initialisation; on the Baseline's unit-variance input its loss
-    stays flat, docs/results.md)."""
-    return variant in VARIANTS and RECIPES[VARIANTS[variant].recipe].raw_pixels
+def _needs_own_recipe(row: Variant | None) -> bool:
+    """Whether a model file's variant (also one it modified: `create_model("paper",
+    init_bias=1.0)`) trains with its own recipe even in the seed interface: one whose recipe
+    sets the input's scale (the paper's model: centred pixels in 0..255 units, the scale of
+    its initialisation; on the Baseline's unit-variance input its loss stays flat,
+    docs/results.md)."""
+    return row is not None and RECIPES[row.recipe].raw_pixels
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool) -> torch.optim.Optimizer:

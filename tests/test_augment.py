@@ -247,7 +247,7 @@ def test_ten_crop_views_come_from_the_training_frame(recipe):
     torch.testing.assert_close(v[[0, 1, 2, 3, 4, 6, 5, 8, 7]], want[:9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v[9], v[4].flip(-1), atol=0, rtol=0)
     torch.testing.assert_close(v[4], aug(x, train=False), atol=1e-5, rtol=1e-5)  # the centre: the eval view
-    # What evaluation runs: the distinct views only, with the same mean of the model's scores.
+    # What evaluation runs: the distinct views only, with the same mean of the model's softmax.
     d = aug.ten_crop(x, distinct=True)
     assert torch.equal(d, v) if pad else torch.equal(d, v[[0, 5]])
     from alexnet.evaluate import logits_for
@@ -255,9 +255,10 @@ def test_ten_crop_views_come_from_the_training_frame(recipe):
 
     model = create_model("combined_gap", 200).eval()
     with torch.no_grad():
-        want = torch.stack([model(view) for view in v]).mean(0)
-    torch.testing.assert_close(logits_for(model, x, aug, "10crop", amp=False, channels_last=False), want,
-                               atol=1e-5, rtol=1e-5)
+        want = torch.stack([model(view).softmax(-1) for view in v]).mean(0)  # the paper's averaged predictions
+        got = logits_for(model, x, aug, "10crop", amp=False, channels_last=False)
+    torch.testing.assert_close(got.exp(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.softmax(-1), want, atol=1e-6, rtol=1e-5)  # what predict shows
 
 
 def test_upsampled_geometry():

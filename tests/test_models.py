@@ -163,8 +163,11 @@ def test_paper_model_structure_and_init():
     assert len(lrn_after) == 2 and all(isinstance(m.features[i + 1], torch.nn.MaxPool2d) for i in lrn_after)
     pools = [l for l in m.features if isinstance(l, torch.nn.MaxPool2d)]
     assert all(p.kernel_size == 3 and p.stride == 2 for p in pools)  # overlapping pooling
-    drops = [l.p for l in m.classifier if isinstance(l, torch.nn.Dropout)]
-    assert drops == [0.5, 0.5]
+    # dropout 0.5 on the outputs of the two hidden FC layers, after their ReLU (the paper's
+    # "first two fully-connected layers", Caffe's bvlc_alexnet), not on FC1's input
+    layers = [(type(l).__name__, getattr(l, "p", None)) for l in m.classifier]
+    assert layers == [("Linear", None), ("ReLU", None), ("Dropout", 0.5), ("Linear", None), ("ReLU", None),
+                      ("Dropout", 0.5), ("Linear", None)]
     linears = [l for l in m.classifier if isinstance(l, torch.nn.Linear)]
     assert [l.out_features for l in linears] == [4096, 4096, 200]
     for layer in convs + linears:
@@ -191,6 +194,13 @@ def test_bad_config_raises():
         AlexNetConfig(dropout=1.5)
     with pytest.raises(ConfigError, match="head"):
         AlexNetConfig(head="huge")
+    with pytest.raises(ConfigError, match="dropout_after_fc needs a hidden FC layer"):
+        AlexNetConfig(head="gap", dropout=0.5, dropout_after_fc=True)
+
+
+def test_dropout_after_fc_in_the_small_head():
+    m = AlexNet(AlexNetConfig(head="small", hidden=100, dropout=0.5, dropout_after_fc=True), 10)
+    assert [type(l).__name__ for l in m.classifier] == ["Linear", "ReLU", "Dropout", "Linear"]
 
 
 def test_small_stem_keeps_resolution():

@@ -149,7 +149,7 @@ def test_evaluate_tta_and_per_class(trained, learnable_cache, tmp_path):
                             log=lambda *a: None, **kw)
 
     # The views by hand: the val images' centre view and its mirror image (flip), or torchvision's
-    # ten crops (tested in test_augment); the class scores are the mean of their logits.
+    # ten crops (tested in test_augment); the class scores are the mean of their softmax.
     model, c, augment = load_trained(trained / "best.pth", None, torch.device("cpu"))
     assert not c["config"]["channels_last"]  # fp32 run: NCHW, as below
     val = open_cache(learnable_cache).val
@@ -158,9 +158,11 @@ def test_evaluate_tta_and_per_class(trained, learnable_cache, tmp_path):
     views = {"none": [centre], "flip": [centre, centre.flip(-1)], "10crop": list(augment.ten_crop(x))}
     for tta, vs in views.items():
         with torch.no_grad():
-            logits = torch.stack([model.eval()(v.contiguous()) for v in vs]).mean(0)
+            probs = torch.stack([model.eval()(v.contiguous()).softmax(-1) for v in vs]).mean(0)
         r = top1(tta)
-        assert r["n"] == len(y) and abs(r["top1"] - (logits.argmax(1) == y).double().mean().item() * 100) < 1e-9, tta
+        assert r["n"] == len(y) and abs(r["top1"] - (probs.argmax(1) == y).double().mean().item() * 100) < 1e-9, tta
+        want_loss = torch.nn.functional.nll_loss(probs.log(), y).item()
+        assert r["loss"] == pytest.approx(want_loss, rel=1e-5), tta
     plain = top1()
     pc = tmp_path / "pc.csv"
     top1(per_class=pc)
@@ -532,3 +534,16 @@ def test_a_model_file_trains_with_the_seed_recipe_or_the_input_scale_it_needs(mo
     assert build_transforms(cfg, build_model(cfg)[1])[1] == f"recipe:{recipe}"
     chosen = TrainConfig(model=model_file, num_classes=4, recipe="randomcrop").validate()
     assert build_transforms(chosen, build_model(chosen)[1])[1] == "recipe:randomcrop"  # a named recipe wins
+
+
+@pytest.mark.parametrize("overrides", ["init_bias=1.0", "init='pytorch'"])
+def test_a_model_file_that_modifies_the_papers_model_keeps_its_input_scale(tmp_path, overrides):
+    """What the paper's model file tells users to write for the paper's letter is still the paper's model."""
+    from alexnet.config import TrainConfig
+    from alexnet.train import build_model, build_transforms
+
+    f = tmp_path / "paper_letter.py"
+    f.write_text("from alexnet.models import create_model\n\n"
+                 f"def build_model(num_classes=200):\n    return create_model('paper', num_classes, {overrides})\n")
+    cfg = TrainConfig(model=str(f), num_classes=4).validate()
+    assert build_transforms(cfg, build_model(cfg)[1])[1] == "recipe:paper"
