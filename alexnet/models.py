@@ -3,7 +3,8 @@
 Layer geometry follows torchvision's `alexnet` (the AlexNet people use today: channels
 64-192-384-256-256, conv1 11x11 stride 4, overlapping 3x3/2 max pooling, adaptive average
 pooling to 6x6, FC 4096-4096-classes). The 2012 paper model changes channels, adds local
-response normalisation and uses the paper's initialisation. Every variant is a row of
+response normalisation, drops the outputs of the hidden FC layers (torchvision drops their
+inputs) and uses the paper's initialisation. Every variant is a row of
 `VARIANTS`; `create_model(name)` builds one.
 
 At 64x64 input the feature map after the last pooling is 1x1, so `AdaptiveAvgPool2d(6)`
@@ -20,7 +21,8 @@ faster at batch 64, 1.67x at batch 128. The fold is exact math, not an approxima
 outputs and gradients differ by float rounding, the order of the sums); it is taken only
 where the copies are identical: a 1x1 map (not at 224 pixels) and no dropout on FC1's input
 (so in training for variants without dropout and for the paper's model, whose dropout acts
-after FC1; in evaluation for all but the GAP head, which has no copies), and where the head is the one built here, not replaced or hooked.
+after FC1; in evaluation for all but the GAP head, which has no copies), and where the head
+is the one built here, not replaced or hooked.
 `ALEXNET_FOLD_FC1=0`, or `model.fold_fc1 = False`, keeps the 36 copies.
 """
 
@@ -194,7 +196,7 @@ class AlexNet(nn.Module):
         pool, head = self.avgpool, self.classifier
         if type(pool) is not nn.AdaptiveAvgPool2d or type(head) is not nn.Sequential or len(head) < 2:
             return False
-        before, fc1 = head[:self._fc1_at], head[self._fc1_at]
+        before, fc1 = [head[i] for i in range(self._fc1_at)], head[self._fc1_at]  # not a slice: a new Sequential each pass
         if any(type(m) is not nn.Dropout for m in before) or type(fc1) is not nn.Linear:
             return False
         h, w = _pair(pool.output_size)

@@ -5,8 +5,8 @@ spawn. If their parent is killed outright (SIGKILL, the out-of-memory killer, a 
 scheduler's hard limit) nothing tells them: a decoding worker blocks for ever on a queue
 whose writing end it holds itself, and a bench row runs its minutes of training to the end,
 holding memory and both cores. On Linux the kernel can send a signal when the parent dies
-(prctl PR_SET_PDEATHSIG); elsewhere, or where prctl is not reachable, the check below is
-all there is. (PyTorch's DataLoader workers watch their parent themselves.)
+(prctl PR_SET_PDEATHSIG); elsewhere, or where prctl is not reachable, the check at start
+below is all there is (a parent killed later leaves its children behind there). (PyTorch's DataLoader workers watch their parent themselves.)
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ _PR_SET_PDEATHSIG = 1
 
 def exit_with_parent(parent: int) -> None:
     """Call first thing in a child process; `parent` is the pid of the process that started
-    it (os.getpid() there). SIGTERM reaches the child when that process ends, and a child
-    whose parent already ended before this ran exits at once."""
+    it (os.getpid() there). On Linux the kernel kills the child when that process ends;
+    anywhere, a child whose parent already ended before this ran exits at once."""
     if sys.platform.startswith("linux"):
+        # SIGKILL, not SIGTERM: a SIGTERM ignored where the job started (nohup-like wrappers)
+        # stays ignored in spawned children; Python's SIGTERM would do no clean-up anyway.
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):  # no libc prctl (musl without it, a sandbox): the check only
             pass
     # The parent may have died between starting this process and the prctl above: then no

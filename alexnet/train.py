@@ -89,9 +89,9 @@ def build_transforms(cfg: TrainConfig, variant: str | None) -> tuple[Recipe | Ca
 def _needs_own_recipe(row: Variant | None) -> bool:
     """Whether a model file's variant (also one it modified: `create_model("paper",
     init_bias=1.0)`) trains with its own recipe even in the seed interface: one whose recipe
-    sets the input's scale (the paper's model: centred pixels in 0..255 units, the scale of
-    its initialisation; on the Baseline's unit-variance input its loss stays flat,
-    docs/results.md)."""
+    sets the input's scale (the paper's model: its augmentation, and centred pixels in 0..255
+    units, the scale of its initialisation; on the Baseline's unit-variance input its loss
+    stays flat, docs/results.md). A modified one keeps the recipe of the model it modifies."""
     return row is not None and RECIPES[row.recipe].raw_pixels
 
 
@@ -446,9 +446,12 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
 
     def drop_empty_out() -> None:  # a run that never started leaves no folder, nor the ones above it it made
         for folder in created:
-            if not folder.is_dir() or any(folder.iterdir()):
+            try:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+            except OSError:  # gone, or in use: the error that stopped the run is the one to show
                 break
-            folder.rmdir()
 
     try:
         run = build_run(cfg, log)

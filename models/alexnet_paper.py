@@ -1,4 +1,4 @@
-"""The 2012 paper's model: 96-256-384-384-256, LRN after conv1/conv2, overlapping pooling, dropout 0.5, the paper's initialisation (it trains with utils/transforms_paper.py's recipe unless told otherwise).
+"""The 2012 paper's model: 96-256-384-384-256, LRN after conv1/conv2, overlapping pooling, dropout 0.5 on the outputs of FC1 and FC2, the paper's initialisation (it trains with utils/transforms_paper.py's recipe unless told otherwise).
 
 Its recipe (utils/transforms_paper.py) feeds it the paper's input: centred pixels in 0..255
 units, the scale its N(0, 0.01) initialisation was made for. One departure, as in Caffe's

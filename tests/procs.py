@@ -58,8 +58,11 @@ def end_within(pids: set[int], timeout: float) -> bool:
 
 
 def kill_all(pids: set[int]) -> None:
+    """SIGKILL those of `pids` still running as multiprocessing children (not a pid that
+    ended and was given to another process since)."""
     for pid in pids:
-        try:
-            os.kill(pid, 9)
-        except OSError:  # already gone
-            pass
+        if alive(pid) and b"multiprocessing" in cmdline(pid):
+            try:
+                os.kill(pid, 9)
+            except OSError:  # ended meanwhile
+                pass
