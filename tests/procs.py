@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def children(pid: int) -> set[int]:
@@ -66,3 +69,20 @@ def kill_all(pids: set[int]) -> None:
                 os.kill(pid, 9)
             except OSError:  # ended meanwhile
                 pass
+
+
+def kill_leaves_no_children(args: list[str], n: int, env: dict[str, str] | None = None) -> None:
+    """Run `python -m alexnet ARGS`, wait for the `n` processes it spawns, SIGKILL it (no
+    chance to stop them itself), and assert they end too, within a minute."""
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    found: set[int] = set()
+    try:
+        found = spawned_children(proc, n)
+        assert len(found) == n and proc.poll() is None, f"{args[0]} ended before its {n} process(es) were seen"
+        proc.kill()
+        proc.wait()
+        assert end_within(found, 60), f"the processes {args[0]} started outlived it"
+    finally:
+        proc.kill()
+        kill_all(found)  # whatever happened above: none left behind by the test either

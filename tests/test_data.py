@@ -25,7 +25,7 @@ from alexnet.data import default_data_dir, default_source, ensure_cache, open_ca
 from alexnet.download import OFFICIAL_URL
 from alexnet.errors import DataError, UserError
 from tests.conftest import TINY_COUNTS, quiet
-from tests.procs import end_within, kill_all, spawned_children
+from tests.procs import kill_leaves_no_children
 from tests.synth import class_image, make_image_folder, make_zip, val_labels, wnid
 
 FILES = ("train_x.npy", "train_y.npy", "val_x.npy", "val_y.npy", "classes.json", "manifest.json")
@@ -157,19 +157,8 @@ def test_a_prepare_that_waits_for_another_says_so(tiny_zip: Path, tmp_path: Path
 def test_decoding_workers_end_with_a_prepare_that_is_killed(tiny_zip: Path, tmp_path: Path) -> None:
     """SIGKILL (the out-of-memory killer, a scheduler's hard limit) gives prepare no chance to
     stop its workers; they must not stay behind, blocked for ever, holding memory."""
-    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "prepare", "--source", str(tiny_zip), "--data",
-                             str(tmp_path / "c"), "--counts", ",".join(map(str, TINY_COUNTS)), "--workers", "2"],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers: set[int] = set()
-    try:
-        workers = spawned_children(proc, 2)
-        assert len(workers) == 2 and proc.poll() is None, "prepare ended before its workers were seen"
-        proc.kill()
-        proc.wait()
-        assert end_within(workers, 60), "decoding workers outlived the prepare that started them"
-    finally:
-        proc.kill()
-        kill_all(workers)  # whatever happened above: none left behind by the test either
+    kill_leaves_no_children(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts",
+                             ",".join(map(str, TINY_COUNTS)), "--workers", "2"], 2)
 
 
 def test_image_folder_says_what_it_leaves_out(tmp_path: Path) -> None:

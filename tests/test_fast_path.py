@@ -4,7 +4,6 @@ by a per-image DataLoader reaches the same loss; the benchmark runs and reports 
 import argparse
 import csv
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from alexnet.bench import _jpeg_folder, _reference_loader, add_bench_args, run_b
 from alexnet.cli import main
 from alexnet.augment import RECIPES
 from tests.conftest import needs_compiler
-from tests.procs import end_within, kill_all, spawned_children
+from tests.procs import kill_leaves_no_children
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,20 +108,9 @@ def test_bench_runs_each_of_several_rows_in_a_fresh_process(capsys, monkeypatch)
 def test_a_bench_row_ends_with_a_bench_that_is_killed():
     """Killed outright, the bench cannot stop the process running its row: that process must
     not train on alone for minutes, holding memory and the cores."""
-    cmd = [sys.executable, "-m", "alexnet", "bench", "--variants", "combined_gap", "combined_small", "--bs", "4",
-           "--steps", "100000", "--rounds", "1", "--no-reference", "--device", "cpu", "--no-amp"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    kill_leaves_no_children(["bench", "--variants", "combined_gap", "combined_small", "--bs", "4", "--steps", "100000",
+                             "--rounds", "1", "--no-reference", "--device", "cpu", "--no-amp"], 1,
                             env={**os.environ, "ALEXNET_FUSED_AUGMENT": "0"})
-    row: set[int] = set()
-    try:
-        row = spawned_children(proc, 1)
-        assert len(row) == 1 and proc.poll() is None, "the bench ended before its row's process was seen"
-        proc.kill()
-        proc.wait()
-        assert end_within(row, 60), "the row's process outlived the bench that started it"
-    finally:
-        proc.kill()
-        kill_all(row)
 
 
 def test_bench_profiles_both_paths(capsys, monkeypatch):
