@@ -88,10 +88,11 @@ def test_plateau_divides_by_ten_when_top1_stops_improving():
     sched, per_step = build_scheduler(cfg, opt, 10)
     assert not per_step
     seen = []
-    for top1 in (1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0):
+    for top1 in (1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, *[2.0] * 12):
         sched.step(top1)
         seen.append(opt.param_groups[0]["lr"])
     assert seen[:4] == pytest.approx([0.1] * 4) and seen[4] == pytest.approx(0.01)  # patience 2
+    assert seen[7] == pytest.approx(0.001) and seen[-1] == pytest.approx(1e-4)  # three cuts at most, as the paper
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
