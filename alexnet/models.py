@@ -158,7 +158,9 @@ class AlexNet(nn.Module):
                 return [*fc, drop] if cfg.dropout_after_fc else [drop, *fc]
 
             self.avgpool = nn.AdaptiveAvgPool2d(6)
-            hidden = [*hidden_fc(c5 * 36, cfg.hidden), *(hidden_fc(cfg.hidden, cfg.hidden) if cfg.head == "large" else [])]
+            hidden = hidden_fc(c5 * 36, cfg.hidden)
+            if cfg.head == "large":
+                hidden += hidden_fc(cfg.hidden, cfg.hidden)
             self.classifier = nn.Sequential(*hidden, nn.Linear(cfg.hidden, num_classes))
         if cfg.init == "paper":
             self._paper_init()
@@ -196,7 +198,8 @@ class AlexNet(nn.Module):
         pool, head = self.avgpool, self.classifier
         if type(pool) is not nn.AdaptiveAvgPool2d or type(head) is not nn.Sequential or len(head) < 2:
             return False
-        before, fc1 = [head[i] for i in range(self._fc1_at)], head[self._fc1_at]  # not a slice: a new Sequential each pass
+        # the dropout before FC1, if any (a list: slicing the Sequential would build a new one each pass)
+        before, fc1 = [head[0]] if self._fc1_at else [], head[self._fc1_at]
         if any(type(m) is not nn.Dropout for m in before) or type(fc1) is not nn.Linear:
             return False
         h, w = _pair(pool.output_size)

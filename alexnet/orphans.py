@@ -6,7 +6,8 @@ scheduler's hard limit) nothing tells them: a decoding worker blocks for ever on
 whose writing end it holds itself, and a bench row runs its minutes of training to the end,
 holding memory and both cores. On Linux the kernel can send a signal when the parent dies
 (prctl PR_SET_PDEATHSIG); elsewhere, or where prctl is not reachable, the check at start
-below is all there is (a parent killed later leaves its children behind there). (PyTorch's DataLoader workers watch their parent themselves.)
+below is all there is (a parent killed later leaves its children behind there). PyTorch's
+DataLoader workers watch their parent themselves.
 """
 
 from __future__ import annotations
