@@ -24,6 +24,7 @@ def img_size_error(size: int) -> str:
 
 
 SCHEDULES = ("plateau", "cosine", "onecycle", "step", "constant")
+WARMUP_SCHEDULES = ("cosine", "step", "constant")  # the per-step schedules built on LambdaLR (train.build_scheduler)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -104,6 +105,14 @@ class TrainConfig:
             need(self.img_size >= 2, f"--img-size must be at least 2, got {self.img_size}")  # a mirror needs 2
         need(math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        # A warm-up the schedule would not run, or one that takes the whole run, is a mistake
+        # that training would otherwise hide: the lr curve is not the one asked for.
+        need(self.warmup_epochs == 0 or self.schedule in WARMUP_SCHEDULES,
+             f"--warmup-epochs applies to --schedule {', '.join(WARMUP_SCHEDULES)}, not {self.schedule}"
+             + (" (onecycle warms up over its first quarter itself)" if self.schedule == "onecycle" else ""))
+        need(self.warmup_epochs < self.epochs,
+             f"--warmup-epochs {self.warmup_epochs:g} would take the whole run of --epochs {self.epochs}: the lr "
+             "would never reach --lr")
         need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,
              f"--memory-budget must be a number of GB >= 0, got {self.memory_budget}")
         need(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")

@@ -14,7 +14,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -241,12 +241,32 @@ class _PerImage(Dataset):
         j = int(self.order[i])
         seed_torch(self.seed + i)  # a DataLoader worker: CPU only
         img = torch.from_numpy(np.array(self.x[j])).permute(2, 0, 1)  # (3,H,W) uint8
-        return self.transform(img), int(self.y[j])
+        try:
+            return self.transform(img), int(self.y[j])
+        except Exception as e:  # `probe` tried one image; this is another that the transform fails on
+            raise _TransformFailed(f"the transform raised {e.__class__.__name__} on training image {j} of the "
+                                   f"cache: {e}") from None
+
+
+class _TransformFailed(UserError):
+    """A transform that raised, in a DataLoader worker or not (PerImageBatches words it)."""
 
 
 def _worker_init(_: int) -> None:
-    # Ctrl-C is for the main process, which saves a checkpoint and stops the workers itself.
+    # Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP are for the main process,
+    # which saves a checkpoint at the next step and then stops the workers itself. Slurm (and
+    # `kill -- -PGID`, and a hang-up) signals every process of the job: a worker that died of
+    # it failed the run before it could save. A worker still running a minute after a SIGTERM
+    # (its main process never got to stop it) ends then, by SIGALRM's default action.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGALRM"):
+        for s in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal, as for the main process
+            signal.signal(s, _end_in_a_minute)
+
+
+def _end_in_a_minute(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(60)
 
 
 class PerImageBatches:
@@ -285,7 +305,15 @@ class PerImageBatches:
         ds = _PerImage(self.x, self.y, self.transform, order, base, self.transform_file)
         dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True, worker_init_fn=_worker_init,
                         persistent_workers=False, pin_memory=self.augment.device.type == "cuda")
-        for xb, yb in dl:
+        batches = iter(dl)
+        while True:
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                return
+            except _TransformFailed as e:
+                # From a worker it comes back with the worker's traceback around the message.
+                raise UserError(f"{self.source}: {str(e).rsplit('_TransformFailed: ', 1)[-1].strip()}") from None
             yield self.finish(xb), yb.to(self.augment.device, non_blocking=True)
 
     def finish(self, xb) -> torch.Tensor:

@@ -35,6 +35,14 @@ def read_csv(path: Path) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
+def recorded_epochs(out: Path) -> int:
+    """The epochs a metrics.csv in `out` records (0 if there is none, or it cannot be read)."""
+    try:
+        return len(read_csv(Path(out) / "metrics.csv"))
+    except (OSError, ValueError, csv.Error):
+        return 0
+
+
 def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
     """Loss and accuracy against epochs, train and val, one PNG."""
     import matplotlib

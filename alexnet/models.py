@@ -75,6 +75,10 @@ class AlexNetConfig:
     # replication, bvlc_alexnet, which used 0.1 ("found necessary for training, as
     # initialization to 1 gave flat loss").
     init_bias: float = 0.1
+    # The paper's two GPUs ("towers"): 2 splits conv2, conv4 and conv5 into two groups that each
+    # see half the channels, and LRN normalises within each half; conv1, conv3 and the FC layers
+    # connect everything, as the paper's GPUs communicated only there. 1 (default): one tower.
+    groups: int = 1
 
     def __post_init__(self) -> None:
         if len(self.widths) != 5 or min(self.widths) < 1:
@@ -93,6 +97,8 @@ class AlexNetConfig:
             raise ConfigError("dropout_after_fc needs a hidden FC layer (head large or small); the gap head has none")
         if not math.isfinite(self.init_bias):
             raise ConfigError(f"init_bias must be finite, got {self.init_bias}")
+        if not isinstance(self.groups, int) or self.groups < 1 or any(w % self.groups for w in self.widths):
+            raise ConfigError(f"groups must be a positive integer dividing every width {self.widths}, got {self.groups!r}")
 
 
 def paper_lrn() -> nn.LocalResponseNorm:
@@ -104,12 +110,27 @@ def paper_lrn() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
 
 
+class GroupedLRN(nn.Module):
+    """The paper's LRN within each tower: the channels split into `groups` equal parts, each
+    normalised on its own, so no window spans two towers (no parameters, so no state-dict keys)."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups, self.lrn = groups, paper_lrn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.lrn(part) for part in x.chunk(self.groups, 1)], 1)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
 def _norm(cfg: AlexNetConfig, index: int, channels: int) -> list[nn.Module]:
     if cfg.norm == "none" or index not in cfg.norm_layers:
         return []
     if cfg.norm == "batchnorm":
         return [nn.BatchNorm2d(channels)]
-    return [paper_lrn()]
+    return [paper_lrn() if cfg.groups == 1 else GroupedLRN(cfg.groups)]
 
 
 class AlexNet(nn.Module):
@@ -130,7 +151,8 @@ class AlexNet(nn.Module):
         bn_first = cfg.norm == "batchnorm"
 
         def block(i: int, cin: int, cout: int, k: int, s: int, p: int) -> list[nn.Module]:
-            conv = Conv2d(cin, cout, k, s, p, bias=not (bn_first and i in cfg.norm_layers))
+            groups = cfg.groups if i in (1, 3, 4) else 1  # the paper's towers: conv2, conv4, conv5
+            conv = Conv2d(cin, cout, k, s, p, bias=not (bn_first and i in cfg.norm_layers), groups=groups)
             norm = _norm(cfg, i, cout)
             return [conv, *norm, nn.ReLU(inplace=True)] if bn_first else [conv, nn.ReLU(inplace=True), *norm]
 

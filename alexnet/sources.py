@@ -326,6 +326,8 @@ def load_image_file(path: Path, size: int) -> np.ndarray:
         raise UserError(f"{path}: image file not found") from None
     except DataError as e:  # readable, but not as pixels we can take
         raise UserError(f"{path}: {e}") from None
+    except Image.DecompressionBombError as e:  # an image, refused for its size
+        raise UserError(f"{path}: {e} (PIL's limit against decompression bombs: Image.MAX_IMAGE_PIXELS)") from None
     except Exception as e:  # noqa: BLE001 - any failure to read or decode is this file's problem
         raise UserError(f"{path}: not an image PIL can read ({e.__class__.__name__}); "
                         f"expected JPEG, PNG or similar") from None

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from alexnet.config import MIN_IMG_SIZE, img_size_error
 from alexnet.errors import ConfigError
 from alexnet.models import VARIANTS, count_parameters, create_model
-from alexnet.userfiles import load_model_file
+from alexnet.userfiles import check_model_output, load_model_file
 
 
 def forward_mflops(model: nn.Module, img_size: int, folded: bool = False) -> float:
@@ -92,8 +92,13 @@ def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200
     if num_classes < 1:
         raise ConfigError(f"--num-classes must be at least 1, got {num_classes}")
     if target is not None:
-        model = (load_model_file(target, num_classes) if Path(target).suffix == ".py" or Path(target).exists()
-                 else create_model(target, num_classes))
+        if Path(target).suffix == ".py" or Path(target).exists():
+            model = load_model_file(target, num_classes)
+            # train's checks: a model that fails on this input, or has nothing to train, is one line
+            check_model_output(target, model, num_classes, img_size, torch.device("cpu"), amp=False,
+                               channels_last=False, training=True)
+        else:
+            model = create_model(target, num_classes)
         log(f"{target} at {img_size}x{img_size}, {num_classes} classes")
         log(f"{'layer':<16}{'type':<20}{'output shape':<20}{'params':>12}")
         for name, kind, shape, n in layer_table(model, img_size):

@@ -37,7 +37,7 @@ from alexnet.evaluate import autocast, evaluate
 from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_resident, epoch_order, releaser,
                             seed_torch, step_seed, to_memory)
 from alexnet.memory import peak_memory_mib, reset_peak
-from alexnet.metrics import MetricsLog
+from alexnet.metrics import MetricsLog, recorded_epochs
 from alexnet.models import AlexNet, Variant, create_model, registered
 from alexnet.precision import resolve_amp
 from alexnet.userfiles import check_model_output, load_model_file, load_transforms_file
@@ -114,6 +114,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool) -> torch.op
     return opt
 
 
+# Schedules whose lr curve spans the run's --epochs: a resumed run must keep that number.
+CURVE_SCHEDULES = ("cosine", "onecycle", "step")
+
+
 def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
     """(scheduler, per_step). 'plateau' divides the lr by 10 when val top-1 stops improving
     (the paper's rule), at most three times, as the paper did ("reduced three times prior to
@@ -124,7 +128,11 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=2,
                                                           min_lr=cfg.lr * 1e-3), False
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25,
+        # The lr rises over the first quarter of the steps, then falls. A run of under 5 steps
+        # (a smoke test) has no step in that quarter, and OneCycleLR divides by its length,
+        # pct_start * total - 1 steps, 0 at 4 steps: -0.5 keeps such runs on the fall alone.
+        pct = 0.25 if total >= 5 else 0.5 / total
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct,
                                                    cycle_momentum=False), True
 
     def factor(step: int) -> float:
@@ -201,6 +209,9 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     torch.manual_seed(cfg.seed)
     model, variant = build_model(cfg)
     transform, source = build_transforms(cfg, variant)
+    if cfg.resume not in (None, "auto") and Path(cfg.resume).is_dir():
+        raise CheckpointError(f"--resume {cfg.resume}: is a directory; give the checkpoint in it ("
+                              f"{Path(cfg.resume) / 'last.pth'}), or --resume alone for {out / 'last.pth'}")
     if not cfg.resume and (out / "last.pth").exists():
         raise UserError(f"--out {out}: holds a previous run (last.pth); continue it with --resume, "
                         "or choose another --out (nothing was overwritten)")
@@ -212,6 +223,9 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if fresh and (out / "best.pth").exists():  # a checkpoint kept or copied there on its own
         raise CheckpointError(f"--out {out}: holds a checkpoint (best.pth) that a new run would replace; move it "
                               "or choose another --out (nothing was overwritten)")
+    if fresh and (done := recorded_epochs(out)):  # its checkpoints deleted, its record kept
+        raise UserError(f"--out {out}: holds a previous run's metrics.csv ({done} epoch{'s' if done > 1 else ''}) "
+                        "that a new run would replace; move it or choose another --out (nothing was overwritten)")
     cache = cache_for(cfg.data, log=log if d.main else (lambda *a: None))
     if cache.num_classes != cfg.num_classes:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "
@@ -373,10 +387,12 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
         value = loss.item()
         bad, stop = distributed.any_ranks([not math.isfinite(value), bool(run.stop_signal)], d, run.device)
         if bad:
+            # At the run's first step no update has been made yet: the learning rate is not to blame.
+            cause = ("the model's output or its input is not finite (no update had been made yet)" if state["step"] == 0
+                     else "the learning rate is probably too high")
             raise NonFiniteLoss(f"loss became {value if not math.isfinite(value) else 'non-finite on another rank'} "
                                 f"at epoch {epoch + 1}, step {b + 1} of {run.steps_per_epoch} "
-                                f"(lr {run.opt.param_groups[0]['lr']:.3g}): the learning rate is probably too high; "
-                                f"{last_good(run)}")
+                                f"(lr {run.opt.param_groups[0]['lr']:.3g}): {cause}; {last_good(run)}")
         last.update(loss=value, stop=stop)
 
     t0 = time.perf_counter()
@@ -387,6 +403,7 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
         seed_torch(s, run.device)  # dropout; after the batch, which a per-image transform may have reseeded
         checking = (b - start) % every == 0 or b == run.steps_per_epoch - 1
         logits, loss = train_step(run.model, run.opt, x, y, cfg, run.device, check if checking else None)
+        m["lr"] = run.opt.param_groups[0]["lr"]  # the lr this step used: the epoch's row shows its last step's
         if run.per_step:
             run.sched.step()
         state["step"] += 1
@@ -513,13 +530,15 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
             finally:
                 saving[0] = False
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     saving, first_request = [False], [0.0]
 
     def request_stop(signum: int, frame: Any) -> None:
         # Only a second Ctrl-C, a second or more after the first and never while a checkpoint
         # is being written, stops at once: launchers (torchrun, Slurm) pass one request on as
         # further SIGTERMs, and those must not cut the stop's own save short.
+        if signum == getattr(signal, "SIGHUP", None):
+            _detach_from_terminal()
         if run.stop_signal:
             writing = saving[0] or run.writer.busy
             if signum == signal.SIGINT and not writing and time.monotonic() - first_request[0] > 1.0:
@@ -611,6 +630,25 @@ def _summary(run: Run, state: dict) -> dict:
             "history": state["history"], "out": str(run.out)}
 
 
+# A closed terminal (SIGHUP) stops a run as Ctrl-C and SIGTERM do: saved at the next step.
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def _detach_from_terminal() -> None:
+    """After a hang-up every write to the terminal fails (EIO), and the run would die of its
+    next progress line before saving: its output goes to /dev/null from here on."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                if os.isatty(fd):
+                    os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+
+
 def _note(line: str) -> None:
     """A line on stderr from a signal handler: a raw write, since the handler may have
     interrupted a print in progress (buffered writes are not reentrant)."""
@@ -618,7 +656,10 @@ def _note(line: str) -> None:
         fd = sys.stderr.fileno()
     except (OSError, ValueError, AttributeError):  # replaced by a stream without a descriptor
         fd = 2
-    os.write(fd, (line + "\n").encode())
+    try:
+        os.write(fd, (line + "\n").encode())
+    except OSError:  # a terminal gone, a closed pipe: the stop goes on without the note
+        pass
 
 
 def _stopped(run: Run, where: str, say, resume: bool = True) -> None:
@@ -695,7 +736,9 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     release_free_memory()
     drop_resident(run.cache.val.x)
     eval_s = time.perf_counter() - t
-    lr = run.opt.param_groups[0]["lr"]
+    # The lr of the epoch's last step (a per-step schedule has moved on since; a checkpoint
+    # from before this was recorded has only the next one)
+    lr = m.get("lr", run.opt.param_groups[0]["lr"])
     if not run.per_step:
         run.sched.step(val["top1"])
     row = {"epoch": ep + 1, "train_loss": loss_sum / n, "train_top1": 100 * correct / n, "val_loss": val["loss"],
@@ -725,12 +768,21 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
     ckpt_io.set_rng_state(c["rng"], run.aug_gen)
     state.update(step=c["step"], best_top1=c["best_top1"], best_epoch=c["best_epoch"],
                  history=list(c["history"]), meters=dict(c["meters"]) if run.dist.main else _fresh_meters())
+    # A run killed between an improving epoch's last.pth and its best.pth link left best.pth
+    # missing or holding an older state; that epoch's checkpoint is this one (saved at the
+    # epoch's end, batch 0): link it now.
+    if (run.dist.main and c["batch"] == 0 and c["epoch"] > 0 and c["best_epoch"] == c["epoch"]
+            and same_file(path.parent, run.out) and not same_file(path, run.out / "best.pth")):
+        ckpt_io.link_atomic(path, run.out / "best.pth")
+        say(f"{run.out / 'best.pth'}: made the checkpoint of epoch {c['epoch']}, the best, as the run's last save "
+            "was cut short before it")
     # batch == steps_per_epoch: saved after the last step of an epoch, before its evaluation;
     # train_one_epoch then does nothing and the evaluation runs.
     epoch, batch = c["epoch"], c["batch"]
     if epoch >= run.cfg.epochs:
-        say(f"{path}: the run is already complete ({epoch} of {run.cfg.epochs} epochs); nothing to do "
-            f"(a larger --epochs continues it)")
+        more = (f"its {run.cfg.schedule} schedule ended with it" if run.cfg.schedule in CURVE_SCHEDULES
+                else "a larger --epochs continues it")
+        say(f"{path}: the run is already complete ({epoch} of {run.cfg.epochs} epochs); nothing to do ({more})")
     else:
         into = "" if same_file(path.parent, run.out) else f", continuing in {run.out}"
         say(f"resumed from {path}: epoch {epoch + 1}, step {batch} of {run.steps_per_epoch}{into}")
@@ -738,8 +790,9 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
 
 
 # Settings that decide the sequence of batches, augmentations and updates: a resumed run must
-# keep them, or it would continue a different run. (--epochs may grow; --out, --device and
-# the like do not change the maths.)
+# keep them, or it would continue a different run. (--epochs may change where the schedule's
+# curve does not span the run, plateau and constant; --out, --device and the like do not
+# change the maths.)
 TRAJECTORY = ("seed", "bs", "lr", "momentum", "wd", "nesterov", "schedule", "warmup_epochs", "label_smoothing",
               "transforms", "recipe", "img_size", "max_steps", "amp", "channels_last", "deterministic")
 
@@ -750,6 +803,9 @@ def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:
     # not bit for bit, as another machine's kernels would not be either, but not weeks late.
     keys = [k for k in TRAJECTORY if not (k == "amp" and run.amp_fell_back and saved.get(k) is True)]
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
+    if saved.get("epochs") != now["epochs"] and now["schedule"] in CURVE_SCHEDULES:
+        diff.append(f"--epochs {saved.get('epochs')} -> {now['epochs']} (the {now['schedule']} schedule's lr curve "
+                    "spans the run's epochs; plateau and constant runs may continue for more)")
     if c.get("world", 1) != run.dist.world:
         diff.append(f"processes {c.get('world', 1)} -> {run.dist.world}")
     if diff:

@@ -43,7 +43,10 @@ def load_python_file(path: str | Path, contract: str) -> ModuleType:
     try:
         source = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it ({e.__class__.__name__}); it {contract}") from None
+        # PyTorch's checkpoints are zip archives: a checkpoint passed where a .py file goes
+        what = "a zip archive (a checkpoint?), not a Python file" if _starts_with(path, b"PK\x03\x04") else \
+            f"cannot read it ({e.__class__.__name__})"
+        raise UserError(f"{path}: {what}; it {contract}") from None
     try:
         code = compile(source, str(path), "exec")
     except SyntaxError as e:
@@ -58,6 +61,8 @@ def load_python_file(path: str | Path, contract: str) -> ModuleType:
     sys.path.insert(0, folder)
     try:
         exec(code, module.__dict__)
+    except SystemExit as e:  # a script's `sys.exit()` would end the run silently with its status
+        raise UserError(f"{path}: called sys.exit({e.code!r}){_where(e, path)} while loading; it {contract}") from None
     except Exception as e:
         raise UserError(f"{path}: raised {e.__class__.__name__}{_where(e, path)} while loading: {e}") from None
     finally:
@@ -75,8 +80,18 @@ def _call(path: Path, fn: Callable, what: str, *args):
         if str(e).startswith(f"{path}:"):
             raise
         raise type(e)(f"{path}: {what}{_where(e, path)}: {e}") from None
+    except SystemExit as e:
+        raise UserError(f"{path}: {what} called sys.exit({e.code!r}){_where(e, path)}") from None
     except Exception as e:
         raise UserError(f"{path}: {what} raised {e.__class__.__name__}{_where(e, path)}: {e}") from None
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
@@ -114,8 +129,9 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
             if train_mode:  # after the eval pass, which gives lazy modules' buffers their shapes
                 buffers = [(b, b.clone()) for b in model.buffers()]
             try:
+                # the training pass with gradients, to see that the loss will have some to give
                 with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
-                      torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):
+                      torch.set_grad_enabled(train_mode), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):
                     out = model.train(train_mode)(x)
             except Exception as e:
                 first = (str(e).strip().splitlines() or [""])[0]
@@ -126,6 +142,14 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise UserError(f"{path}: the model returns {got}{where} for a batch of 2 images; expected logits of "
                                 f"shape (2, {num_classes}) for --num_classes {num_classes}")
+            if not out.is_floating_point():
+                raise UserError(f"{path}: the model returns {out.dtype} values{where}; expected floating-point logits")
+            if train_mode and not out.requires_grad:
+                if not any(p.requires_grad for p in model.parameters()):
+                    raise UserError(f"{path}: the model has no trainable parameters (none, or requires_grad=False on "
+                                    "every one): there is nothing to train")
+                raise UserError(f"{path}: the model's output in training mode does not depend on any trainable "
+                                "parameter (it has no gradient): there is nothing to train")
     finally:
         for m, was in modes:
             m.training = was

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from alexnet.errors import ConfigError, UserError
-from alexnet.models import VARIANTS, AlexNet, AlexNetConfig, count_parameters, create_model, paper_lrn
+from alexnet.models import VARIANTS, AlexNet, AlexNetConfig, GroupedLRN, count_parameters, create_model, paper_lrn
 from alexnet.userfiles import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,8 @@ def test_model_files(path):
     model = load_model_file(path, 200)
     base = model.variant.split("+")[0]  # "combined_gap+dropout=0.0" modifies a registered variant
     assert base in VARIANTS
-    assert count_parameters(model) == PARAMS[base]
+    towers = 1_413_120 if "groups=2" in model.variant else 0  # the paper's two towers: grouped conv2, conv4, conv5
+    assert count_parameters(model) == PARAMS[base] - towers
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 200)
 
@@ -182,6 +183,32 @@ def test_paper_model_structure_and_init():
             assert torch.equal(layer.bias, torch.full_like(layer.bias, bias if on else 0.0))
     with pytest.raises(ConfigError, match="init_bias"):
         AlexNetConfig(init="paper", init_bias=float("nan"))
+
+
+def test_paper_two_towers():
+    """groups=2: the paper's two GPUs. conv2, conv4 and conv5 see half the channels each, and
+    LRN normalises within each half, so the first tower after conv2 does not depend on the
+    second tower's conv1 kernels at all; conv3 and the FC layers connect both."""
+    one, two = create_model("paper", 200), create_model("paper", 200, groups=2)
+    assert count_parameters(one) - count_parameters(two) == 1_413_120
+    assert [c.groups for c in two.features if isinstance(c, torch.nn.Conv2d)] == [1, 2, 1, 2, 2]
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    upto_conv2 = two.features[:7]  # conv1, ReLU, LRN, pool, conv2, ReLU, LRN
+    assert isinstance(upto_conv2[-1], GroupedLRN)
+    with torch.no_grad():
+        before = upto_conv2(x)
+        two.features[0].weight[48:] = torch.randn_like(two.features[0].weight[48:])  # tower 2's conv1 kernels
+        after = upto_conv2(x)
+    torch.testing.assert_close(after[:, :128], before[:, :128], rtol=0, atol=0)
+    assert not torch.allclose(after[:, 128:], before[:, 128:])
+    a = torch.randn(2, 12, 5, 5).relu() * 3
+    torch.testing.assert_close(GroupedLRN(2)(a), torch.cat([paper_lrn()(a[:, :6]), paper_lrn()(a[:, 6:])], 1))
+    assert two(x).shape == (2, 200)
+    with pytest.raises(ConfigError, match="groups must be a positive integer dividing every width"):
+        create_model("paper", 200, groups=5)
+    with pytest.raises(ConfigError, match="groups"):
+        AlexNetConfig(groups=0)
 
 
 def test_unknown_variant_lists_known_names():

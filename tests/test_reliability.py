@@ -1,6 +1,7 @@
 """Exact resume after SIGKILL, safe interruption, non-finite loss, determinism, and one clear
 error per kind of bad input."""
 
+import csv
 import json
 import os
 import re
@@ -220,6 +221,86 @@ def test_an_ignored_interrupt_stays_ignored(learnable_cache, tmp_path, monkeypat
     assert torch.load(out / "last.pth", weights_only=False)["batch"] == 4  # the step the SIGTERM came in
 
 
+def test_sigterm_to_the_whole_job_saves_with_dataloader_workers(learnable_cache, tmp_path):
+    """A scheduler (Slurm, `kill -- -PGID`) signals every process of the job, the DataLoader
+    workers of a per-image transforms file too: the main process still stops at the next step
+    with last.pth saved (the workers used to die first, and the run failed saving nothing)."""
+    from tests.procs import children, end_within, kill_all
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
+           "--epochs", "50", "--transforms", "examples/transforms_torchvision.py", "--workers", "2"]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and child.poll() is None and time.monotonic() < deadline:
+            workers = children(child.pid)
+            time.sleep(0.01)
+        assert len(workers) >= 2, "the run's DataLoader workers were never seen"
+        os.killpg(child.pid, signal.SIGTERM)
+        printed = child.communicate(timeout=120)[0]
+    finally:
+        child.kill()
+        kill_all(workers)
+    assert child.returncode == 128 + signal.SIGTERM, printed[-2000:]
+    assert "stopped by SIGTERM at" in printed and "Resume with:" in printed
+    assert torch.load(out / "last.pth", weights_only=False)["step"] >= 0
+    assert end_within(workers, 60), "the workers outlived the run"
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step", "plateau", "constant"])
+def test_more_epochs_continue_only_a_schedule_whose_curve_does_not_span_the_run(learnable_cache, tmp_path, capsys,
+                                                                               schedule):
+    """cosine, onecycle and step fit their lr curve to --epochs: a resume with another number
+    would restart it (OneCycleLR raised deep inside PyTorch); plateau and constant continue."""
+    out = tmp_path / "o"
+    args = [*run_args(learnable_cache, out), "--max-steps", "3", "--schedule", schedule]
+    assert main(["train", *args, "--epochs", "2"]) == 0
+    before = (out / "config.json").read_bytes()
+    capsys.readouterr()
+    code = main(["train", *args, "--epochs", "3", "--resume"])
+    if schedule in ("plateau", "constant"):
+        assert code == 0 and len(torch.load(out / "last.pth", weights_only=False)["history"]) == 3
+        return
+    err = capsys.readouterr().err
+    assert code == 2 and f"(--epochs 2 -> 3 (the {schedule} schedule's lr curve spans the run's epochs" in err
+    assert (out / "config.json").read_bytes() == before
+    capsys.readouterr()
+    assert main(["train", *args, "--epochs", "2", "--resume"]) == 0  # the same run: complete
+    assert f"nothing to do (its {schedule} schedule ended with it)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
+def test_onecycle_runs_as_short_as_a_smoke_test(tiny_cache, tmp_path, steps):
+    """At 4 steps OneCycleLR divided by zero (its rising quarter was 0 steps long)."""
+    out = tmp_path / "o"
+    assert main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", str(steps), "--lr", "0.05",
+                 "--schedule", "onecycle", "--no-progress"]) == 0
+    lr = float(next(csv.DictReader((out / "metrics.csv").open()))["lr"])
+    assert 0 < lr <= 0.05
+
+
+def test_an_epoch_cut_short_before_its_best_link_gets_it_on_resume(learnable_cache, tmp_path, capsys):
+    """A kill between an improving epoch's last.pth and its best.pth link left best.pth missing
+    (or older): the resume links that epoch's checkpoint, which is the run's best."""
+    out = tmp_path / "o"
+    assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2"]) == 0
+    for leftover in (None, b"an older best"):
+        (out / "best.pth").unlink()
+        if leftover:
+            (out / "best.pth").write_bytes(leftover)
+        capsys.readouterr()
+        assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2", "--resume"]) == 0
+        assert "made the checkpoint of epoch 1, the best" in capsys.readouterr().out
+        assert os.path.samefile(out / "best.pth", out / "last.pth")
+    capsys.readouterr()
+    assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2", "--resume"]) == 0
+    assert "made the checkpoint" not in capsys.readouterr().out  # linked already: nothing to do
+
+
 def test_resume_of_a_finished_run_says_so(learnable_cache, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["train", *run_args(learnable_cache, out), "--epochs", "1"]) == 0
@@ -253,7 +334,7 @@ def test_resume_on_other_data_is_refused(learnable_cache, tiny_cache, tmp_path, 
     assert "the run was trained on other data than the cache in" in err and "--data" in err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_saves_and_prints_resume_command(learnable_cache, tmp_path, sig):
     out = tmp_path / "o"
     cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
@@ -456,6 +537,12 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
     (["--variant", "baseline", "--wd", "inf"], "--wd must be a finite number >= 0, got inf"),
     (["--variant", "baseline", "--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0"),
+    (["--variant", "baseline", "--warmup-epochs", "1"], "--warmup-epochs applies to --schedule cosine, step, constant, "
+                                                         "not plateau"),
+    (["--variant", "baseline", "--warmup-epochs", "1", "--schedule", "onecycle"],
+     "not onecycle (onecycle warms up over its first quarter itself)"),
+    (["--variant", "baseline", "--warmup-epochs", "1", "--schedule", "cosine"],
+     "--warmup-epochs 1 would take the whole run of --epochs 1: the lr would never reach --lr"),
     (["--variant", "baseline", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
     (["--variant", "baseline", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
     (["--variant", "baseline", "--momentum", "0", "--nesterov"], "--nesterov needs --momentum above 0"),
@@ -530,6 +617,16 @@ def test_config_file_ints_are_accepted_as_floats(tmp_path):
     ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))",
      "the model does not take a batch of 64x64 RGB images (shape (2, 3, 64, 64) on cpu): RuntimeError"),
     ("return nn.Identity()", "the model returns (2, 3, 64, 64) for a batch of 2 images"),
+    ("return nn.Sequential(nn.Flatten(), nn.AdaptiveAvgPool1d(num_classes))",
+     "the model has no trainable parameters (none, or requires_grad=False on every one)"),
+    ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes)).requires_grad_(False)",
+     "the model has no trainable parameters"),
+    ("return Zeros(num_classes)\n\nclass Zeros(nn.Linear):\n    def __init__(self, n):\n        super().__init__(1, n)\n"
+     "    def forward(self, x):\n        return x.new_zeros(len(x), self.out_features)",
+     "the model's output in training mode does not depend on any trainable parameter"),
+    ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes), Long())\n\nclass Long(nn.Module):\n"
+     "    def forward(self, x):\n        return x.long()", "the model returns torch.int64 values; expected floating-point logits"),
+    ("import sys; sys.exit(3)", "build_model(num_classes) called sys.exit(3) (line 4)"),
 ])
 def test_model_file_with_wrong_outputs_or_input(tiny_cache, out_with_files, capsys, tmp_path, body, match):
     m = tmp_path / "m.py"
@@ -650,6 +747,51 @@ def test_transforms_file_whose_crops_reach_past_the_image(tiny_cache, out_with_f
     t.write_text("from alexnet.augment import Recipe\n\ndef build_transforms():\n    return Recipe(crop_pad=64)\n")
     err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--transforms", str(t))
     assert err == f"error: {t}: crop_pad must be less than the image size 64, got 64"
+
+
+def test_resume_given_the_run_folder_asks_for_the_file(tiny_cache, out_with_files, capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "combined_gap", "--resume", str(run))
+    assert f"--resume {run}: is a directory; give the checkpoint in it ({run / 'last.pth'})" in err
+
+
+def test_a_new_run_does_not_replace_the_record_of_one_whose_checkpoints_were_deleted(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+            "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress"]
+    assert main(["train", *args]) == 0
+    for f in ("last.pth", "best.pth"):
+        (out / f).unlink()
+    record = (out / "metrics.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *args, "--lr", "0.02"]) == 2
+    assert "holds a previous run's metrics.csv (1 epoch) that a new run would replace" in capsys.readouterr().err
+    assert (out / "metrics.csv").read_bytes() == record
+
+
+def test_a_transform_that_fails_on_a_later_image_is_one_line(tiny_cache, capsys, tmp_path):
+    t = tmp_path / "t.py"
+    t.write_text("import torch\n\ndef build_transforms():\n    return Flaky()\n\nclass Flaky:\n"
+                 "    calls = 0\n\n    def __call__(self, img):\n        Flaky.calls += 1\n"
+                 "        if Flaky.calls > 3:\n            raise ValueError('bad pixel')\n        return img\n")
+    for workers in ("0", "2"):
+        code = main(["train", "--variant", "combined_gap", "--transforms", str(t), "--workers", workers, "--data",
+                     str(tiny_cache), "--out", str(tmp_path / workers), "--device", "cpu", "--num_classes", "4",
+                     "--bs", "8", "--epochs", "1", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "Traceback" not in err
+        assert re.search(rf"error: {re.escape(str(t))}: the transform raised ValueError on training image \d+ of the "
+                         r"cache: bad pixel$", err), (workers, err)
+
+
+def test_a_model_file_that_exits_or_is_a_checkpoint(tiny_cache, out_with_files, capsys, tmp_path, small_ckpt):
+    m = tmp_path / "m.py"
+    m.write_text("import sys\nsys.exit(3)\n")
+    err = _bad(tiny_cache, out_with_files, capsys, str(m))
+    assert f"{m}: called sys.exit(3) (line 2) while loading; it must define build_model" in err
+    err = _bad(tiny_cache, out_with_files, capsys, str(small_ckpt))
+    assert f"{small_ckpt}: a zip archive (a checkpoint?), not a Python file; it must define build_model" in err
 
 
 def test_model_or_transforms_path_that_is_a_directory(tiny_cache, out_with_files, capsys, tmp_path):
@@ -963,6 +1105,17 @@ def test_predict_non_image(small_ckpt, tmp_path, capsys):
     assert f"{txt}: not an image PIL can read" in err and "1 of 1 files skipped, not readable as images (none was" in err
 
 
+def test_predict_an_image_too_large_for_pil_says_so(small_ckpt, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)  # 10,000 pixels: over twice the limit, refused
+    assert main(["predict", str(small_ckpt), str(big), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{big}: Image size (10000 pixels) exceeds limit" in err and "Image.MAX_IMAGE_PIXELS" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda(tiny_cache, out_with_files, capsys):
     err = _bad(tiny_cache, out_with_files, capsys, "--variant", "baseline", "--device", "cuda")
@@ -992,7 +1145,7 @@ def test_resume_command_for_each_entry_point(monkeypatch):
     (["--wd", "0"], "--wd 0.0005 -> 0.0"),
     (["--nesterov"], "--nesterov False -> True"),
     (["--schedule", "cosine"], "--schedule plateau -> cosine"),
-    (["--warmup-epochs", "1"], "--warmup-epochs 0.0 -> 1.0"),
+    (["--schedule", "constant", "--warmup-epochs", "1"], "--schedule plateau -> constant; --warmup-epochs 0.0 -> 1.0"),
     (["--label-smoothing", "0.1"], "--label-smoothing 0.0 -> 0.1"),
     (["--recipe", "baseline"], "--recipe None -> baseline"),
     (["--transforms", "utils/transforms_combined.py"], "--transforms None -> utils/transforms_combined.py"),
@@ -1015,8 +1168,8 @@ def test_resume_refuses_each_setting_that_shapes_the_run(small_ckpt, tiny_cache,
 def test_every_setting_that_shapes_the_run_is_tested():
     from alexnet.train import TRAJECTORY
 
-    tested = {c.split()[0][2:].replace("-", "_") for _, c in
-              test_resume_refuses_each_setting_that_shapes_the_run.pytestmark[0].args[1]}
+    tested = {w[2:].replace("-", "_") for _, c in test_resume_refuses_each_setting_that_shapes_the_run.pytestmark[0].args[1]
+              for w in c.split() if w.startswith("--")}
     assert set(TRAJECTORY) == tested | {"bs", "channels_last"}  # those two: the test below
 
 

@@ -3,6 +3,7 @@ command line (train.py / evaluate.py) and the package CLI."""
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -459,6 +460,15 @@ def test_summary_bad_sizes_are_one_line(capsys, args, error):
     assert capsys.readouterr().err == f"error: {error}\n"
 
 
+def test_summary_of_a_model_file_checks_it_as_train_does(tmp_path, capsys):
+    m = tmp_path / "m.py"
+    m.write_text("from torch import nn\n\ndef build_model(num_classes):\n"
+                 "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))\n")
+    assert main(["summary", str(m)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {m}: the model does not take a batch of 64x64 RGB images") and err.count("\n") == 1
+
+
 def test_prepare_command(tiny_zip, tmp_path, capsys):
     assert main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts", "4,12,4",
                  "--workers", "1"]) == 0
@@ -536,7 +546,7 @@ def test_a_model_file_trains_with_the_seed_recipe_or_the_input_scale_it_needs(mo
     assert build_transforms(chosen, build_model(chosen)[1])[1] == "recipe:randomcrop"  # a named recipe wins
 
 
-@pytest.mark.parametrize("overrides", ["init_bias=1.0", "init='pytorch'"])
+@pytest.mark.parametrize("overrides", ["init_bias=1.0", "init='pytorch'", "groups=2"])
 def test_a_model_file_that_modifies_the_papers_model_keeps_its_input_scale(tmp_path, overrides):
     """What the paper's model file tells users to write for the paper's letter is still the paper's model."""
     from alexnet.config import TrainConfig
@@ -547,3 +557,36 @@ def test_a_model_file_that_modifies_the_papers_model_keeps_its_input_scale(tmp_p
                  f"def build_model(num_classes=200):\n    return create_model('paper', num_classes, {overrides})\n")
     cfg = TrainConfig(model=str(f), num_classes=4).validate()
     assert build_transforms(cfg, build_model(cfg)[1])[1] == "recipe:paper"
+
+
+def test_the_papers_two_towers_train_and_load_from_their_checkpoint(tiny_cache, tmp_path):
+    """A checkpoint records groups=2, so evaluate and predict rebuild the two towers without
+    the model file (and a one-tower model file is refused for it)."""
+    from alexnet.inference import load_trained
+
+    f = tmp_path / "paper_towers.py"
+    f.write_text("from alexnet.models import create_model\n\n"
+                 "def build_model(num_classes=200):\n    return create_model('paper', num_classes, groups=2)\n")
+    assert train(tiny_cache, tmp_path / "o", str(f)) == 0
+    model, c, _ = load_trained(tmp_path / "o" / "best.pth", None, torch.device("cpu"))
+    assert c["model_cfg"]["groups"] == 2
+    assert [m.groups for m in model.features if isinstance(m, torch.nn.Conv2d)] == [1, 2, 1, 2, 2]
+    assert main(["evaluate", str(f), str(tmp_path / "o" / "best.pth"), "--data", str(tiny_cache), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(ROOT / "models/alexnet_paper.py"), str(tmp_path / "o" / "best.pth"),
+                 "--data", str(tiny_cache), "--device", "cpu"]) != 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_the_lr_column_is_the_lr_of_the_epochs_last_step(tiny_cache, tmp_path, schedule):
+    """One meaning for every schedule: the lr the epoch's last step trained with (a per-step
+    schedule's next value, after the last step, used to be shown: 0 for a cosine's last epoch)."""
+    out = tmp_path / "o"
+    assert main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "2", "--max-steps", "3", "--lr", "0.05",
+                 "--schedule", schedule, "--no-progress"]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    if schedule == "cosine":  # steps 0..5 of 6: the epochs end with steps 2 and 5
+        want = [0.05 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in (2, 5)]
+    else:
+        want = [0.05, 0.05]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(want, rel=1e-6)
