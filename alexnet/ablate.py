@@ -8,6 +8,8 @@ study is resumable at any moment:
     written atomically after `fit` returns: it is skipped;
   * an interrupted run has `last.pth` but no `done.json`: it continues exactly with
     resume="auto";
+  * a run that failed on a non-finite loss has `failed.json` (the error): it is skipped, as
+    resuming it would fail the same way; deleting its folder trains it again;
   * anything else starts from scratch.
 
 So re-running the same command after a crash, a kill or Ctrl-C finishes the study without
@@ -61,6 +63,7 @@ STUDY: tuple[StudyRow, ...] = (
 ROWS: dict[str, StudyRow] = {r.key: r for r in STUDY}
 
 DONE = "done.json"
+FAILED = "failed.json"
 # Config keys that may differ between the runs of one study (and between a run and its
 # resumption) without changing what is measured.
 NOT_COMPARED = frozenset({"out", "resume", "progress", "workers", "device", "memory_budget"})
@@ -145,6 +148,8 @@ def read_json(path: Path) -> dict:
 def _state(folder: Path) -> str:
     if (folder / DONE).is_file():
         return "done"
+    if (folder / FAILED).is_file():
+        return "failed"
     if (folder / "last.pth").is_file():
         return "interrupted"
     return "new"
@@ -219,7 +224,7 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
     """Train every (row, seed) not finished yet, then write the results; returns the report."""
     from alexnet.data import cache_for
     from alexnet.models import create_model, count_parameters
-    from alexnet.report import build_report
+    from alexnet.report import seed_of, build_report
     from alexnet.precision import resolve_amp
     from alexnet.train import NonFiniteLoss, fit, pick_device
 
@@ -242,6 +247,12 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
     plan = [(row, seed, run_config(a, row, seed, num_classes)) for row in rows for seed in range(a.seeds)]
     for _, _, cfg in plan:  # every refusal before the first hour of training, not after it
         check_same_settings(cfg, Path(cfg.out), amp_fell_back=fell_back)
+    # The folder's other runs (rows or seeds this command leaves out) share its one table too.
+    planned = {Path(cfg.out) for _, _, cfg in plan}
+    for row in STUDY:
+        for folder in sorted((out / row.key).glob("seed*")):
+            if seed_of(folder) is not None and folder not in planned:
+                check_same_settings(run_config(a, row, seed_of(folder), num_classes), folder, amp_fell_back=fell_back)
     device = _device_name(a.device)
     log(f"ablation: {len(rows)} rows x {a.seeds} seeds = {len(plan)} runs of {a.epochs} "
         f"epoch{'' if a.epochs == 1 else 's'}, batch {a.bs}, lr {a.lr:g}, schedule {a.schedule}, "
@@ -258,6 +269,11 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
             d = read_json(folder / DONE)
             log(f"{head}: skipped (done): best top-1 {d['best_top1']:.2f}% at epoch {d['best_epoch']}")
             continue
+        if state == "failed":
+            failed.append(f"{row.key}/seed{seed}")
+            log(f"{head}: skipped (failed: {read_json(folder / FAILED).get('error', '?')}); delete {folder} to "
+                "train it again")
+            continue
         if row.variant not in params:
             params[row.variant] = count_parameters(create_model(row.variant, num_classes))
         resumed = state == "interrupted"
@@ -269,6 +285,8 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
             summary = fit(replace(cfg, resume="auto" if resumed else None), log=_file_log(folder / "train.log"))
         except NonFiniteLoss as e:
             failed.append(f"{row.key}/seed{seed}")
+            write_json_atomic(folder / FAILED, {"error": str(e), "config": cfg.to_dict(),
+                                                "failed": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             log(f"{head}: failed: {e}")
             _free_memory()
             continue
@@ -290,10 +308,19 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
         del summary
         _free_memory()
 
-    result = build_report(out)
+    def failures(others: str) -> UserError:
+        return UserError(f"{len(failed)} run(s) failed with a non-finite loss ({', '.join(failed)}); {others}. "
+                         f"Their folders keep train.log and {FAILED}; delete them to train them again (with a lower "
+                         "--lr: in a new --out, as a study's runs share their settings)")
+
+    try:
+        result = build_report(out)
+    except UserError:
+        if failed:  # no run finished: that is why there is no table
+            raise failures("no run finished, so there is no table") from None
+        raise
     if failed:
-        raise UserError(f"{len(failed)} run(s) failed with a non-finite loss ({', '.join(failed)}); the table "
-                        f"holds the others. Lower --lr, or rerun to retry them")
+        raise failures("the table holds the others")
     return result
 
 

@@ -87,6 +87,10 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
     if cache.wnids != c["wnids"]:
         raise CheckpointError(f"{ckpt_path}: trained on other classes than the data in {cache.root} "
                               f"({len(c['wnids'])} vs {len(cache.wnids)} classes, or a different order)")
+    trained_on = c.get("cache_img_size", 64)  # the pixels the training views were cut from
+    if cache.img_size != trained_on:
+        raise CheckpointError(f"{ckpt_path}: trained on a cache of {trained_on}x{trained_on} images; {cache.root} "
+                              f"holds {cache.img_size}x{cache.img_size} ones (prepare one with --img-size {trained_on})")
     amp = resolve_amp(c["config"].get("amp", False) if amp is None else amp, dev, log)
     x = to_memory(cache.val.x, dev)
     y = torch.from_numpy(np.array(cache.val.y)).to(dev)

@@ -22,14 +22,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from alexnet.atomic import write_text_atomic
-from alexnet.ablate import DONE, STUDY, StudyRow, read_json, write_json_atomic
+from alexnet.atomic import write_atomic, write_text_atomic
+from alexnet.ablate import DONE, FAILED, STUDY, StudyRow, read_json, write_json_atomic
 from alexnet.errors import UserError
 
 CSV_COLUMNS = ["row", "variant", "model", "recipe", "seeds", "train_loss_best", "val_error", "epoch_of_best",
@@ -41,7 +39,7 @@ MD_COLUMNS = ["Variant", "Train loss best", "Val error (%)", "Epoch of best", "C
 
 # -- reading -----------------------------------------------------------------------------
 
-def _seed_of(folder: Path) -> int | None:
+def seed_of(folder: Path) -> int | None:
     name = folder.name
     return int(name[4:]) if name.startswith("seed") and name[4:].isdigit() else None
 
@@ -55,7 +53,7 @@ def load_runs(runs_dir: Path) -> list[tuple[StudyRow, list[dict]]]:
     found = []
     for row in STUDY:
         runs = []
-        folders = sorted((p for p in (runs_dir / row.key).glob("seed*") if _seed_of(p) is not None), key=_seed_of)
+        folders = sorted((p for p in (runs_dir / row.key).glob("seed*") if seed_of(p) is not None), key=seed_of)
         for folder in folders:
             if not (folder / DONE).is_file():
                 continue  # unfinished: not in the table until the study completes it
@@ -73,11 +71,12 @@ def load_runs(runs_dir: Path) -> list[tuple[StudyRow, list[dict]]]:
     return found
 
 
-def unfinished_runs(runs_dir: Path) -> list[str]:
-    """row/seedN of every run folder without done.json (interrupted or not started yet)."""
+def unfinished_runs(runs_dir: Path, failed: bool = False) -> list[str]:
+    """row/seedN of every run folder without done.json: interrupted or not started yet, or
+    with `failed`, those that failed on a non-finite loss (failed.json)."""
     return [f"{row.key}/{p.name}" for row in STUDY
-            for p in sorted((Path(runs_dir) / row.key).glob("seed*"), key=lambda p: _seed_of(p) or 0)
-            if _seed_of(p) is not None and not (p / DONE).is_file()]
+            for p in sorted((Path(runs_dir) / row.key).glob("seed*"), key=lambda p: seed_of(p) or 0)
+            if seed_of(p) is not None and not (p / DONE).is_file() and (p / FAILED).is_file() == failed]
 
 
 # -- numbers -----------------------------------------------------------------------------
@@ -200,7 +199,9 @@ def markdown(rows: list[dict], b: dict) -> str:
         f"Total wall time: {_duration(total)}{'' if total < 60 else f' ({total:.0f} s)'} over {b['runs']} "
         f"run{'s' if b['runs'] != 1 else ''}."
         + (f"  \nNot in the table, unfinished (no {DONE}): {', '.join(b['unfinished'])}; the same "
-           "`alexnet ablate` command completes them." if b.get("unfinished") else ""),
+           "`alexnet ablate` command completes them." if b.get("unfinished") else "")
+        + (f"  \nNot in the table, failed on a non-finite loss ({FAILED}): {', '.join(b['failed'])}; delete "
+           "their folders to train them again." if b.get("failed") else ""),
         "",
         "| " + " | ".join(MD_COLUMNS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(MD_COLUMNS) - 1)) + "|",
@@ -241,14 +242,8 @@ def _csv_text(rows: list[dict]) -> str:
 def _savefig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    try:  # atomically, with the permissions of any other new file (mkstemp's are 0600)
+        write_atomic(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     finally:
         plt.close(fig)
 
@@ -303,6 +298,7 @@ def build_report(runs_dir: Path, log=print) -> dict:
     rows = summarise(found)
     b = budget(found)
     b["unfinished"] = unfinished_runs(runs_dir)
+    b["failed"] = unfinished_runs(runs_dir, failed=True)
     md = markdown(rows, b)
     write_text_atomic(runs_dir / "results.md", md)
     write_text_atomic(runs_dir / "results.csv", _csv_text(rows))

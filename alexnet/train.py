@@ -224,8 +224,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         raise CheckpointError(f"--out {out}: holds a checkpoint (best.pth) that a new run would replace; move it "
                               "or choose another --out (nothing was overwritten)")
     if fresh and (done := recorded_epochs(out)):  # its checkpoints deleted, its record kept
-        raise UserError(f"--out {out}: holds a previous run's metrics.csv ({done} epoch{'s' if done > 1 else ''}) "
-                        "that a new run would replace; move it or choose another --out (nothing was overwritten)")
+        raise CheckpointError(f"--out {out}: holds a previous run's metrics.csv ({done} epoch{'s' if done > 1 else ''}) "
+                              "that a new run would replace; move it or choose another --out (nothing was overwritten)")
     cache = cache_for(cfg.data, log=log if d.main else (lambda *a: None))
     if cache.num_classes != cfg.num_classes:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "

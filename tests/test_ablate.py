@@ -254,3 +254,53 @@ def test_a_study_run_folder_with_a_lone_best_pth_says_how_to_redo_it(tiny_cache,
     assert "holds a checkpoint (best.pth) that a new run would replace" in err
     assert f"(the study's run combined_gap/seed0: delete {folder} to train it again from the start)" in err
     assert (folder / "best.pth").read_bytes() == b"kept"
+
+
+def test_a_study_folder_refuses_runs_of_other_settings_in_rows_left_out(tiny_cache, tmp_path, capsys):
+    """A second command with other --variants adds rows to the same table: its settings must
+    match the runs already there, not only those of its own rows."""
+    out = tmp_path / "runs"
+    args = ["ablate", "--data", str(tiny_cache), "--out", str(out), "--seeds", "1", "--epochs", "1", "--bs", "8",
+            "--max-steps", "1", "--device", "cpu"]
+    assert main([*args, "--variants", "combined_gap"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--variants", "batchnorm", "--lr", "0.02"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'combined_gap' / 'seed0'} was trained with other settings (lr 0.01 there, 0.02 now)" in err
+    assert not (out / "batchnorm").exists()
+
+
+def test_failed_runs_are_named_as_failed_and_not_retried_as_they_were(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["ablate", "--data", str(tiny_cache), "--out", str(out), "--variants", "combined_gap", "--seeds", "1",
+            "--epochs", "1", "--bs", "8", "--max-steps", "2", "--device", "cpu", "--lr", "1e30"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 run(s) failed with a non-finite loss (combined_gap/seed0); no run finished, so there is no table" in err
+    assert "delete them to train them again (with a lower --lr: in a new --out" in err
+    failed = json.loads((out / "combined_gap" / "seed0" / "failed.json").read_text())
+    assert "non-finite" in failed["error"] or "nan" in failed["error"]
+    assert main(args) == 2  # again: skipped, not resumed into the same failure
+    printed = capsys.readouterr()
+    assert "skipped (failed: " in printed.out and f"delete {out / 'combined_gap' / 'seed0'} to train it again" in printed.out
+    # beside a finished run: the report names it as failed, not as unfinished
+    good = tmp_path / "good"
+    assert main([*args[:4], str(good), *args[5:-2]]) == 0
+    shutil.copytree(out / "combined_gap" / "seed0", good / "combined_gap" / "seed1")
+    capsys.readouterr()
+    assert main(["report", str(good)]) == 0
+    md = (good / "results.md").read_text()
+    assert "Not in the table, failed on a non-finite loss (failed.json): combined_gap/seed1" in md
+    assert "unfinished" not in md
+
+
+def test_report_plots_get_ordinary_permissions(tiny_cache, tmp_path):
+    out = tmp_path / "runs"
+    old = os.umask(0o022)
+    try:
+        assert main(["ablate", "--data", str(tiny_cache), "--out", str(out), "--variants", "combined_gap", "--seeds",
+                     "1", "--epochs", "1", "--bs", "8", "--max-steps", "1", "--device", "cpu"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("val_top1.png", "best_top1.png", "results.md"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name

@@ -590,3 +590,20 @@ def test_the_lr_column_is_the_lr_of_the_epochs_last_step(tiny_cache, tmp_path, s
     else:
         want = [0.05, 0.05]
     assert [float(r["lr"]) for r in rows] == pytest.approx(want, rel=1e-6)
+
+
+def test_evaluate_on_a_cache_of_another_image_size_is_refused(tmp_path, capsys):
+    """The same classes prepared at 32 pixels would be upsampled and scored without a word."""
+    from alexnet.data import prepare
+    from tests.synth import make_image_folder
+
+    src = make_image_folder(tmp_path / "src", classes=4, per_class=4)
+    c64, c32 = (prepare(src, tmp_path / f"c{s}", counts="any", img_size=s, workers=1, log=lambda *a: None)
+                for s in (64, 32))
+    assert main(["train", "--variant", "combined_gap", "--data", str(c64), "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r" / "best.pth"), "--data", str(c32), "--device", "cpu"]) == 2
+    assert "trained on a cache of 64x64 images; " in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "r" / "best.pth"), "--data", str(c64), "--device", "cpu"]) == 0
