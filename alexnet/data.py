@@ -36,7 +36,8 @@ from tqdm import tqdm
 from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5, forget
 from alexnet.errors import DataError
 from alexnet.orphans import exit_with_parent
-from alexnet.sources import TINY_SIZE, Log, SettingsMismatch, _decode, _open_source, _Plan, _plan_folder, _plan_tiny, _Reader
+from alexnet.sources import (TINY_SIZE, Log, SettingsMismatch, _decode, _open_source, _Plan, _plan_folder, _plan_tiny,
+                             _Reader, _unreadable_folder, printable)
 
 FORMAT_VERSION = 1
 DEFAULT_DATA_DIR = "data"
@@ -123,21 +124,41 @@ def prepare(source: str | Path | None, data_dir: Path,
         raise
 
 
+class MachineFailure(DataError):
+    """A prepare that this machine could not finish (a full disk, a decoding worker killed):
+    the data set is not at fault, so a download of it is kept."""
+
+
 def _remove_if_empty(data_dir: Path) -> None:
-    """Remove a cache folder that holds nothing but the prepare's lock (and an empty downloads/)."""
+    """Remove a cache folder that holds nothing but the prepare's lock (and an empty downloads/),
+    unless another prepare holds that lock now (it waited for this one, and goes on there)."""
     try:
-        downloads = data_dir / "downloads"
-        if downloads.is_dir() and not any(downloads.iterdir()):
-            downloads.rmdir()
-        if {p.name for p in data_dir.iterdir()} <= {".prepare.lock"}:
-            (data_dir / ".prepare.lock").unlink(missing_ok=True)
-            data_dir.rmdir()
-    except OSError:  # another process is preparing there now, or it went away: leave it
+        import fcntl
+    except ImportError:
+        fcntl = None
+    try:
+        with open(data_dir / ".prepare.lock", "a") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            downloads = data_dir / "downloads"
+            if downloads.is_dir() and not any(downloads.iterdir()):
+                downloads.rmdir()
+            if {p.name for p in data_dir.iterdir()} <= {".prepare.lock"}:
+                (data_dir / ".prepare.lock").unlink(missing_ok=True)
+                data_dir.rmdir()
+    except OSError:  # another process is preparing there now (BlockingIOError), or it went away: leave it
         pass
 
 
 def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, counts, img_size: int,
                     workers: int, force: bool, log: Log) -> Path:
+    if not os.access(data_dir, os.W_OK):  # a cache someone else made, read-only here: its lock cannot be taken
+        fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
+        stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
+        if stale is None:
+            log(f"cache up to date: {data_dir}")
+            return data_dir
+        raise DataError(f"{data_dir}: not writable here, and the cache needs building ({stale})")
     with _lock(data_dir, log):
         fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
         stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
@@ -156,8 +177,9 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
             _build(path, str(source), fingerprint, data_dir, counts, img_size, workers, log)
         except DataError as e:
             # Unverified and unreadable as it is: the next prepare downloads again. A readable
-            # archive that does not fit --counts or --img-size stays for the next try.
-            if url and not md5 and not isinstance(e, SettingsMismatch):
+            # archive that does not fit --counts or --img-size, or one whose decoding this
+            # machine could not finish (a full disk, a worker killed), stays for the next try.
+            if url and not md5 and not isinstance(e, (SettingsMismatch, MachineFailure)):
                 forget(path)
                 log(f"removed the unverified download {path}: the next prepare downloads {url} again")
             raise
@@ -181,13 +203,13 @@ def _fingerprint(path: Path) -> dict:
             return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if path.is_dir():
             n = size = mtime = 0
-            for dirpath, _, files in os.walk(path):
+            for dirpath, _, files in os.walk(path, onerror=_unreadable_folder):
                 for f in files:
                     st = os.stat(os.path.join(dirpath, f))
                     n, size, mtime = n + 1, size + st.st_size, max(mtime, st.st_mtime_ns)
             return {"path": str(path.resolve()), "files": n, "size": size, "mtime_ns": mtime}
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    except OSError as e:  # the file it is about: a broken link in the folder, say
+        raise DataError(printable(f"{e.filename or path}: cannot read it ({e.strerror})")) from None
     raise _missing_source(path)
 
 
@@ -224,16 +246,31 @@ def _lock(data_dir: Path, log: Log = lambda *a: None) -> Iterator[None]:
     except ImportError:  # not POSIX: no locking
         yield
         return
-    with open(data_dir / ".prepare.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process preparing the cache in {data_dir} to finish")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock, said = data_dir / ".prepare.lock", False
+    while True:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    log(f"waiting for another process preparing the cache in {data_dir} to finish")
+                    said = True
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                # The process we waited for may have failed and removed the folder it made, lock
+                # file and all (_remove_if_empty): this lock is then on a file no one else sees.
+                held = os.path.samestat(os.fstat(f.fileno()), os.stat(lock))
+            except FileNotFoundError:
+                held = False
+            if not held:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
 
 
 def _build(path: Path, description: str, fingerprint: dict, data_dir: Path,
@@ -297,7 +334,7 @@ def _allocate(path: Path, shape: tuple[int, ...], data_dir: Path) -> None:
         pass
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            raise DataError(f"{data_dir}: not enough free disk space for the cache") from None
+            raise MachineFailure(f"{data_dir}: not enough free disk space for the cache") from None
 
 
 # -- decoding in worker processes ------------------------------------------------------
@@ -374,7 +411,7 @@ def _decode_all(reader: _Reader, plan: _Plan, tmp: dict[str, Path], img_size: in
                 for future in as_completed(futures):
                     collect(future.result())
             except BrokenProcessPool:
-                raise DataError(f"{reader.path}: a decoding worker died (out of memory?); "
+                raise MachineFailure(f"{reader.path}: a decoding worker died (out of memory?); "
                                 f"try prepare with fewer workers") from None
             finally:
                 for future in futures:
@@ -448,6 +485,7 @@ def _read_manifest(data_dir: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{data_dir}: no prepared data cache here (no manifest.json); "
                         f"run `alexnet prepare --data {data_dir}` first")
+    manifest = None
     try:
         manifest = json.loads(path.read_text())
         algorithm = manifest["hash"]
@@ -458,7 +496,8 @@ def _read_manifest(data_dir: Path) -> dict:
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         ok = False
     if not ok:
-        raise DataError(f"{path}: unreadable or from another version of this program; {_rebuild_hint(data_dir)}")
+        raise DataError(f"{path}: unreadable or from another version of this program; "
+                        f"{_rebuild_hint(data_dir, manifest if isinstance(manifest, dict) else None)}")
     return manifest
 
 

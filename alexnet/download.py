@@ -136,6 +136,8 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
             error = str(e)
         except (http.client.HTTPException, OSError) as e:
             error = f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__
+        except ValueError as e:  # urllib's word for an address it cannot parse ("Invalid IPv6 URL")
+            raise DataError(f"{url}: not a valid address ({e})") from None
     raise DataError(f"{url}: download failed after {retries + 1} attempts (last: {error}); "
                     f"check the network, or fetch the file another way and make the cache from it "
                     f"(`alexnet prepare --source FILE`, or $ALEXNET_SOURCE=FILE for train and evaluate)")

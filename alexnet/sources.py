@@ -60,7 +60,8 @@ class _Reader:
             k = len(self.prefix)
             return [n[k:] for n in self._zip.namelist() if n.startswith(self.prefix) and not n.endswith("/")]
         root = Path(self.path)
-        return [Path(d, f).relative_to(root).as_posix() for d, _, fs in os.walk(root) for f in fs]
+        return [Path(d, f).relative_to(root).as_posix() for d, _, fs in os.walk(root, onerror=_unreadable_folder)
+                for f in fs]
 
     def read(self, name: str) -> bytes:
         if self._zip is not None:
@@ -68,15 +69,28 @@ class _Reader:
         return Path(self.path, name).read_bytes()
 
     def show(self, name: str) -> str:
-        """How messages name a file."""
-        return f"{self.prefix}{name} in {self.path}" if self._zip is not None else str(Path(self.path, name))
+        """How messages name a file (a name that is not UTF-8 with its odd bytes as U+FFFD,
+        so that printing it cannot fail)."""
+        return printable(f"{self.prefix}{name} in {self.path}" if self._zip is not None else str(Path(self.path, name)))
 
     def missing(self, name: str) -> str:
-        return f"{self.prefix}{name}: missing from {self.path}" if self._zip is not None else f"{Path(self.path, name)}: missing"
+        return printable(f"{self.prefix}{name}: missing from {self.path}" if self._zip is not None
+                         else f"{Path(self.path, name)}: missing")
 
     def close(self) -> None:
         if self._zip is not None:
             self._zip.close()
+
+
+def printable(text: str) -> str:
+    """`text` with the undecodable bytes of file names (Python's surrogate escapes) as U+FFFD:
+    a terminal, or a log, set to strict UTF-8 would otherwise fail on the message itself."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _unreadable_folder(e: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list is an error, not a folder left out."""
+    raise DataError(printable(f"{e.filename}: cannot list it ({e.strerror})")) from None
 
 
 def _open_source(path: Path) -> tuple[_Reader, str]:
@@ -126,10 +140,11 @@ def _natural(name: str) -> list:
 
 def _text(reader: _Reader, name: str) -> str:
     try:
-        return reader.read(name).decode("utf-8")
+        return reader.read(name).decode("utf-8-sig")  # -sig: a byte-order mark an editor added is not text
     except (KeyError, FileNotFoundError):
         raise DataError(f"{reader.missing(name)}; {LAYOUT}") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as e:
+        # RuntimeError: NotImplementedError, a compression method zipfile lacks (Deflate64)
         raise DataError(f"{reader.show(name)}: unreadable ({e}); {LAYOUT}") from None
 
 
@@ -150,14 +165,24 @@ def _plan_tiny(reader: _Reader, counts: tuple[int, int, int] | None, log: Log) -
             words[wnid.strip()] = name.strip()
     by_class: dict[str, list[str]] = {w: [] for w in wnids}
     val_files = set()
+    strays = []
     for n in files:
         parts = n.split("/")
+        in_images = (len(parts) == 4 and parts[0] == "train" and parts[2] == "images") or \
+            (len(parts) == 3 and parts[:2] == ["val", "images"])
+        if in_images and not is_image_name(n):
+            if not parts[-1].startswith("."):  # hidden files (.DS_Store) go unmentioned
+                strays.append(n)
+            continue
         if len(parts) == 4 and parts[0] == "train" and parts[2] == "images":
             if parts[1] not in by_class:
                 raise DataError(f"{reader.show('train/' + parts[1] + '/')}: class folder not listed in wnids.txt")
             by_class[parts[1]].append(n)
         elif len(parts) == 3 and parts[:2] == ["val", "images"]:
             val_files.add(parts[2])
+    if strays:
+        log(f"warning: {len(strays)} file(s) in images/ folders that are not images skipped, e.g. "
+            f"{reader.show(strays[0])}")
     expected = counts[1] if counts else max(len(v) for v in by_class.values())
     why = f"counts={tuple(counts)}" if counts else "as many as the largest class"
     # Every class one other count: --counts could fit it. Uneven classes: no option does.

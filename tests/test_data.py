@@ -464,3 +464,127 @@ def test_real_archive(real_zip: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     assert (np.bincount(cache.val.y, minlength=200) == 50).all()
     assert cache.wnids[cache.val.y[0]] == "n03444034"  # val_0.JPEG
     assert 0.3 < min(cache.stats["mean"]) < max(cache.stats["mean"]) < 0.6
+
+
+def test_a_class_folder_that_cannot_be_listed_is_an_error_not_a_class_left_out(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_image_folder(tmp_path / "src", classes=3, per_class=2, val_per_class=1)
+    real = os.scandir
+
+    def scandir(path=".", *a):  # as a folder of another user without read permission
+        if str(path).endswith("class_c"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"class_c: cannot list it \(Permission denied\)$"):
+        prepare(src, tmp_path / "c", counts=None, workers=1, log=quiet)
+
+
+def test_files_in_images_folders_that_are_not_images_are_skipped(tiny_layout: Path, tiny_cache: Path,
+                                                                 tmp_path: Path) -> None:
+    """.DS_Store or Thumbs.db beside the images counted as images (the error named another
+    class, or the file as an unreadable image); hidden ones go unmentioned, others are named."""
+    top = shutil.copytree(tiny_layout, tmp_path / "src" / "tiny-imagenet-200")
+    first, second = sorted((top / "train").iterdir())[:2]
+    (first / "images" / ".DS_Store").write_bytes(b"finder")
+    (second / "images" / "Thumbs.db").write_bytes(b"windows")
+    (top / "val" / "images" / "desktop.ini").write_bytes(b"windows")
+    logs: list[str] = []
+    d = prepare(top, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=logs.append)
+    warned = [m for m in logs if m.startswith("warning: 2 file(s) in images/ folders that are not images skipped")]
+    assert len(warned) == 1 and ".DS_Store" not in warned[0]
+    np.testing.assert_array_equal(open_cache(d).train.x, open_cache(tiny_cache).train.x)
+
+
+def test_a_byte_order_mark_in_wnids_txt_is_not_a_class_id(tiny_layout: Path, tmp_path: Path) -> None:
+    top = shutil.copytree(tiny_layout, tmp_path / "src" / "tiny-imagenet-200")
+    (top / "wnids.txt").write_bytes(b"\xef\xbb\xbf" + (top / "wnids.txt").read_bytes())
+    prepare(top, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+
+
+def test_a_broken_link_in_the_source_is_named(tiny_layout: Path, tmp_path: Path) -> None:
+    top = shutil.copytree(tiny_layout, tmp_path / "src" / "tiny-imagenet-200")
+    link = next((top / "train").glob("*/images/*.JPEG"))
+    link.unlink()
+    link.symlink_to(tmp_path / "nowhere.JPEG")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(link))}: cannot read it \(No such file or directory\)$"):
+        prepare(top, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+
+
+def test_names_that_are_not_utf8_print_on_a_strict_terminal() -> None:
+    from alexnet.sources import printable
+
+    name = os.fsdecode(b"notes\xe9.txt")  # as os.listdir gives a Latin-1 name on a UTF-8 system
+    assert printable(name) == "notes\ufffd.txt"
+    printable(name).encode("utf-8", "strict")
+
+
+def test_a_zip_member_in_a_compression_zipfile_lacks_is_one_line() -> None:
+    from alexnet.sources import _text
+
+    class Deflate64:
+        def read(self, name: str) -> bytes:
+            raise NotImplementedError("That compression method is not supported")
+
+        def show(self, name: str) -> str:
+            return f"tiny-imagenet-200/{name} in t.zip"
+
+    with pytest.raises(DataError, match="wnids.txt in t.zip: unreadable \\(That compression method is not supported\\)"):
+        _text(Deflate64(), "wnids.txt")
+
+
+def test_a_prepare_that_waited_goes_on_when_the_one_before_removed_the_folder(tiny_zip: Path, tmp_path: Path) -> None:
+    """The first prepare failed and removed the folder it had made, lock file and all, while a
+    second waited for its lock: the second then held a lock no one else could see, and failed
+    writing into a folder that was gone."""
+    import fcntl
+    import threading
+    import time
+
+    d = tmp_path / "c"
+    d.mkdir()
+    held = open(d / ".prepare.lock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX)  # the first prepare
+    logs: list[str] = []
+    result: list[object] = []
+    second = threading.Thread(target=lambda: result.append(
+        _try(lambda: prepare(tiny_zip, d, counts=TINY_COUNTS, workers=1, log=logs.append))))
+    second.start()
+    deadline = time.monotonic() + 60
+    while not any("waiting for another process" in m for m in logs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (d / ".prepare.lock").unlink()  # what the failing first prepare's clean-up did
+    d.rmdir()
+    fcntl.flock(held, fcntl.LOCK_UN)
+    held.close()
+    second.join(120)
+    assert result and result[0] == d, result
+    open_cache(d)
+
+
+def _try(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the test reports it
+        return e
+
+
+def test_a_read_only_cache_that_is_up_to_date_is_used(tiny_zip: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    d = prepare(tiny_zip, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+    monkeypatch.setattr(data.os, "access", lambda p, mode: mode != os.W_OK)  # another user's cache
+    logs: list[str] = []
+    assert prepare(tiny_zip, d, counts=TINY_COUNTS, workers=1, log=logs.append) == d
+    assert logs == [f"cache up to date: {d}"]
+    with pytest.raises(DataError, match=r"not writable here, and the cache needs building \(forced rebuild\)$"):
+        prepare(tiny_zip, d, counts=TINY_COUNTS, workers=1, force=True, log=quiet)
+
+
+def test_an_older_cache_format_is_rebuilt_from_its_own_source(tiny_zip: Path, tmp_path: Path) -> None:
+    d = prepare(tiny_zip, tmp_path / "c", counts=TINY_COUNTS, workers=1, log=quiet)
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(DataError, match="from another version of this program") as e:
+        open_cache(d)
+    assert f"--source {tiny_zip}" in str(e.value) and "--counts" in str(e.value)

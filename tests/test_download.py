@@ -244,3 +244,31 @@ def test_md5_that_cannot_be_one_is_refused_before_downloading(serve: Callable[..
     with pytest.raises(DataError, match=r"^--md5 'xyz': expected an MD5 checksum, 32 hexadecimal digits$"):
         prepare(server.url, tmp_path / "c", counts=TINY_COUNTS, md5="xyz", workers=1, log=quiet)
     assert server.ranges == [] and not (tmp_path / "c").exists()
+
+
+def test_a_download_is_kept_when_this_machine_fails_the_prepare(serve: Callable[..., Server], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while the cache is made is not the archive's fault: the download stays
+    (it was removed, and the next prepare downloaded it again)."""
+    import os
+
+    server = serve()
+    d = tmp_path / "c"
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", full)
+        logs: list[str] = []
+        with pytest.raises(DataError, match="not enough free disk space for the cache"):
+            prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=logs.append)
+    assert not any("removed" in m for m in logs) and (d / "downloads" / "tiny-imagenet-200.zip").is_file()
+    prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
+    assert len(server.ranges) == 1  # not downloaded again
+    open_cache(d)
+
+
+def test_an_address_that_cannot_be_parsed_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^http://\[::1/x.zip: not a valid address \(Invalid IPv6 URL\)$"):
+        download("http://[::1/x.zip", tmp_path / "x.zip", None, log=quiet)
