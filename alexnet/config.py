@@ -81,6 +81,20 @@ class TrainConfig:
         if self.channels_last is None:
             self.channels_last = bool(self.amp)
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but almost surely not what was meant: a warm-up the schedule
+        does not run, or one that takes the whole run. Warnings, not errors: runs started
+        before they were pointed out must still resume with the settings they were made with."""
+        out = []
+        if self.warmup_epochs and self.schedule not in WARMUP_SCHEDULES:
+            out.append(f"--warmup-epochs {self.warmup_epochs:g} has no effect: it applies to --schedule "
+                       f"{', '.join(WARMUP_SCHEDULES)}, not {self.schedule}"
+                       + (" (onecycle warms up over its first quarter itself)" if self.schedule == "onecycle" else ""))
+        elif self.warmup_epochs >= self.epochs:
+            out.append(f"--warmup-epochs {self.warmup_epochs:g} takes the whole run of --epochs {self.epochs}: "
+                       "the lr never reaches --lr")
+        return out
+
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -105,14 +119,6 @@ class TrainConfig:
             need(self.img_size >= 2, f"--img-size must be at least 2, got {self.img_size}")  # a mirror needs 2
         need(math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
-        # A warm-up the schedule would not run, or one that takes the whole run, is a mistake
-        # that training would otherwise hide: the lr curve is not the one asked for.
-        need(self.warmup_epochs == 0 or self.schedule in WARMUP_SCHEDULES,
-             f"--warmup-epochs applies to --schedule {', '.join(WARMUP_SCHEDULES)}, not {self.schedule}"
-             + (" (onecycle warms up over its first quarter itself)" if self.schedule == "onecycle" else ""))
-        need(self.warmup_epochs < self.epochs,
-             f"--warmup-epochs {self.warmup_epochs:g} would take the whole run of --epochs {self.epochs}: the lr "
-             "would never reach --lr")
         need(math.isfinite(self.memory_budget) and self.memory_budget >= 0,
              f"--memory-budget must be a number of GB >= 0, got {self.memory_budget}")
         need(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")

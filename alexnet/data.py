@@ -15,6 +15,7 @@ holds no cache, and a failed rebuild leaves the previous cache as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -134,10 +135,10 @@ def _remove_if_empty(data_dir: Path) -> None:
     unless another prepare holds that lock now (it waited for this one, and goes on there)."""
     try:
         import fcntl
-    except ImportError:
+    except ImportError:  # not POSIX: no lock was taken (and Windows cannot remove an open file)
         fcntl = None
     try:
-        with open(data_dir / ".prepare.lock", "a") as f:
+        with open(data_dir / ".prepare.lock", "a") if fcntl is not None else contextlib.nullcontext() as f:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             downloads = data_dir / "downloads"
@@ -203,7 +204,7 @@ def _fingerprint(path: Path) -> dict:
             return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if path.is_dir():
             n = size = mtime = 0
-            for dirpath, _, files in os.walk(path, onerror=_unreadable_folder):
+            for dirpath, _, files in os.walk(path, onerror=_unreadable_folder(path)):
                 for f in files:
                     st = os.stat(os.path.join(dirpath, f))
                     n, size, mtime = n + 1, size + st.st_size, max(mtime, st.st_mtime_ns)

@@ -39,7 +39,7 @@ def recorded_epochs(out: Path) -> int:
     """The epochs a metrics.csv in `out` records (0 if there is none, or it cannot be read)."""
     try:
         return len(read_csv(Path(out) / "metrics.csv"))
-    except (OSError, ValueError, csv.Error):
+    except (OSError, ValueError, TypeError, csv.Error):  # TypeError: a row with more cells than the header
         return 0
 
 

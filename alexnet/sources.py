@@ -60,7 +60,7 @@ class _Reader:
             k = len(self.prefix)
             return [n[k:] for n in self._zip.namelist() if n.startswith(self.prefix) and not n.endswith("/")]
         root = Path(self.path)
-        return [Path(d, f).relative_to(root).as_posix() for d, _, fs in os.walk(root, onerror=_unreadable_folder)
+        return [Path(d, f).relative_to(root).as_posix() for d, _, fs in os.walk(root, onerror=_unreadable_folder(root))
                 for f in fs]
 
     def read(self, name: str) -> bytes:
@@ -88,9 +88,17 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _unreadable_folder(e: OSError) -> None:
-    """os.walk's onerror: a folder it cannot list is an error, not a folder left out."""
-    raise DataError(printable(f"{e.filename}: cannot list it ({e.strerror})")) from None
+def _unreadable_folder(root: str | Path) -> Callable[[OSError], None]:
+    """os.walk's onerror under `root`: a folder of the data (in train/ or val/) that cannot be
+    listed is an error, not a class left out; others (lost+found at a mount's root) are not read."""
+    def onerror(e: OSError) -> None:
+        try:
+            parts = Path(e.filename).relative_to(root).parts
+        except (TypeError, ValueError):
+            parts = ("train",)
+        if "train" in parts or "val" in parts:
+            raise DataError(printable(f"{e.filename}: cannot list it ({e.strerror})")) from None
+    return onerror
 
 
 def _open_source(path: Path) -> tuple[_Reader, str]:

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -187,6 +187,9 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     # Before anything is written: config.json and the checkpoints record the precision used.
     asked_amp = cfg.amp
     cfg = replace(cfg, amp=resolve_amp(cfg.amp, device, log if d.main else None))
+    if d.main:
+        for warning in cfg.warnings():
+            log(f"warning: {warning}")
     out = Path(cfg.out)
     if d.main:
         try:
@@ -367,12 +370,26 @@ def train_one_epoch(run: Run, epoch: int, start: int, state: dict, save: Callabl
     nothing; every 25 on CUDA, so the GPU queue never drains): that is when a non-finite loss
     and a stop request are checked, agreed across ranks, and shown on the progress bar.
     """
-    cfg, d, m = run.cfg, run.dist, state["meters"]
+    cfg, d = run.cfg, run.dist
     run.model.train()
     if not isinstance(run.batches, FastBatches) and cfg.workers > 0:
         run.writer.wait()  # DataLoader workers are forked: not while another thread is writing
     it = run.batches(run.order(epoch), start) if isinstance(run.batches, FastBatches) \
         else run.batches(run.order(epoch), start, epoch, d.rank)
+    try:
+        return _train_batches(run, epoch, start, state, save, it)
+    finally:
+        # Its DataLoader workers, if any, shut down now: an error on its way out of the
+        # process would otherwise keep them alive in its traceback until the interpreter
+        # exits, and its exit waits for each worker.
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _train_batches(run: Run, epoch: int, start: int, state: dict, save: Callable[[int, int], None],
+                   it: Iterator) -> int | None:
+    cfg, d, m = run.cfg, run.dist, state["meters"]
     every = 1 if run.device.type == "cpu" else 25
     plain = d.main and cfg.progress and not sys.stderr.isatty()
     bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
@@ -531,6 +548,9 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
                 saving[0] = False
 
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    # Which of stdout and stderr are a terminal, asked now: a hang-up breaks the terminal's
+    # descriptors before SIGHUP arrives, and isatty() is then False.
+    terminals = [fd for fd in (1, 2) if _isatty(fd)]
     saving, first_request = [False], [0.0]
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -538,7 +558,7 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
         # is being written, stops at once: launchers (torchrun, Slurm) pass one request on as
         # further SIGTERMs, and those must not cut the stop's own save short.
         if signum == getattr(signal, "SIGHUP", None):
-            _detach_from_terminal()
+            _detach_from_terminal(terminals)
         if run.stop_signal:
             writing = saving[0] or run.writer.busy
             if signum == signal.SIGINT and not writing and time.monotonic() - first_request[0] > 1.0:
@@ -634,15 +654,21 @@ def _summary(run: Run, state: dict) -> dict:
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
-def _detach_from_terminal() -> None:
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _detach_from_terminal(terminals: list[int]) -> None:
     """After a hang-up every write to the terminal fails (EIO), and the run would die of its
-    next progress line before saving: its output goes to /dev/null from here on."""
+    next progress line before saving: the descriptors that were a terminal go to /dev/null."""
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        for fd in (1, 2):
+        for fd in terminals:
             try:
-                if os.isatty(fd):
-                    os.dup2(null, fd)
+                os.dup2(null, fd)
             except OSError:
                 pass
     finally:
@@ -772,7 +798,7 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
     # missing or holding an older state; that epoch's checkpoint is this one (saved at the
     # epoch's end, batch 0): link it now.
     if (run.dist.main and c["batch"] == 0 and c["epoch"] > 0 and c["best_epoch"] == c["epoch"]
-            and same_file(path.parent, run.out) and not same_file(path, run.out / "best.pth")):
+            and same_file(path.parent, run.out) and _older_or_missing(run.out / "best.pth", path)):
         ckpt_io.link_atomic(path, run.out / "best.pth")
         say(f"{run.out / 'best.pth'}: made the checkpoint of epoch {c['epoch']}, the best, as the run's last save "
             "was cut short before it")
@@ -811,6 +837,15 @@ def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:
     if diff:
         raise UserError(f"{path}: the run was made with other settings ({'; '.join(diff)}); "
                         "resume with the same settings, or start a new run in another --out")
+
+
+def _older_or_missing(best: Path, last: Path) -> bool:
+    """best.pth is not the checkpoint written with last.pth: missing, or written before it. (The
+    same file when linked; where the file system has no hard links, a copy made just after it.)"""
+    try:
+        return not same_file(best, last) and best.stat().st_mtime_ns < last.stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
 
 
 def resume_command(cfg: TrainConfig) -> str:

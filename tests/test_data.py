@@ -479,6 +479,11 @@ def test_a_class_folder_that_cannot_be_listed_is_an_error_not_a_class_left_out(t
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(DataError, match=r"class_c: cannot list it \(Permission denied\)$"):
         prepare(src, tmp_path / "c", counts=None, workers=1, log=quiet)
+    # outside train/ and val/ (lost+found at a mount's root): not data, not read
+    shutil.rmtree(src / "train" / "class_c")
+    shutil.rmtree(src / "val" / "class_c")
+    (src / "private" / "class_c").mkdir(parents=True)
+    prepare(src, tmp_path / "c", counts=None, workers=1, log=quiet)
 
 
 def test_files_in_images_folders_that_are_not_images_are_skipped(tiny_layout: Path, tiny_cache: Path,
@@ -588,3 +593,10 @@ def test_an_older_cache_format_is_rebuilt_from_its_own_source(tiny_zip: Path, tm
     with pytest.raises(DataError, match="from another version of this program") as e:
         open_cache(d)
     assert f"--source {tiny_zip}" in str(e.value) and "--counts" in str(e.value)
+
+
+def test_a_metrics_file_with_a_ragged_row_counts_as_no_record(tmp_path: Path) -> None:
+    from alexnet.metrics import recorded_epochs
+
+    (tmp_path / "metrics.csv").write_text("epoch,val_top1\n1,0.5,extra\n")
+    assert recorded_epochs(tmp_path) == 0

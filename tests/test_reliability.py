@@ -290,8 +290,10 @@ def test_an_epoch_cut_short_before_its_best_link_gets_it_on_resume(learnable_cac
     assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2"]) == 0
     for leftover in (None, b"an older best"):
         (out / "best.pth").unlink()
-        if leftover:
+        if leftover:  # an earlier epoch's best, written before this last.pth
             (out / "best.pth").write_bytes(leftover)
+            before = (out / "last.pth").stat().st_mtime_ns - 10**9
+            os.utime(out / "best.pth", ns=(before, before))
         capsys.readouterr()
         assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2", "--resume"]) == 0
         assert "made the checkpoint of epoch 1, the best" in capsys.readouterr().out
@@ -299,6 +301,86 @@ def test_an_epoch_cut_short_before_its_best_link_gets_it_on_resume(learnable_cac
     capsys.readouterr()
     assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2", "--resume"]) == 0
     assert "made the checkpoint" not in capsys.readouterr().out  # linked already: nothing to do
+    # Where the file system has no hard links best.pth is a copy, written just after last.pth: kept.
+    copy = out / "copy.pth"
+    shutil.copyfile(out / "last.pth", copy)
+    os.replace(copy, out / "best.pth")
+    assert main(["train", *run_args(learnable_cache, out), "--epochs", "1", "--max-steps", "2", "--resume"]) == 0
+    assert "made the checkpoint" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,warning", [
+    ([], "--warmup-epochs 1 has no effect: it applies to --schedule cosine, step, constant, not plateau"),
+    (["--schedule", "onecycle"], "not onecycle (onecycle warms up over its first quarter itself)"),
+    (["--schedule", "cosine", "--epochs", "1"], "--warmup-epochs 1 takes the whole run of --epochs 1: the lr never "
+                                                "reaches --lr"),
+])
+def test_a_warm_up_that_cannot_be_meant_is_warned_of(tiny_cache, tmp_path, capsys, args, warning):
+    """Warned of, not refused: a run made with it before must still resume with it."""
+    assert main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--epochs", "2", "--max-steps", "5",
+                 "--no-progress", "--warmup-epochs", "1", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: --warmup-epochs 1 " in printed and warning in printed
+
+
+def test_a_hang_up_stops_the_run_with_its_checkpoint(learnable_cache, tmp_path):
+    """A closed terminal: its descriptors fail (EIO) before SIGHUP comes, and isatty() is then
+    False; the run still saves, and ends with 128 + SIGHUP, not with its next write's error."""
+    import pty
+
+    out = tmp_path / "o"
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
+           "--epochs", "50", "--progress"]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    try:
+        while b"epoch 1/50:" not in seen:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert b"epoch 1/50:" in seen, seen[-2000:]
+    finally:
+        os.close(master)  # the terminal goes away
+    child.send_signal(signal.SIGHUP)
+    assert child.wait(timeout=120) == 128 + signal.SIGHUP
+    ck = torch.load(out / "last.pth", weights_only=False)
+    assert ck["epoch"] >= 1 and ck["step"] > 0
+
+
+def test_a_run_that_fails_with_dataloader_workers_ends_without_waiting_for_them(tiny_cache, tmp_path):
+    """An error out of the process kept the DataLoader alive in its traceback; the exit then
+    waited for its workers, which leave a SIGTERM to the main process (a minute, then an
+    'Alarm clock' error on top of the run's own)."""
+    m = tmp_path / "m.py"
+    m.write_text("from alexnet.models import create_model\n\ncalls = [0]\n\n"
+                 "def build_model(num_classes):\n    model = create_model('combined_gap', num_classes)\n"
+                 "    model.register_forward_pre_hook(fail_later)\n    return model\n\n"
+                 "def fail_later(module, args):\n    if module.training:\n        calls[0] += 1\n"
+                 "        if calls[0] > 3:\n            raise RuntimeError('out of memory, say')\n")
+    from tests.procs import children
+
+    proc = subprocess.Popen([sys.executable, "train.py", str(m), "--data", str(tiny_cache), "--out", str(tmp_path / "o"),
+                             "--device", "cpu", "--num_classes", "4", "--bs", "2", "--epochs", "1", "--no-progress",
+                             "--transforms", "examples/transforms_torchvision.py", "--workers", "2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        printed = ""
+        for line in proc.stderr:  # the traceback is printed as the process begins to exit
+            printed += line
+            if "RuntimeError: out of memory, say" in line:
+                break
+        assert "RuntimeError: out of memory, say" in printed, printed[-2000:]
+        assert not children(proc.pid), "the DataLoader workers outlived the error (the exit waits for them)"
+        assert proc.wait(timeout=120) == 1
+    finally:
+        proc.kill()
 
 
 def test_resume_of_a_finished_run_says_so(learnable_cache, tmp_path, capsys):
@@ -537,12 +619,6 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
     (["--variant", "baseline", "--wd", "inf"], "--wd must be a finite number >= 0, got inf"),
     (["--variant", "baseline", "--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0"),
-    (["--variant", "baseline", "--warmup-epochs", "1"], "--warmup-epochs applies to --schedule cosine, step, constant, "
-                                                         "not plateau"),
-    (["--variant", "baseline", "--warmup-epochs", "1", "--schedule", "onecycle"],
-     "not onecycle (onecycle warms up over its first quarter itself)"),
-    (["--variant", "baseline", "--warmup-epochs", "1", "--schedule", "cosine"],
-     "--warmup-epochs 1 would take the whole run of --epochs 1: the lr would never reach --lr"),
     (["--variant", "baseline", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
     (["--variant", "baseline", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
     (["--variant", "baseline", "--momentum", "0", "--nesterov"], "--nesterov needs --momentum above 0"),
