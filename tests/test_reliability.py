@@ -333,7 +333,8 @@ def test_a_hang_up_stops_the_run_with_its_checkpoint(learnable_cache, tmp_path):
     master, slave = pty.openpty()
     cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
            "--epochs", "50", "--progress"]
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=slave, stderr=slave, start_new_session=True)
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=slave, stderr=slave, start_new_session=True,
+                             preexec_fn=_as_in_a_terminal)
     os.close(slave)
     seen = b""
     try:
@@ -416,15 +417,20 @@ def test_resume_on_other_data_is_refused(learnable_cache, tiny_cache, tmp_path, 
     assert "the run was trained on other data than the cache in" in err and "--data" in err
 
 
+def _as_in_a_terminal() -> None:
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_saves_and_prints_resume_command(learnable_cache, tmp_path, sig):
     out = tmp_path / "o"
     cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
            "--epochs", "50"]
-    # SIGINT as a foreground job has it, whatever this suite was started with (a shell's
-    # background job has it ignored, and a run leaves an ignored SIGINT ignored)
+    # SIGINT and SIGHUP as a foreground job has them, whatever this suite was started with (a
+    # shell's background job has SIGINT ignored, nohup SIGHUP, and a run leaves them ignored)
     child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             preexec_fn=_as_in_a_terminal)
     for line in child.stdout:
         if line.startswith("epoch 1/50"):
             break
