@@ -327,14 +327,20 @@ def test_a_warm_up_that_cannot_be_meant_is_warned_of(tiny_cache, tmp_path, capsy
 def test_a_hang_up_stops_the_run_with_its_checkpoint(learnable_cache, tmp_path):
     """A closed terminal: its descriptors fail (EIO) before SIGHUP comes, and isatty() is then
     False; the run still saves, and ends with 128 + SIGHUP, not with its next write's error."""
+    import fcntl
     import pty
+    import termios
 
     out = tmp_path / "o"
     master, slave = pty.openpty()
     cmd = [sys.executable, "train.py", "models/alexnet_combined_gap.py", *run_args(learnable_cache, out)[2:],
            "--epochs", "50", "--progress"]
+    def own_terminal() -> None:  # the pty as the run's controlling terminal, as a login shell's
+        _as_in_a_terminal()
+        fcntl.ioctl(1, termios.TIOCSCTTY, 0)
+
     child = subprocess.Popen(cmd, cwd=ROOT, stdout=slave, stderr=slave, start_new_session=True,
-                             preexec_fn=_as_in_a_terminal)
+                             preexec_fn=own_terminal)
     os.close(slave)
     seen = b""
     try:
@@ -348,8 +354,7 @@ def test_a_hang_up_stops_the_run_with_its_checkpoint(learnable_cache, tmp_path):
             seen += chunk
         assert b"epoch 1/50:" in seen, seen[-2000:]
     finally:
-        os.close(master)  # the terminal goes away
-    child.send_signal(signal.SIGHUP)
+        os.close(master)  # the terminal goes away: the kernel hangs it up and sends SIGHUP
     assert child.wait(timeout=120) == 128 + signal.SIGHUP
     ck = torch.load(out / "last.pth", weights_only=False)
     assert ck["epoch"] >= 1 and ck["step"] > 0
