@@ -153,19 +153,15 @@ def _remove_if_empty(data_dir: Path) -> None:
 
 def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, counts, img_size: int,
                     workers: int, force: bool, log: Log) -> Path:
-    if not os.access(data_dir, os.W_OK):  # a cache someone else made, read-only here: its lock cannot be taken
+    writable = os.access(data_dir, os.W_OK)  # else a cache someone else made: usable, but its lock cannot be taken
+    with _lock(data_dir, log) if writable else contextlib.nullcontext():
         fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
         stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
         if stale is None:
             log(f"cache up to date: {data_dir}")
             return data_dir
-        raise DataError(f"{data_dir}: not writable here, and the cache needs building ({stale})")
-    with _lock(data_dir, log):
-        fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
-        stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
-        if stale is None:
-            log(f"cache up to date: {data_dir}")
-            return data_dir
+        if not writable:
+            raise DataError(f"{data_dir}: not writable here, and the cache needs building ({stale})")
         log(f"preparing the cache in {data_dir} from {source} ({stale})")
         if url:
             name = url.rstrip("/").rsplit("/", 1)[-1] or "download.zip"

@@ -550,7 +550,7 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     # Which of stdout and stderr are a terminal, asked now: a hang-up breaks the terminal's
     # descriptors before SIGHUP arrives, and isatty() is then False.
-    terminals = [fd for fd in (1, 2) if _isatty(fd)]
+    terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # False for a closed one
     saving, first_request = [False], [0.0]
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -652,13 +652,6 @@ def _summary(run: Run, state: dict) -> dict:
 
 # A closed terminal (SIGHUP) stops a run as Ctrl-C and SIGTERM do: saved at the next step.
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
-
-
-def _isatty(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False
 
 
 def _detach_from_terminal(terminals: list[int]) -> None:
