@@ -155,7 +155,7 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
                     workers: int, force: bool, log: Log) -> Path:
     writable = os.access(data_dir, os.W_OK)  # else a cache someone else made: usable, but its lock cannot be taken
     with _lock(data_dir, log) if writable else contextlib.nullcontext():
-        fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source))
+        fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source), skip=data_dir)
         stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
         if stale is None:
             log(f"cache up to date: {data_dir}")
@@ -192,15 +192,20 @@ def _check_tiny_size(img_size: int, source: str) -> None:
                         f"(training upsamples on the device: alexnet train --img-size)")
 
 
-def _fingerprint(path: Path) -> dict:
-    """Cheap identity of a local source: stat of a file, or totals over a folder's files."""
+def _fingerprint(path: Path, skip: Path | None = None) -> dict:
+    """Cheap identity of a local source: stat of a file, or totals over a folder's files.
+    `skip` (the cache folder) is left out: a cache built inside its own source folder would
+    otherwise change the source's totals with every build, and be rebuilt at every start."""
     try:
         if path.is_file():
             st = path.stat()
             return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if path.is_dir():
             n = size = mtime = 0
-            for dirpath, _, files in os.walk(path, onerror=_unreadable_folder(path)):
+            skip_st = skip.stat() if skip is not None and skip.exists() else None
+            for dirpath, dirs, files in os.walk(path, onerror=_unreadable_folder(path)):
+                if skip_st is not None:
+                    dirs[:] = [d for d in dirs if not os.path.samestat(os.stat(os.path.join(dirpath, d)), skip_st)]
                 for f in files:
                     st = os.stat(os.path.join(dirpath, f))
                     n, size, mtime = n + 1, size + st.st_size, max(mtime, st.st_mtime_ns)

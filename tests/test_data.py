@@ -112,6 +112,24 @@ def test_other_sources_same_cache(tiny_layout: Path, tiny_cache: Path, tmp_path:
         assert other.stats == ref.stats and other.wnids == ref.wnids
 
 
+def test_a_cache_inside_its_source_folder_is_built_once(tiny_layout: Path, tmp_path: Path) -> None:
+    """The cache's own files are not part of the source: before, every build changed the
+    source folder's totals, so each start rebuilt it."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_layout, src)
+    images = make_image_folder(tmp_path / "images", classes=3, per_class=5)
+    for source, cache, kw in ((src, src / "cache", {"counts": TINY_COUNTS}), (images, images / "cache", {"img_size": 32})):
+        d = prepare(source, cache, workers=1, log=quiet, **kw)
+        before = snapshot(d)
+        logs: list[str] = []
+        prepare(source, cache, workers=1, log=logs.append, **kw)
+        assert logs == [f"cache up to date: {cache}"] and snapshot(d) == before
+        (source / "train" / sorted(p.name for p in (source / "train").iterdir())[0] / "extra.txt").write_text("x")
+        logs.clear()  # a change in the source itself still counts
+        prepare(source, cache, workers=1, log=logs.append, **kw)
+        assert any("source differs" in m for m in logs)
+
+
 def test_image_folder_source(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", classes=3, per_class=5)
     cache = open_cache(prepare(root, tmp_path / "c", img_size=32, workers=1, log=quiet))
