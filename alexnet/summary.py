@@ -60,8 +60,10 @@ def layer_table(model: nn.Module, img_size: int) -> list[tuple[str, str, tuple[i
     """(name, type, output shape without batch, parameters) for every leaf module in order."""
     rows: list = []
     hooks = []
+    inside: list[str] = []  # rows already taken: their modules' children are not rows again
     for name, m in model.named_modules():
-        if len(list(m.children())) == 0:
+        if _is_row(m) and not any(name.startswith(r + ".") for r in inside):
+            inside.append(name)
             hooks.append(m.register_forward_hook(
                 lambda mod, inp, out, name=name: rows.append(
                     (name, _kind(mod), tuple(out.shape[1:]), sum(p.numel() for p in mod.parameters())))))
@@ -71,6 +73,14 @@ def layer_table(model: nn.Module, img_size: int) -> list[tuple[str, str, tuple[i
     for h in hooks:
         h.remove()
     return rows
+
+
+def _is_row(m: nn.Module) -> bool:
+    """A layer of the table: a module without children, or one whose children have no parameters
+    and that is not a container (GroupedLRN: one layer, though it runs its LRN once per tower)."""
+    if not any(True for _ in m.children()):
+        return True
+    return not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and not any(True for _ in m.parameters())
 
 
 def _kind(m: nn.Module) -> str:

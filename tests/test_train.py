@@ -451,6 +451,15 @@ def test_summary_lists_all_variants(capsys):
     assert "57,823,240" in capsys.readouterr().out
 
 
+def test_summary_shows_a_grouped_lrn_as_one_layer(capsys):
+    """The towers' LRN runs once per tower inside one layer: one row with the whole output."""
+    assert main(["summary", "models/alexnet_paper_towers.py"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("features.")]
+    assert [r[:2] for r in rows if "LRN" in r[1] or "LocalResponseNorm" in r[1]] == [
+        ["features.2", "GroupedLRN"], ["features.6", "GroupedLRN"]]
+    assert [r[0] for r in rows] == [f"features.{i}" for i in range(15)]
+
+
 @pytest.mark.parametrize("args,error", [
     (["--img-size", "62"], "--img-size must be at least 63 (AlexNet's pooling needs it), got 62"),
     (["combined_gap", "--num-classes", "0"], "--num-classes must be at least 1, got 0"),
