@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from alexnet.atomic import link_atomic, write_atomic
-from alexnet.errors import CheckpointError
+from alexnet.errors import CheckpointError, ConfigError
+from alexnet.models import AlexNet, AlexNetConfig
 
 FORMAT = 1
 
@@ -134,14 +135,35 @@ def load(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(ckpt: dict[str, Any], path: str | Path, variant: str | None, num_classes: int) -> None:
-    """A checkpoint from another variant or class count is refused with both names."""
+def check_compatible(ckpt: dict[str, Any], path: str | Path, variant: str | None, num_classes: int,
+                     model: torch.nn.Module | None = None) -> None:
+    """A checkpoint from another variant, class count or model setting is refused with both.
+    The settings matter where the weights alone cannot tell: the same weights fit a GAP head
+    that averages conv5 and one that averages pool5 (`AlexNetConfig.gap_input`)."""
     if ckpt["num_classes"] != num_classes:
         raise CheckpointError(f"{path}: trained for {ckpt['num_classes']} classes, "
                               f"but the model here has {num_classes}")
     if variant is not None and ckpt.get("variant") not in (None, variant):
         raise CheckpointError(f"{path}: trained as variant {ckpt['variant']!r}, "
                               f"but the model here is {variant!r}")
+    if isinstance(model, AlexNet) and ckpt.get("model_cfg") is not None:
+        saved, here = trained_config(ckpt, path).__dict__, model.cfg.__dict__
+        diff = [f"{k}={saved[k]!r}, but the model here has {k}={here[k]!r}" for k in here if saved.get(k) != here[k]]
+        if diff:
+            raise CheckpointError(f"{path}: trained with {'; '.join(diff)}; `alexnet evaluate {path}` (no model "
+                                  f"file) rebuilds the model as it was trained")
+
+
+def trained_config(ckpt: dict[str, Any], path: str | Path) -> AlexNetConfig:
+    """The AlexNetConfig a checkpoint's model was built with. Settings added since it was
+    written take the value that matches how the model was then built."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_cfg"].items()}
+    if cfg.get("head") == "gap":
+        cfg.setdefault("gap_input", "pool5")  # the GAP head followed pool5 until gap_input existed
+    try:
+        return AlexNetConfig(**cfg)
+    except (TypeError, ConfigError) as e:  # a setting this version does not know
+        raise CheckpointError(f"{path}: its model settings do not fit this version of the project ({e})") from None
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

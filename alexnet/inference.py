@@ -23,7 +23,7 @@ from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
 from alexnet.evaluate import TTA, confused_path, evaluate, logits_for, write_per_class
 from alexnet.loader import to_memory
-from alexnet.models import AlexNet, AlexNetConfig
+from alexnet.models import AlexNet
 from alexnet.precision import resolve_amp
 from alexnet.sources import image_files, is_image_name, load_image_file
 from alexnet.train import pick_device
@@ -35,11 +35,9 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
     c = ckpt_io.load(ckpt_path)
     if model_file is not None:
         model = load_model_file(model_file, c["num_classes"])
-        ckpt_io.check_compatible(c, ckpt_path, getattr(model, "variant", None), c["num_classes"])
+        ckpt_io.check_compatible(c, ckpt_path, getattr(model, "variant", None), c["num_classes"], model)
     elif c.get("model_cfg") is not None:
-        cfg = dict(c["model_cfg"])
-        model = AlexNet(AlexNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}),
-                        c["num_classes"])
+        model = AlexNet(ckpt_io.trained_config(c, ckpt_path), c["num_classes"])
     else:
         source = c.get("config", {}).get("model")
         raise CheckpointError(f"{ckpt_path}: holds a custom model{f' (trained from {source})' if source else ''}; "

@@ -79,6 +79,12 @@ class AlexNetConfig:
     # see half the channels, and LRN normalises within each half; conv1, conv3 and the FC layers
     # connect everything, as the paper's GPUs communicated only there. 1 (default): one tower.
     groups: int = 1
+    # What the GAP head averages. "conv5" (default): conv5's whole map, as the variant is defined
+    # (global average pooling after conv5). "pool5": the map after the last 3x3/2 max pool, as
+    # this project built it before this setting existed (checkpoints without it load so): at
+    # 64x64 that pool's one window covers conv5's whole 3x3 map, so the head saw conv5's
+    # maximum, a global max pool, and the average was over one value.
+    gap_input: Literal["conv5", "pool5"] = "conv5"
 
     def __post_init__(self) -> None:
         if len(self.widths) != 5 or min(self.widths) < 1:
@@ -97,6 +103,10 @@ class AlexNetConfig:
             raise ConfigError("dropout_after_fc needs a hidden FC layer (head large or small); the gap head has none")
         if not math.isfinite(self.init_bias):
             raise ConfigError(f"init_bias must be finite, got {self.init_bias}")
+        if self.gap_input not in ("conv5", "pool5"):
+            raise ConfigError(f"gap_input must be conv5 or pool5, got {self.gap_input!r}")
+        if self.gap_input == "pool5" and self.head != "gap":
+            raise ConfigError("gap_input pool5 is a setting of the gap head; the large and small heads always follow pool5")
         if not isinstance(self.groups, int) or self.groups < 1 or any(w % self.groups for w in self.widths):
             raise ConfigError(f"groups must be a positive integer dividing every width {self.widths}, got {self.groups!r}")
 
@@ -167,7 +177,7 @@ class AlexNet(nn.Module):
             *block(2, c2, c3, 3, 1, 1),
             *block(3, c3, c4, 3, 1, 1),
             *block(4, c4, c5, 3, 1, 1),
-            nn.MaxPool2d(3, 2),
+            *([] if cfg.head == "gap" and cfg.gap_input == "conv5" else [nn.MaxPool2d(3, 2)]),
         )
         # Dropout modules stay in place even at p=0 so that parameter indices (and so state
         # dict keys) match torchvision's for the baseline.
@@ -290,7 +300,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("combined_small", "Combined-Small", replace(_BN, dropout=0.5, head="small", hidden=2000),
                 "combined", "as Combined-Large with a 2000-unit head"),
         Variant("combined_gap", "Combined-GAP", replace(_BN, dropout=0.5, head="gap"),
-                "combined", "as Combined-Large with global average pooling + one FC"),
+                "combined", "as Combined-Large with global average pooling of conv5 + one FC"),
         Variant("paper", "Paper (2012)",
                 AlexNetConfig(widths=(96, 256, 384, 384, 256), norm="lrn", norm_layers=(0, 1),
                               dropout=0.5, dropout_after_fc=True, init="paper"),

@@ -772,7 +772,7 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
 def _resume(run: Run, state: dict, say) -> tuple[int, int]:
     path = Path(run.out / "last.pth" if run.cfg.resume == "auto" else run.cfg.resume)
     c = ckpt_io.load(path)
-    ckpt_io.check_compatible(c, path, run.variant, run.cfg.num_classes)
+    ckpt_io.check_compatible(c, path, run.variant, run.cfg.num_classes, run.raw)
     _check_same_trajectory(c, path, run)
     saved, now = c.get("data") or {}, data_identity(run.cache)
     if saved and now and saved != now:

@@ -2,6 +2,7 @@
 counts; torchvision equivalence; the paper's LRN and initialisation."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -231,9 +232,37 @@ def test_dropout_after_fc_in_the_small_head():
 
 
 def test_small_stem_keeps_resolution():
-    m = AlexNet(AlexNetConfig(stem="small", norm="batchnorm", head="gap"), 10)
+    m = AlexNet(AlexNetConfig(stem="small", norm="batchnorm", head="gap", gap_input="pool5"), 10)
     assert m.features(torch.randn(1, 3, 64, 64)).shape[-1] == 3
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    m = AlexNet(AlexNetConfig(stem="small", norm="batchnorm", head="gap"), 10)  # the GAP of conv5's 7x7 map
+    assert m.features(torch.randn(1, 3, 64, 64)).shape[-1] == 7
+
+
+@pytest.mark.parametrize("img_size,side", [(64, 3), (96, 5), (224, 13)])
+def test_the_gap_head_averages_conv5(img_size, side):
+    """Combined-GAP is global average pooling of conv5's map, as the variant is defined. With
+    pool5 before it (gap_input="pool5", the head before that setting existed), at 64x64 the
+    pool's one window covers conv5's 3x3 map: the head saw its maximum, not its mean."""
+    torch.manual_seed(0)
+    m = create_model("combined_gap", 10).eval()
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        conv5 = m.features(x)
+        assert conv5.shape[-2:] == (side, side) and isinstance(m.features[-1], torch.nn.ReLU)
+        torch.testing.assert_close(m(x), m.classifier(conv5.mean((2, 3))))
+        old = AlexNet(replace(m.cfg, gap_input="pool5"), 10).eval()
+        old.load_state_dict(m.state_dict())  # the same weights fit both
+        if img_size == 64:
+            torch.testing.assert_close(old(x), m.classifier(conv5.amax((2, 3))))
+        assert not torch.allclose(old(x), m(x))
+
+
+def test_gap_input_is_a_setting_of_the_gap_head():
+    with pytest.raises(ConfigError, match="gap_input pool5 is a setting of the gap head"):
+        AlexNetConfig(gap_input="pool5")
+    with pytest.raises(ConfigError, match="gap_input must be conv5 or pool5, got 'avg'"):
+        AlexNetConfig(head="gap", gap_input="avg")
 
 
 def _write(tmp_path, text, name="m.py"):

@@ -1184,6 +1184,34 @@ def test_checkpoint_of_other_variant_or_classes(small_ckpt, tiny_cache, tmp_path
         checkpoint.check_compatible(c, small_ckpt, "combined_gap", 10)
 
 
+def test_a_gap_checkpoint_from_before_gap_input_keeps_its_pool5(small_ckpt, tiny_cache, tmp_path, capsys):
+    """Checkpoints record the model's settings. One written before `gap_input` existed was
+    trained with pool5 before the average: rebuilt so from the checkpoint alone, and refused
+    by a model file (or a resume) that builds the conv5 head, whose weights would fit it."""
+    import torch
+
+    from alexnet import checkpoint
+    from alexnet.inference import load_trained
+
+    c = checkpoint.load(small_ckpt)
+    assert c["model_cfg"]["gap_input"] == "conv5"
+    del c["model_cfg"]["gap_input"]
+    old = tmp_path / "old.pth"
+    checkpoint.save_atomic(c, old)
+    model, _, _ = load_trained(old, None, torch.device("cpu"))
+    assert model.cfg.gap_input == "pool5" and isinstance(model.features[-1], torch.nn.MaxPool2d)
+    assert main(["evaluate", str(old), "--data", str(tiny_cache), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    why = f"{old}: trained with gap_input='pool5', but the model here has gap_input='conv5'"
+    assert main(["evaluate", str(ROOT / "models/alexnet_combined_gap.py"), str(old), "--data", str(tiny_cache),
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {why}")
+    assert main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "x"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(old),
+                 "--epochs", "2", "--max-steps", "1"]) == 2
+    assert why in capsys.readouterr().err
+
+
 def test_predict_non_image(small_ckpt, tmp_path, capsys):
     txt = tmp_path / "notes.jpg"
     txt.write_text("not an image")
