@@ -126,8 +126,10 @@ def test_each_step_and_rank_draws_its_own_augmentation():
     the crops, flips and colour factors of two steps differ, those of one step repeat."""
     from alexnet.loader import step_seed
 
-    seeds = {step_seed(0, rank, step) for rank in range(4) for step in range(1000)}
-    assert len(seeds) == 4000 and step_seed(0, 1, 5) != step_seed(1, 1, 5)  # the run seed counts too
+    # 8 ranks over 100,000 steps (about 60 epochs at batch 64 on 2 ranks): no rank repeats another's
+    seeds = {step_seed(0, rank, step) for rank in range(8) for step in range(100_000)}
+    assert len(seeds) == 800_000 and step_seed(0, 1, 5) != step_seed(1, 1, 5)  # the run seed counts too
+    assert [step_seed(3, 0, step) for step in (0, 7)] == [3_000_009, 3_000_016]  # rank 0: a one-process run's seeds
     aug = BatchAugment(RECIPES["combined"], 64, MEAN, STD, generator=torch.Generator())
 
     def params(step: int):
