@@ -302,8 +302,10 @@ class BatchAugment:
 
     def photometric(self, x: torch.Tensor, p: Params) -> tuple[torch.Tensor, bool]:
         """x: (N,3,S,S) channels_last, uint8 or float in 0..255 -> (float, clamp): torchvision's
-        order and formulas, clamped to [0, 1] after each op as torchvision does, except that
-        the last op's clamp is left to `normalize` (clamp=True), where it costs no extra pass.
+        formulas in a fixed order, brightness, contrast, saturation (torchvision's ColorJitter
+        draws a new order per image), clamped to [0, 1] after each op as torchvision does,
+        except that the last op's clamp is left to `normalize` (clamp=True), where it costs no
+        extra pass.
 
         As few passes over memory as the formulas allow, in place on one float copy (saturation
         writes a new one): the batch is ~12 MB of float32 at 256 x 64 x 64, each pass ~0.4 ms

@@ -64,8 +64,8 @@ def enabled(device: torch.device) -> bool:
 
 
 def photometric_planes(luma: tuple[float, float, float], noise_unit: float = 0.0) -> Callable:
-    """The function that is compiled: torchvision's formulas and order (brightness, contrast,
-    saturation, then the paper's lighting and the pixel noise), a clamp to [0, 1] after each
+    """The function that is compiled: torchvision's formulas in a fixed order (brightness,
+    contrast, saturation, then the paper's lighting and the pixel noise), a clamp to [0, 1] after each
     op, then (x - mean) / std; `luma`: the grey image's weights; `noise_unit`: the pixel noise
     of noise code 1 (augment.py, `BatchAugment.noise`).
 
