@@ -66,7 +66,7 @@ class AlexNetConfig:
     hidden: int = 4096
     # "standard": conv1 11x11 stride 4 (15x15 map at 64x64 input, 1x1 after the last pool).
     # "small": conv1 5x5 stride 2, a 32x32 map, 3x3 after the last pool: more resolution
-    # for 64x64 images at about 5x the compute (an extra, not used by the seed variants).
+    # for 64x64 images at about 2.5x the forward MFLOPs (an extra, not used by the seed variants).
     stem: Literal["standard", "small"] = "standard"
     init: Init = "pytorch"
     # init "paper": the constant bias of conv2, conv4, conv5 and the hidden FC layers. The
