@@ -8,17 +8,26 @@ process and interleaved so that drift of a shared machine cancels (see below).
                 over JPEG files, PIL transforms, DataLoader with 2 workers, at the published
                 defaults (batch 64, fp32) unless told otherwise.
 
-(1) and (2) alternate step by step (A B, then B A, ...), and (2)/(1) is the median of the
-per-pair ratios: on a shared machine, throughput drifts by tens of percent within seconds,
-which blocks of steps did not cancel. On CUDA the unit that alternates is 4 steps with one
-synchronisation at its end (a synchronised single step leaves the GPU idle while the host
-launches the next one, which training never does). (3) runs in blocks of `--steps` steps (its DataLoader
-workers prefetch, so single steps would not measure it), one block per round between the pairs.
-Each mode's figure is the median of its images / wall seconds; (2)/(3) is the ratio of those.
+(1) and (2) alternate step by step (A B, then B A, ..., the order carried on across rounds),
+and (2)/(1) is the median of the per-pair ratios: on a shared machine, throughput drifts by
+tens of percent within seconds, which blocks of steps did not cancel. On CUDA the unit that
+alternates is 4 steps with one synchronisation at its end (a synchronised single step leaves
+the GPU idle while the host launches the next one, which training never does). (3) runs in
+blocks of `--steps` steps (its DataLoader workers prefetch, so single steps would not measure
+it), one block per round after the pairs; (2)/(3) is the median over rounds of (2)'s median
+in a round against (3)'s block in that round. Before each block, (3) trains untimed on the
+batches its workers prefetched while the pairs ran (2 workers x 2 batches), which would
+otherwise come free. Each mode's figure is the median of its images / wall seconds.
+(2) does what a training step of `alexnet train` does besides the step itself: the seeds,
+the batch, the loss read back for its finiteness check (every step on the CPU, every 25th on
+CUDA), the loss and accuracy sums, the scheduler's step.
 
-(3) runs the model as typical code does, FC1 over the 36 copies of the pooled vector
-(torchvision's AlexNet); (1) and (2) fold them where training does (alexnet/models.py:
-variants without dropout before FC1).
+(3) is typical code at the published defaults (the issue's comparison: the project at its
+recommended settings against that): batch `--reference-bs` (64), fp32, no channels_last,
+PyTorch's default SGD, and FC1 over the 36 copies of the pooled vector (torchvision's
+AlexNet); (1) and (2) fold them where training does (alexnet/models.py: variants without
+dropout before FC1). Its PIL transforms are the recipe's: crops, flips, colour jitter, the
+paper's enlargement and PCA lighting, pixel noise.
 
 `--compare amp channels_last compile small_map_grad fold_fc1` measures instead what each of those
 settings does to speed (small_map_grad: alexnet/smallconv.py's weight gradient, an
@@ -78,14 +87,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "steps of one block of (3)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; medians over all of them are reported")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--data", help="a prepared cache for (2) (default: a synthetic in-memory cache)")
+    p.add_argument("--data", help="a prepared cache for (2) (default: where training reads one, $ALEXNET_DATA or "
+                                  "./data, if it holds one; else a synthetic in-memory cache)")
     p.add_argument("--jpeg-zip", help="TinyImageNet zip whose train JPEGs feed (3) (default: synthetic JPEGs)")
     p.add_argument("--reference-bs", type=int, default=PUBLISHED["bs"], help="batch size of (3)")
     p.add_argument("--no-reference", action="store_true", help="skip (3) (e.g. on a GPU machine)")
     p.add_argument("--memory-budget", type=float, default=TrainConfig.memory_budget,
                    help="as train's: GB within which (2) keeps the cache's training split in memory "
                         "(default: %(default)s); 0: release its pages as batches read them")
-    p.add_argument("--recipe", choices=list(RECIPES), help="augmentation recipe for (2) (default: each variant's own)")
+    p.add_argument("--recipe", choices=list(RECIPES), help="augmentation recipe for (2) and (3) (default: each variant's own)")
     p.add_argument("--profile", action="store_true",
                    help="also print, for (1) and (2), the ops each step launches, the host's time to issue a "
                         "step and (CUDA) the GPU's busy time per step (alexnet/stepprofile.py)")
@@ -95,7 +105,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         f"and --reference-bs play no part)")
 
 
-def _source(data: str | None, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor, dict, Cache | None]:
+SYNTHETIC_IMAGES = 20_000  # the synthetic cache's training split
+
+
+def _source(data: str | None, n: int = SYNTHETIC_IMAGES) -> tuple[torch.Tensor, torch.Tensor, dict, Cache | None]:
     """(train x NHWC uint8, labels, stats, the cache whose memory-mapped split is under x) from
     a cache, or a random stand-in of the same shape (in memory: nothing to release)."""
     if data:
@@ -144,27 +157,67 @@ def _jpeg_folder(zip_path: str | None, root: Path, per_class: int = 20, classes:
     return root
 
 
-def _reference_loader(folder: Path, recipe: Recipe, bs: int, stats: dict):
-    """torchvision's classic pipeline with the recipe's augmentations as PIL transforms."""
-    from torchvision import datasets, transforms as T
+class _Lighting:
+    """The paper's PCA colour lighting on one [0, 1] image tensor, as typical code writes it
+    (fb.resnet.torch's): alpha ~ N(0, std) per eigenvector, the same shift on every pixel."""
 
-    tf = []
+    def __init__(self, std: float, eigval, eigvec) -> None:
+        self.std, self.eigval, self.eigvec = std, torch.tensor(eigval), torch.tensor(eigvec)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        shift = self.eigvec @ (torch.randn(3) * self.std * self.eigval)
+        return (img + shift[:, None, None]).clamp_(0, 1)
+
+
+class _Noise:
+    """Gaussian pixel noise on one [0, 1] image tensor."""
+
+    def __init__(self, std: float) -> None:
+        self.std = std
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return (img + torch.randn_like(img) * self.std).clamp_(0, 1)
+
+
+def _reference_transforms(recipe: Recipe, stats: dict):
+    """The recipe as per-image transforms, in the batched path's order: geometry, flip, colour
+    jitter, lighting, noise, normalisation (classes, not lambdas: spawned workers pickle them)."""
+    from torchvision import transforms as T
+
+    tf: list = []
+    if recipe.scale > 1.0:  # the paper's: the image enlarged, a random 64x64 crop of it
+        tf += [T.Resize(round(64 * recipe.scale)), T.RandomCrop(64)]
     if recipe.crop_pad:
         tf.append(T.RandomCrop(64, padding=recipe.crop_pad, padding_mode="reflect"))
     if recipe.flip:
         tf.append(T.RandomHorizontalFlip())
     if recipe.brightness or recipe.contrast or recipe.saturation:
         tf.append(T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation))
-    tf += [T.ToTensor(), T.Normalize(stats["mean"], stats["std"])]
-    ds = datasets.ImageFolder(str(folder), transform=T.Compose(tf))
-    dl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=2, drop_last=True,
-                                     persistent_workers=True)
+    tf.append(T.ToTensor())
+    if recipe.lighting_std:
+        tf.append(_Lighting(recipe.lighting_std, stats["eigval"], stats["eigvec"]))
+    if recipe.noise_std:
+        tf.append(_Noise(recipe.noise_std))
+    # raw_pixels: the paper's input, pixels minus the mean in 0..255 units
+    tf.append(T.Normalize(stats["mean"], [1 / 255] * 3 if recipe.raw_pixels else stats["std"]))
+    return T.Compose(tf)
 
-    def forever():
-        while True:
-            yield from dl
 
-    return forever()
+# Batches (3)'s DataLoader holds ready: its workers fill this queue while (1) and (2) run.
+REFERENCE_WORKERS, REFERENCE_PREFETCH = 2, 2
+
+
+def _reference_loader(folder: Path, recipe: Recipe, bs: int, stats: dict):
+    """torchvision's classic pipeline with the recipe's augmentations as PIL transforms. One
+    sampler over many permutations of the folder: its few thousand images would otherwise end
+    an epoch every few dozen batches, each end a stall that a 100,000-image epoch has rarely."""
+    from torchvision import datasets
+
+    ds = datasets.ImageFolder(str(folder), transform=_reference_transforms(recipe, stats))
+    sampler = torch.utils.data.RandomSampler(ds, num_samples=len(ds) * 10_000)
+    dl = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=REFERENCE_WORKERS,
+                                     prefetch_factor=REFERENCE_PREFETCH, drop_last=True, persistent_workers=True)
+    return iter(dl)
 
 
 def _per_unit(dev: torch.device) -> int:
@@ -184,12 +237,13 @@ def _timed(step, steps: int, bs: int, dev: torch.device) -> float:
     return steps * bs / (time.perf_counter() - t)
 
 
-def _paired(a, b, pairs: int, bs: int, dev: torch.device) -> tuple[list[float], list[float]]:
+def _paired(a, b, pairs: int, bs: int, dev: torch.device, first: int = 0) -> tuple[list[float], list[float]]:
     """Images/s of a and b per timed unit, alternating which runs first so neither always
-    follows the same thing."""
+    follows the same thing; pair i of a round counts as pair `first` + i of the whole run, so
+    that with an odd number of pairs per round a does not go first in most of them."""
     fa, fb = [], []
     per = _per_unit(dev)
-    for i in range(pairs):
+    for i in range(first, first + pairs):
         for fn, out in ((a, fa), (b, fb)) if i % 2 == 0 else ((b, fb), (a, fa)):
             out.append(_timed(fn, per, bs, dev))
     return fa, fb
@@ -237,6 +291,11 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     release = None if cache is None else releaser(cache.train.x, dev, **residency(cfg, cache))
     batches = FastBatches(x.to(dev) if dev.type == "cuda" else x, y.to(dev), aug, a.bs, release=release)
     state = {"it": batches(epoch_order(len(x), 0, 0, Dist(), a.bs), 0), "step": 0, "epoch": 0}
+    # What a training run's step does besides train_step (train._train_batches): the scheduler,
+    # the loss read back every `every` steps, the loss and accuracy sums on the device.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    every = 1 if dev.type == "cpu" else 25
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)
 
     def model_only():
         mark()
@@ -245,16 +304,20 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
     def project():
         s = step_seed(0, 0, state["step"])
         gen.manual_seed(s)
-        seed_torch(s, dev)
-        state["step"] += 1
         try:
             xb, yb = next(state["it"])
         except StopIteration:
             state["epoch"] += 1
             state["it"] = batches(epoch_order(len(x), 0, state["epoch"], Dist(), a.bs), 0)
             xb, yb = next(state["it"])
+        seed_torch(s, dev)
         mark()
-        train_step(model, opt, xb, yb, cfg, dev)
+        logits, loss = train_step(model, opt, xb, yb, cfg, dev,
+                                  (lambda loss: loss.item()) if state["step"] % every == 0 else None)
+        sched.step()
+        state["step"] += 1
+        sums[0].add_(loss.detach(), alpha=len(yb))
+        sums[1].add_((logits.argmax(1) == yb).sum())
 
     modes = {"model": (model_only, a.bs), "project": (project, a.bs)}
     for fn, _ in modes.values():  # warm-up: allocator, kernels (CUDA graphs record on the 2nd)
@@ -279,25 +342,31 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
             xb, yb = next(it)
             train_step(ref_model, ref_opt, xb.to(dev), yb.to(dev), ref_cfg, dev)
 
+        def reference_block() -> float:
+            for _ in range(REFERENCE_WORKERS * REFERENCE_PREFETCH):  # the batches prefetched meanwhile
+                reference()
+            return _timed(reference, a.steps, a.reference_bs, dev)
+
         modes["typical"] = (reference, a.reference_bs)
         reference(), reference()  # warm-up: its DataLoader workers too
         now = rss_bytes()
         if release is not None and held is not None and now is not None:
             release.budget += max(0, now - held)  # (3)'s memory is the bench's, not the run's
     figures: dict[str, list[float]] = {k: [] for k in modes}
+    per_round = []  # (2)/(3) of each round
     sync(dev)
-    for _ in range(a.rounds):
-        fm, fp = _paired(model_only, project, a.steps, a.bs, dev)
+    for r in range(a.rounds):
+        fm, fp = _paired(model_only, project, a.steps, a.bs, dev, first=r * a.steps)
         figures["model"] += fm
         figures["project"] += fp
         if "typical" in modes:
-            fn, bs = modes["typical"]
-            figures["typical"].append(_timed(fn, a.steps, bs, dev))
+            figures["typical"].append(reference_block())
+            per_round.append(statistics.median(fp) / figures["typical"][-1])
     med = {k: statistics.median(v) for k, v in figures.items()}
     row = {"variant": name, **{k: round(v, 1) for k, v in med.items()},
            "project/model": statistics.median(p / m for p, m in zip(figures["project"], figures["model"]))}
-    if "typical" in med:
-        row["project/typical"] = med["project"] / med["typical"]
+    if per_round:
+        row["project/typical"] = statistics.median(per_round)
     if release is not None:  # what (2) did with the cache's pages (SplitResidency)
         row["split"] = release.state
     log(row_line(row))
@@ -404,10 +473,19 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
     if a.bs < 1 or a.steps < 1 or a.rounds < 1 or a.reference_bs < 1:
         raise UserError(f"--bs, --steps, --rounds and --reference-bs must be at least 1, got {a.bs}, {a.steps}, "
                         f"{a.rounds} and {a.reference_bs}")
-    if a.data and not a.compare:
-        from alexnet.data import open_cache
+    if not a.compare:
+        from alexnet.data import default_data_dir, open_cache
 
-        open_cache(Path(a.data))  # a bad --data is one error now, not one from each row's process later
+        if not a.data and (default_data_dir() / "manifest.json").is_file():
+            a = argparse.Namespace(**{**vars(a), "data": str(default_data_dir())})  # where training reads it
+        # Bad settings are one error now, before the table's header, not one from each row's process later.
+        n = len(open_cache(Path(a.data)).train.y) if a.data else SYNTHETIC_IMAGES
+        if a.bs > n:
+            raise UserError(f"--bs {a.bs} is larger than the {n:,} training images of "
+                            f"{a.data or 'the synthetic cache'}: (2) would have no batch")
+        for name in names:
+            TrainConfig(variant=name, bs=a.bs, amp=a.amp, channels_last=a.channels_last, compile=a.compile,
+                        memory_budget=a.memory_budget).validate()
     dev = settle_device(pick_device(a.device))
     # (1) and (2) in the precision a training run here would use; `--compare amp` still
     # measures bf16 against fp32, as asked.
@@ -428,12 +506,6 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
                 log(f"note: {', '.join(plain)} keep FC1's 36 copies in training (dropout on FC1's input, no copies, "
                     f"or {FOLD_ENV}=0), so their fold_fc1 on/off measures the bench's own noise")
         return [compare_setting(n, s, a, log) for n in names for s in a.compare]
-    log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
-        f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
-        f"compile={a.compile}{f' (mode {a.compile_mode})' if a.compile else ''}; "
-        f"(3): batch {a.reference_bs}, fp32, ImageFolder+PIL+DataLoader(2 workers); "
-        f"data: {a.data or 'synthetic'}; {a.rounds} rounds of {a.steps} alternating (1)/(2) steps"
-        + ("" if a.no_reference else f" and {a.steps} steps of (3)"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = None if a.no_reference else _jpeg_folder(a.jpeg_zip, Path(tmp) / "jpeg")
@@ -442,6 +514,17 @@ def run_bench(a: argparse.Namespace, log=print) -> list[dict]:
             raise UserError(f"(3) has {images} JPEGs{f' from --jpeg-zip {a.jpeg_zip}' if a.jpeg_zip else ''} "
                             f"(up to 20 per class), fewer than one batch of --reference-bs {a.reference_bs}; "
                             f"lower --reference-bs or leave (3) out with --no-reference")
+        unit = f"units of {_per_unit(dev)} steps" if _per_unit(dev) > 1 else "steps"
+        log(f"training images/s on {dev.type} ({torch.get_num_threads()} threads, torch {torch.__version__}); "
+            f"(1),(2): batch {a.bs}, amp={'bf16' if a.amp else 'off'}, channels_last={a.channels_last}, "
+            f"compile={a.compile}{f' (mode {a.compile_mode})' if a.compile else ''}; "
+            + ("" if a.no_reference else
+               f"(3): batch {a.reference_bs}, fp32, default SGD, FC1 over its copies, ImageFolder+PIL+DataLoader"
+               f"(2 workers) over {images:,} {'JPEGs from ' + a.jpeg_zip if a.jpeg_zip else 'synthetic JPEGs'}; ")
+            + f"data: {a.data or 'synthetic'}; {a.rounds} rounds of {a.steps} alternating (1)/(2) {unit}"
+            + ("" if a.no_reference else f" and {a.steps} steps of (3)")
+            + "; the ratios are medians: of each pair's (2) against (1)"
+            + ("" if a.no_reference else ", of each round's (2) against (3)"))
         if len(names) == 1 and not a.data:  # a synthetic cache in memory: nothing to keep or release
             x, y, stats, _ = _source(None)
             return [bench_variant(names[0], a, x, y, stats, folder, log)]

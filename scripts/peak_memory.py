@@ -8,7 +8,8 @@ so a few steps see what a full run holds late in an epoch; where the process fit
 and keeps it (`loader.SplitResidency`), which the probe sees too as long as its steps read
 1,024 images or more (--steps 40 at any batch size over 25). (Before that release, a full
 run's peak came once every page of the mapped split had been read, and this script read the
-whole split into the run's mapping first; it still does where the batches are not released.)
+whole split into the run's mapping first; since every CPU run releases or keeps the split
+as above, and a CUDA run holds it on the GPU, that is no longer needed.)
 It trains a few steps and evaluates, twice (the heap is laid out again after an evaluation),
 and prints the run's peak. The README's per-variant memory tables came from it. Repeated, it
 moves with glibc's heap layout, which differs from run to run: for the Baseline at batch 128
@@ -28,29 +29,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 # Python puts scripts/ on sys.path, not the checkout: name it, so that the script also runs
 # where the project is not installed (a GPU machine with its own PyTorch).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alexnet import train  # noqa: E402
 from alexnet.cli import main as alexnet_main  # noqa: E402
-from alexnet.loader import FastBatches  # noqa: E402
 from alexnet.memory import peak_rss_mib  # noqa: E402
-
-
-class ReadFirst(FastBatches):
-    """The run's training batches; where they do not release the split's pages as they go,
-    every page of its mapping is read in at the start of each round, as late in an epoch of
-    a full run (evaluation drops them, and reads the validation split, which then leaves the
-    resident set, as in a full run)."""
-
-    def __call__(self, order: torch.Tensor, start: int):
-        if self.release is None:
-            self.x.max()
-            print(f"read in: {self.x.nbytes / 2**20:.1f} MiB of the training split")
-        return super().__call__(order, start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the cache directory (alexnet prepare)")
     p.add_argument("train_args", nargs="*", help="more `alexnet train` arguments, after --")
     a = p.parse_args(argv)
-    train.FastBatches = ReadFirst
     with tempfile.TemporaryDirectory() as out:
         rc = alexnet_main(["train", "--variant", a.variant, "--epochs", "2", "--max-steps", str(a.steps),
                            "--data", a.data, "--out", out, "--no-progress", *a.train_args])

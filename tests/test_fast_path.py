@@ -127,8 +127,6 @@ def test_bench_profiles_both_paths(capsys, monkeypatch):
         one, two = r["profile"]["(1)"], r["profile"]["(2)"]
         assert two["ops"] > one["ops"] > 20 and one["host_ms"] > 0 and two["host_ms"] > 0
         assert one["device_ms"] is None and two["device_ms"] is None
-        # the same step's time: the row's images/s are rounded to 0.1 (a few images/s on a busy CPU)
-        assert 4e3 / one["wall_ms"] == pytest.approx(r["model"], abs=0.05 + 1e-6, rel=1e-6)
         assert f"{r['variant']:<15} per step: (1) {one['ops']:.0f} ops, host {one['host_ms']:.2f} ms, wall " in out
 
 
@@ -226,6 +224,91 @@ def test_reference_pipeline_yields_normalised_batches(tmp_path):
         assert any(torch.allclose(xi, e, atol=1e-5) and yi == label for e, label in expected)
     x, y = next(_reference_loader(folder, RECIPES["combined"], 4, stats))
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32 and y.max() < 3
+
+
+@pytest.mark.parametrize("recipe,kinds", [
+    ("baseline", ["ToTensor", "Normalize"]),
+    ("randomcrop", ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]),
+    ("pixel", ["ColorJitter", "ToTensor", "_Noise", "Normalize"]),
+    ("combined", ["RandomCrop", "RandomHorizontalFlip", "ColorJitter", "ToTensor", "_Noise", "Normalize"]),
+    ("paper", ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "_Lighting", "Normalize"]),
+])
+def test_the_reference_pipeline_does_each_recipe_s_work(recipe, kinds):
+    """(3) does per image what (2) does per batch: no augmentation of the recipe left out, so
+    (2)/(3) compares data paths doing the same work."""
+    from alexnet.bench import _reference_transforms
+
+    stats = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3], "eigval": [0.2, 0.02, 0.004],
+             "eigvec": torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))[0].tolist()}
+    tf = _reference_transforms(RECIPES[recipe], stats)
+    assert [type(t).__name__ for t in tf.transforms] == kinds
+    assert tf.transforms[-1].std == ([1 / 255] * 3 if recipe == "paper" else stats["std"])  # the paper's raw pixels
+    from PIL import Image
+
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    if recipe == "paper":  # lighting: one colour shift for every pixel, eigvec @ (alpha * eigval), alpha ~ N(0, 0.1)
+        torch.manual_seed(1)
+        alpha = torch.randn(3) * 0.1
+        torch.manual_seed(1)
+        lit = tf.transforms[4](torch.full((3, 64, 64), 0.5))
+        shift = torch.tensor(stats["eigvec"]) @ (alpha * torch.tensor(stats["eigval"]))
+        torch.testing.assert_close(lit, (0.5 + shift)[:, None, None].expand(3, 64, 64))
+    if recipe == "pixel":  # noise of the recipe's std, per pixel
+        noisy = tf.transforms[2](torch.full((3, 64, 64), 0.5))
+        assert abs((noisy - 0.5).std().item() - 0.03) < 0.003
+    assert tf(grey).shape == (3, 64, 64)
+
+
+def test_bench_pairs_its_ratios_and_starts_each_block_of_3_in_step(tiny_zip, monkeypatch, capsys):
+    """The order of the timed units: (1) and (2) alternating, carried on across rounds, then a
+    block of (3) per round, after untimed steps on the batches its workers prefetched; (2)/(3)
+    the median of each round's ratio (drift between rounds cancels), (2)/(1) of each pair's."""
+    import alexnet.bench as bench
+
+    order, fetched = [], [0]
+    figures = {"model_only": iter([100.0] * 6), "project": iter([200.0, 200.0, 200.0, 600.0, 600.0, 600.0]),
+               "reference": iter([100.0, 600.0])}
+
+    def timed(step, steps, bs, dev):  # scripted figures instead of the clock
+        order.append(step.__name__)
+        return next(figures[step.__name__])
+
+    real_loader = bench._reference_loader
+
+    def counting_loader(*args):
+        for batch in real_loader(*args):
+            fetched[0] += 1
+            yield batch
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    monkeypatch.setattr(bench, "_reference_loader", counting_loader)
+    monkeypatch.setenv("ALEXNET_FUSED_AUGMENT", "0")
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--variants", "combined_gap", "--bs", "8", "--steps", "3", "--rounds", "2", "--device", "cpu",
+                      "--no-amp", "--jpeg-zip", str(tiny_zip), "--reference-bs", "8"])
+    row, = run_bench(a, log=print)
+    m, p2, r = "model_only", "project", "reference"
+    assert order == [m, p2, p2, m, m, p2, r, p2, m, m, p2, p2, m, r]
+    assert fetched[0] == 2 + 2 * bench.REFERENCE_WORKERS * bench.REFERENCE_PREFETCH  # warm-up, then each block's
+    assert row["project/typical"] == pytest.approx(1.5)  # rounds 2.0 and 1.0; the medians' ratio would be 400/350
+    assert row["project/model"] == pytest.approx(4.0) and row["typical"] == 350.0
+    assert "(2)/(3) 1.50" in capsys.readouterr().out
+
+
+def test_bench_reads_the_cache_training_reads(tiny_cache, monkeypatch, capsys):
+    """Without --data, (2) reads the cache `alexnet train` would ($ALEXNET_DATA or ./data),
+    not a synthetic one; its size bounds --bs."""
+    monkeypatch.setenv("ALEXNET_DATA", str(tiny_cache))
+    assert main(["bench", "--variants", "combined_gap", "--bs", "64", "--device", "cpu", "--no-reference"]) == 2
+    assert capsys.readouterr().err == (f"error: --bs 64 is larger than the 48 training images of {tiny_cache}: "
+                                       "(2) would have no batch\n")
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    a = p.parse_args(["--variants", "combined_gap", "--bs", "8", "--steps", "1", "--rounds", "1", "--device", "cpu",
+                      "--no-amp", "--no-reference"])
+    run_bench(a, log=print)
+    assert f"data: {tiny_cache};" in capsys.readouterr().out
 
 
 @needs_compiler
