@@ -13,6 +13,7 @@ import mmap
 import signal
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -265,6 +266,29 @@ def _worker_init(_: int) -> None:
     if hasattr(signal, "SIGALRM"):
         for s in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal, as for the main process
             signal.signal(s, _end_in_a_minute)
+    if hasattr(signal, "pthread_sigmask"):  # forked with them blocked (PerImageBatches): now they may come
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_STOP_SIGNALS)
+
+
+# The signals a worker leaves to the main process. PyTorch's worker sets its own SIGTERM
+# handler first (it dies unless its parent sent it), seeds, and only then calls
+# `_worker_init`: a job-wide SIGTERM in that gap killed the worker, and the run with it. The
+# workers are started with these blocked, so one that comes then waits for `_worker_init`.
+WORKER_STOP_SIGNALS = {signal.SIGINT, *(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))}
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block WORKER_STOP_SIGNALS while DataLoader workers are forked (they inherit the mask);
+    one that arrives meanwhile reaches this process when the mask is put back."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and no job-wide signals either
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _end_in_a_minute(signum: int, frame: Any) -> None:
@@ -308,7 +332,8 @@ class PerImageBatches:
         ds = _PerImage(self.x, self.y, self.transform, order, base, self.transform_file)
         dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True, worker_init_fn=_worker_init,
                         persistent_workers=False, pin_memory=self.augment.device.type == "cuda")
-        batches = iter(dl)
+        with _stop_signals_blocked():
+            batches = iter(dl)  # starts the workers
         while True:
             try:
                 xb, yb = next(batches)

@@ -250,6 +250,42 @@ def test_sigterm_to_the_whole_job_saves_with_dataloader_workers(learnable_cache,
     assert end_within(workers, 60), "the workers outlived the run"
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX")
+def test_dataloader_workers_start_with_the_stop_signals_held_until_their_handlers_are_in(tmp_path, monkeypatch):
+    """PyTorch's worker sets a SIGTERM handler that kills it, and only later calls the project's
+    worker_init_fn: a job-wide SIGTERM in between failed the run (seen under load). The workers
+    start with the stop signals blocked, and `_worker_init` unblocks them once its own
+    handlers are in; the main process's mask is put back after the start."""
+    import multiprocessing
+
+    import numpy as np
+
+    from alexnet import loader
+    from alexnet.augment import BatchAugment, Recipe
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the patched worker_init_fn reaches the workers only through fork")
+    seen = tmp_path / "masks"
+    real = loader._worker_init
+
+    def recording(i: int) -> None:
+        at_start = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        real(i)
+        after = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        with open(seen, "a") as f:
+            f.write(f"{int(signal.SIGTERM in at_start)}{int(signal.SIGHUP in at_start)}{int(signal.SIGINT in at_start)} "
+                    f"{int(bool(loader.WORKER_STOP_SIGNALS & after))}\n")
+
+    monkeypatch.setattr(loader, "_worker_init", recording)
+    x, y = np.zeros((8, 8, 8, 3), np.uint8), np.zeros(8, np.int64)
+    aug = BatchAugment(Recipe(), 8, [0.5] * 3, [0.25] * 3)
+    batches = loader.PerImageBatches(x, y, lambda img: img, aug, bs=2, workers=2, seed=0, source="t")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert len(list(batches(torch.arange(8), 0))) == 4
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main process's mask as it was
+    assert seen.read_text().splitlines() == ["111 0", "111 0"]  # blocked at the start, open after the handlers
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step", "plateau", "constant"])
 def test_more_epochs_continue_only_a_schedule_whose_curve_does_not_span_the_run(learnable_cache, tmp_path, capsys,
                                                                                schedule):
