@@ -43,8 +43,9 @@ def recorded_epochs(out: Path) -> int:
         return 0
 
 
-def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
-    """Loss and accuracy against epochs, train and val, one PNG."""
+def plot_curves(path: Path, history: list[dict], title: str = "", label_smoothing: float = 0.0) -> None:
+    """Loss and accuracy against epochs, train and val, one PNG. With label smoothing the
+    train loss is the smoothed one, the val loss plain cross-entropy: the legend says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +53,8 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
 
     ep = [r["epoch"] for r in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
+    a.plot(ep, [r["train_loss"] for r in history], "o-",
+           label=f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train")
     a.plot(ep, [r["val_loss"] for r in history], "o-", label="val")
     a.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     b.plot(ep, [r["train_top1"] for r in history], "o-", label="train top-1")
@@ -76,8 +78,8 @@ class MetricsLog:
 
     PLOT_EVERY_S = 30.0
 
-    def __init__(self, out: Path, enabled: bool = True) -> None:
-        self.out, self.enabled = Path(out), enabled
+    def __init__(self, out: Path, enabled: bool = True, label_smoothing: float = 0.0) -> None:
+        self.out, self.enabled, self.label_smoothing = Path(out), enabled, label_smoothing
         self._plotted_at = -float("inf")
         self._unplotted: list[dict] | None = None
 
@@ -97,5 +99,5 @@ class MetricsLog:
             self._plot(self._unplotted)
 
     def _plot(self, history: list[dict]) -> None:
-        plot_curves(self.out / "curves.png", history, title=str(self.out))
+        plot_curves(self.out / "curves.png", history, title=str(self.out), label_smoothing=self.label_smoothing)
         self._plotted_at, self._unplotted = time.monotonic(), None

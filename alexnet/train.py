@@ -513,7 +513,7 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
         if epoch >= cfg.epochs:  # said so; nothing to train, write or evaluate
             distributed.cleanup(d)
             return _summary(run, state)
-    metrics = MetricsLog(run.out, enabled=d.main)
+    metrics = MetricsLog(run.out, enabled=d.main, label_smoothing=run.cfg.label_smoothing)
     metrics.write(state["history"])  # after a resume: the files match the checkpoint's history
     if d.main:
         write_text_atomic(run.out / "config.json", json.dumps(run.cfg.to_dict(), indent=2) + "\n")

@@ -622,7 +622,7 @@ def test_plot_redrawn_at_most_every_interval_and_at_the_end(tmp_path, monkeypatc
     from alexnet import metrics
 
     drawn = []
-    monkeypatch.setattr(metrics, "plot_curves", lambda path, history, title="": drawn.append(len(history)))
+    monkeypatch.setattr(metrics, "plot_curves", lambda path, history, title="", **kw: drawn.append(len(history)))
     log = metrics.MetricsLog(tmp_path)
     rows = [{"epoch": e, "val_top1": 1.0} for e in (1, 2, 3, 4)]
     log.write(rows[:1])
@@ -634,6 +634,26 @@ def test_plot_redrawn_at_most_every_interval_and_at_the_end(tmp_path, monkeypatc
     assert drawn == [1, 2, 4]
     log.flush()  # nothing left to draw
     assert drawn == [1, 2, 4]
+
+
+def test_the_curves_say_when_the_train_loss_is_smoothed(tmp_path, monkeypatch):
+    """With label smoothing the train loss is not the val loss's plain cross-entropy: the
+    plot's legend names it, so the two curves are not read as one scale."""
+    import matplotlib
+
+    from alexnet import metrics
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    legends = []
+    monkeypatch.setattr(plt, "close", lambda fig: legends.append(
+        [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]))
+    rows = [{"epoch": 1, "train_loss": 3.0, "val_loss": 2.5, "train_top1": 10.0, "val_top1": 12.0, "val_top5": 30.0}]
+    for run, smoothing in (("a", 0.1), ("b", 0.0)):
+        (tmp_path / run).mkdir()
+        metrics.MetricsLog(tmp_path / run, label_smoothing=smoothing).write(rows, final=True)
+    assert legends[0][:2] == ["train (label smoothing 0.1)", "val"] and legends[1][:2] == ["train", "val"]
 
 
 # ---- bad input: one line, non-zero exit, nothing overwritten ------------------------------
