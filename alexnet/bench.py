@@ -367,6 +367,9 @@ def bench_variant(name: str, a: argparse.Namespace, x, y, stats, folder: Path | 
            "project/model": statistics.median(p / m for p, m in zip(figures["project"], figures["model"]))}
     if per_round:
         row["project/typical"] = statistics.median(per_round)
+        # (3)'s workers stop now, not whenever the process's exit gets to them: one still
+        # running then left its queue's semaphore to the resource tracker's "leaked" warning.
+        getattr(it, "_shutdown_workers", lambda: None)()
     if release is not None:  # what (2) did with the cache's pages (SplitResidency)
         row["split"] = release.state
     log(row_line(row))
