@@ -143,15 +143,31 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, variant: str | None
     if ckpt["num_classes"] != num_classes:
         raise CheckpointError(f"{path}: trained for {ckpt['num_classes']} classes, "
                               f"but the model here has {num_classes}")
+    diff = []
+    if isinstance(model, AlexNet) and ckpt.get("model_cfg") is not None:
+        saved, here = trained_config(ckpt, path), model.cfg
+        diff = [k for k in here.__dict__ if getattr(saved, k) != getattr(here, k)]
+        if not diff:
+            return  # the same model, whatever each was named (a model file for an older head)
     if variant is not None and ckpt.get("variant") not in (None, variant):
         raise CheckpointError(f"{path}: trained as variant {ckpt['variant']!r}, "
                               f"but the model here is {variant!r}")
-    if isinstance(model, AlexNet) and ckpt.get("model_cfg") is not None:
-        saved, here = trained_config(ckpt, path).__dict__, model.cfg.__dict__
-        diff = [f"{k}={saved[k]!r}, but the model here has {k}={here[k]!r}" for k in here if saved.get(k) != here[k]]
-        if diff:
-            raise CheckpointError(f"{path}: trained with {'; '.join(diff)}; `alexnet evaluate {path}` (no model "
-                                  f"file) rebuilds the model as it was trained")
+    if diff:
+        shown = "; ".join(f"{k}={getattr(saved, k)!r}, but the model here has {k}={getattr(here, k)!r}" for k in diff)
+        raise CheckpointError(f"{path}: trained with {shown}; {_builds_it(ckpt, saved)}")
+
+
+def _builds_it(ckpt: dict[str, Any], saved: AlexNetConfig) -> str:
+    """How to get the model a checkpoint was trained as: a model file's line for a registered
+    variant (with the settings it changed), and evaluate and predict without a model file."""
+    from alexnet.models import registered
+
+    row = registered(ckpt.get("variant"))
+    alone = "evaluate and predict rebuild it from the checkpoint alone"
+    if row is None:
+        return alone
+    changed = ", ".join(f"{k}={v!r}" for k, v in saved.__dict__.items() if getattr(row.model, k) != v)
+    return f"a model file returning create_model({row.name!r}, num_classes{', ' + changed if changed else ''}) builds it; {alone}"
 
 
 def trained_config(ckpt: dict[str, Any], path: str | Path) -> AlexNetConfig:

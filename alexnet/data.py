@@ -194,8 +194,9 @@ def _check_tiny_size(img_size: int, source: str) -> None:
 
 def _fingerprint(path: Path, skip: Path | None = None) -> dict:
     """Cheap identity of a local source: stat of a file, or totals over a folder's files.
-    `skip` (the cache folder) is left out: a cache built inside its own source folder would
-    otherwise change the source's totals with every build, and be rebuilt at every start."""
+    Caches are left out, `skip` (this one's folder) and any other in the source: a cache built
+    inside its own source folder would otherwise change the source's totals with every build,
+    and be rebuilt at every start (two such caches, each at every start of the other)."""
     try:
         if path.is_file():
             st = path.stat()
@@ -204,8 +205,11 @@ def _fingerprint(path: Path, skip: Path | None = None) -> dict:
             n = size = mtime = 0
             skip_st = skip.stat() if skip is not None and skip.exists() else None
             for dirpath, dirs, files in os.walk(path, onerror=_unreadable_folder(path)):
-                if skip_st is not None:
-                    dirs[:] = [d for d in dirs if not os.path.samestat(os.stat(os.path.join(dirpath, d)), skip_st)]
+                dirs[:] = [d for d in dirs if not _is_cache(os.path.join(dirpath, d), skip_st)]
+                if dirpath == str(path) and _is_cache(dirpath, skip_st):
+                    # a cache in the source's own folder: its files, its lock, its temporaries
+                    dirs[:] = [d for d in dirs if d != "downloads"]
+                    files = [f for f in files if f not in (*FILES, "manifest.json") and not f.startswith(".")]
                 for f in files:
                     st = os.stat(os.path.join(dirpath, f))
                     n, size, mtime = n + 1, size + st.st_size, max(mtime, st.st_mtime_ns)
@@ -213,6 +217,14 @@ def _fingerprint(path: Path, skip: Path | None = None) -> dict:
     except OSError as e:  # the file it is about: a broken link in the folder, say
         raise DataError(printable(f"{e.filename or path}: cannot read it ({e.strerror})")) from None
     raise _missing_source(path)
+
+
+def _is_cache(folder: str, skip_st: os.stat_result | None) -> bool:
+    """Whether a folder met while fingerprinting a source is a cache: this prepare's own, or
+    another one built there (its manifest and arrays)."""
+    if skip_st is not None and os.path.samestat(os.stat(folder), skip_st):
+        return True
+    return os.path.isfile(os.path.join(folder, "manifest.json")) and os.path.isfile(os.path.join(folder, ARRAYS[0]))
 
 
 def _missing_source(path: Path) -> DataError:

@@ -87,6 +87,10 @@ class AlexNetConfig:
     gap_input: Literal["conv5", "pool5"] = "conv5"
 
     def __post_init__(self) -> None:
+        # Tuples, however given: a config from a list compares equal to the one its checkpoint records.
+        for k in ("widths", "norm_layers"):
+            if isinstance(getattr(self, k), list):
+                object.__setattr__(self, k, tuple(getattr(self, k)))
         if len(self.widths) != 5 or min(self.widths) < 1:
             raise ConfigError(f"widths must be 5 positive channel counts, got {self.widths}")
         if not 0.0 <= self.dropout < 1.0:

@@ -49,6 +49,14 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def no_default_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The default cache ($ALEXNET_DATA, else ./data) is a folder that holds none: a command
+    given no --data (the bench, which then reads the cache training would) must not find a
+    user's real cache, or the tests would run on it. Tests of the default set their own."""
+    monkeypatch.setenv("ALEXNET_DATA", str(tmp_path_factory.getbasetemp() / "no_default_cache"))
+
+
+@pytest.fixture(autouse=True)
 def onednn_fp32_grads(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 convolutions keep oneDNN's weight gradient in every test, as on an AVX512 CPU,
     so that the suite runs the same paths on any CPU; the products that an AVX2 CPU takes in

@@ -128,6 +128,13 @@ def test_a_cache_inside_its_source_folder_is_built_once(tiny_layout: Path, tmp_p
         logs.clear()  # a change in the source itself still counts
         prepare(source, cache, workers=1, log=logs.append, **kw)
         assert any("source differs" in m for m in logs)
+    # Two caches of one image folder (two sizes), and a cache in the source folder itself: each built once.
+    for cache, size in ((images / "c32", 32), (images / "c48", 48), (images, 32)):
+        prepare(images, cache, img_size=size, workers=1, log=quiet)
+    for cache, size in ((images / "c32", 32), (images / "c48", 48), (images, 32)):
+        logs = []
+        prepare(images, cache, img_size=size, workers=1, log=logs.append)
+        assert logs == [f"cache up to date: {cache}"]
 
 
 def test_image_folder_source(tmp_path: Path) -> None:

@@ -258,6 +258,13 @@ def test_the_gap_head_averages_conv5(img_size, side):
         assert not torch.allclose(old(x), m(x))
 
 
+def test_a_config_given_lists_holds_tuples():
+    """A model file may write widths=[...]: the config must equal the one its checkpoint
+    records (tuples), or its own checkpoint would be refused as another model's."""
+    cfg = AlexNetConfig(widths=[64, 192, 384, 256, 256], norm_layers=[0, 1, 2, 3, 4])
+    assert cfg == AlexNetConfig() and isinstance(cfg.widths, tuple) and isinstance(cfg.norm_layers, tuple)
+
+
 def test_gap_input_is_a_setting_of_the_gap_head():
     with pytest.raises(ConfigError, match="gap_input pool5 is a setting of the gap head"):
         AlexNetConfig(gap_input="pool5")

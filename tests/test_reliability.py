@@ -1265,7 +1265,17 @@ def test_a_gap_checkpoint_from_before_gap_input_keeps_its_pool5(small_ckpt, tiny
     assert main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "x"),
                  "--device", "cpu", "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(old),
                  "--epochs", "2", "--max-steps", "1"]) == 2
-    assert why in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert why in err and ("a model file returning create_model('combined_gap', num_classes, gap_input='pool5') "
+                           "builds it; evaluate and predict rebuild it from the checkpoint alone") in err
+    # That model file: the same model under another name, so it evaluates and resumes the old run.
+    pool5 = tmp_path / "pool5.py"
+    pool5.write_text("from alexnet.models import create_model\n\n\ndef build_model(num_classes):\n"
+                     "    return create_model('combined_gap', num_classes, gap_input='pool5')\n")
+    assert main(["evaluate", str(pool5), str(old), "--data", str(tiny_cache), "--device", "cpu"]) == 0
+    assert main(["train", str(pool5), "--data", str(tiny_cache), "--out", str(tmp_path / "y"), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--no-progress", "--resume", str(old), "--epochs", "2",
+                 "--max-steps", "1"]) == 0
 
 
 def test_predict_non_image(small_ckpt, tmp_path, capsys):
