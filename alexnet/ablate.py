@@ -36,6 +36,7 @@ from typing import Any, Callable
 from alexnet.config import DEVICES, SCHEDULES, TrainConfig, defaults
 from alexnet.atomic import same_file, write_text_atomic
 from alexnet.errors import CheckpointError, UserError
+from alexnet.models import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,31 @@ def check_same_settings(cfg: TrainConfig, folder: Path, amp_fell_back: bool = Fa
         shown = ", ".join(f"{k} {old[k]!r} there, {new[k]!r} now" for k in diff)
         raise UserError(f"{folder} was trained with other settings ({shown}); give the same options to "
                         f"continue that study, or another --out for a new one")
+    # The model too: a registered variant's definition may have changed since (Combined-GAP's
+    # head, d5ce0f9), and a table must not mix its seeds of the two models.
+    saved = _trained_model(folder / ("best.pth" if state == "done" else "last.pth"))
+    if saved is not None and cfg.variant in VARIANTS and saved != VARIANTS[cfg.variant].model:
+        now = VARIANTS[cfg.variant].model
+        shown = ", ".join(f"{k} {getattr(saved, k)!r} there, {getattr(now, k)!r} now"
+                          for k in now.__dict__ if getattr(saved, k) != getattr(now, k))
+        raise UserError(f"{folder} was trained as another model than {cfg.variant!r} is now ({shown}); delete "
+                        f"{folder} to train it again, or give another --out for a new study")
+
+
+def _trained_model(path: Path):
+    """The AlexNetConfig a run's checkpoint records, or None where it has none or cannot be
+    read (the resume then says why). Mapped, not read: a checkpoint may be 700 MB."""
+    import torch
+
+    from alexnet.checkpoint import trained_config
+
+    if not path.is_file():
+        return None
+    try:
+        c = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return trained_config(c, path) if isinstance(c, dict) and c.get("model_cfg") is not None else None
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is the resume's to report
+        return None
 
 
 def _device_name(device: str) -> str:

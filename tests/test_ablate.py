@@ -270,6 +270,29 @@ def test_a_study_folder_refuses_runs_of_other_settings_in_rows_left_out(tiny_cac
     assert not (out / "batchnorm").exists()
 
 
+def test_a_study_refuses_runs_of_a_model_the_variant_no_longer_is(tiny_cache, tmp_path, capsys):
+    """Combined-GAP's head changed (pool5 to conv5): a study folder whose runs were of the old
+    head is refused before anything trains, not averaged with new seeds into one row."""
+    import torch
+
+    out = tmp_path / "runs"
+    args = ["ablate", "--data", str(tiny_cache), "--out", str(out), "--epochs", "1", "--bs", "8", "--max-steps", "1",
+            "--device", "cpu", "--variants", "combined_gap"]
+    assert main([*args, "--seeds", "1"]) == 0
+    seed0 = out / "combined_gap" / "seed0"
+    c = torch.load(seed0 / "best.pth", weights_only=False)
+    del c["model_cfg"]["gap_input"]  # as written before the setting existed
+    (seed0 / "best.pth").unlink()  # a hard link to last.pth: each gets the old checkpoint
+    for name in ("best.pth", "last.pth"):
+        torch.save(c, seed0 / name)
+    capsys.readouterr()
+    assert main([*args, "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{seed0} was trained as another model than 'combined_gap' is now (gap_input 'pool5' there, "
+            f"'conv5' now); delete {seed0} to train it again") in err
+    assert not (out / "combined_gap" / "seed1").exists()
+
+
 def test_failed_runs_are_named_as_failed_and_not_retried_as_they_were(tiny_cache, tmp_path, capsys):
     out = tmp_path / "runs"
     args = ["ablate", "--data", str(tiny_cache), "--out", str(out), "--variants", "combined_gap", "--seeds", "1",
