@@ -36,7 +36,6 @@ from typing import Any, Callable
 from alexnet.config import DEVICES, SCHEDULES, TrainConfig, defaults
 from alexnet.atomic import same_file, write_text_atomic
 from alexnet.errors import CheckpointError, UserError
-from alexnet.models import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -179,6 +178,8 @@ def check_same_settings(cfg: TrainConfig, folder: Path, amp_fell_back: bool = Fa
                         f"continue that study, or another --out for a new one")
     # The model too: a registered variant's definition may have changed since (Combined-GAP's
     # head, d5ce0f9), and a table must not mix its seeds of the two models.
+    from alexnet.models import VARIANTS  # here: `alexnet prepare` imports this module, and must not import torch
+
     saved = _trained_model(folder / ("best.pth" if state == "done" else "last.pth"))
     if saved is not None and cfg.variant in VARIANTS and saved != VARIANTS[cfg.variant].model:
         now = VARIANTS[cfg.variant].model
