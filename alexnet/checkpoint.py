@@ -19,7 +19,7 @@ import torch
 
 from alexnet.atomic import link_atomic, write_atomic
 from alexnet.errors import CheckpointError, ConfigError
-from alexnet.models import AlexNet, AlexNetConfig
+from alexnet.models import AlexNet, AlexNetConfig, registered
 
 FORMAT = 1
 
@@ -160,8 +160,6 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, variant: str | None
 def _builds_it(ckpt: dict[str, Any], saved: AlexNetConfig) -> str:
     """How to get the model a checkpoint was trained as: a model file's line for a registered
     variant (with the settings it changed), and evaluate and predict without a model file."""
-    from alexnet.models import registered
-
     row = registered(ckpt.get("variant"))
     alone = "evaluate and predict rebuild it from the checkpoint alone"
     if row is None:
@@ -173,7 +171,7 @@ def _builds_it(ckpt: dict[str, Any], saved: AlexNetConfig) -> str:
 def trained_config(ckpt: dict[str, Any], path: str | Path) -> AlexNetConfig:
     """The AlexNetConfig a checkpoint's model was built with. Settings added since it was
     written take the value that matches how the model was then built."""
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_cfg"].items()}
+    cfg = dict(ckpt["model_cfg"])  # lists (a config given them, or a JSON round trip): AlexNetConfig makes them tuples
     if cfg.get("head") == "gap":
         cfg.setdefault("gap_input", "pool5")  # the GAP head followed pool5 until gap_input existed
     try:
