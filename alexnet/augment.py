@@ -125,6 +125,15 @@ def as_nchw_uint8(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"augmentation expects 3 colour channels, got shape {tuple(x.shape)}")
 
 
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize to float, antialiased where it shrinks, as torchvision's and PIL's
+    resizes are: plain bilinear reads only the 2x2 pixels nearest each output pixel, so an
+    image made smaller (a cache larger than --img-size, a transform's 224-pixel output)
+    would alias. Enlargements stay plain bilinear, the same pixels as before."""
+    shrinks = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=shrinks)
+
+
 class BatchAugment:
     """Applies a `Recipe` to uint8 batches, then normalises.
 
@@ -265,7 +274,7 @@ class BatchAugment:
             x, ids = _take(x, ids), None
         n, c = (x.shape[0] if ids is None else len(ids)), x.shape[1]
         if side != h:
-            x = F.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=False)
+            x = resize(x, (side, side))
         if pad == 0 and side == self.size and not self.recipe.flip and not planar:
             return x if ids is None else _take(x, ids)
         s, dev = self.size, x.device
@@ -448,7 +457,7 @@ class BatchAugment:
         """(N,3,H,W) uint8 -> (N,3,S,S) in 0..255: resize to the frame, centre crop."""
         side, _ = self.frame(x.shape[2])
         if side != x.shape[2]:
-            x = F.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=False)
+            x = resize(x, (side, side))
         o = (side - self.size) // 2
         return x[:, :, o:o + self.size, o:o + self.size]
 
@@ -469,7 +478,7 @@ class BatchAugment:
         side, pad = self.frame(x.shape[2])
         big = x.float()
         if side != x.shape[2]:
-            big = F.interpolate(big, size=(side, side), mode="bilinear", align_corners=False)
+            big = resize(big, (side, side))
         if pad:
             big = F.pad(big, (pad, pad, pad, pad), mode="reflect")
         big, side = big.div_(255), side + 2 * pad

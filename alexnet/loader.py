@@ -19,10 +19,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from alexnet.augment import BatchAugment, as_nchw_uint8
+from alexnet.augment import BatchAugment, as_nchw_uint8, resize
 from alexnet.distributed import Dist
 from alexnet.errors import UserError
 from alexnet.memory import rss_bytes
@@ -352,7 +351,7 @@ class PerImageBatches:
         unit = 1 / 255 if xb.dtype == torch.uint8 else 1.0
         xb = xb.to(self.augment.device, non_blocking=True)
         if xb.shape[-1] != self.augment.size or xb.shape[-2] != self.augment.size:
-            xb = F.interpolate(xb.float(), size=(self.augment.size,) * 2, mode="bilinear", align_corners=False)
+            xb = resize(xb, (self.augment.size,) * 2)
         elif xb.dtype != torch.uint8:
             xb = xb.float()
         # uint8 batches go through the very arithmetic of the fast path (same rounding)

@@ -33,7 +33,7 @@ def reference(img, recipe, p, i, size, aug):
     h, pad = x.shape[1], recipe.crop_pad
     side = round(size * recipe.scale) if recipe.scale > 1 or h != size else size
     if side != x.shape[1]:
-        x = TF.resize(x[None], [side, side], antialias=False)[0]
+        x = TF.resize(x[None], [side, side], antialias=True)[0]  # torchvision's default
     if pad:
         x = torch.nn.functional.pad(x[None], [pad] * 4, mode="reflect")[0]
     x = TF.crop(x, int(p.oy[i]), int(p.ox[i]), size, size)
@@ -63,7 +63,7 @@ FUSING = [name for name, r in WITH_COLOUR.items() if r.photometric and r.scale =
 # "default": as BatchAugment decides (the kernel at size 64 for a colour recipe, else the
 # eager ops); "eager": the eager ops where the kernel would run.
 PATHS = [pytest.param(name, size, "default", marks=[needs_compiler] if name in FUSING and size == 64 else [])
-         for name in WITH_COLOUR for size in (64, 72, 224)] + [(name, 64, "eager") for name in FUSING]
+         for name in WITH_COLOUR for size in (48, 64, 72, 224)] + [(name, 64, "eager") for name in FUSING]
 
 
 @pytest.mark.parametrize("name,size,path", PATHS)
@@ -346,3 +346,16 @@ def test_every_crop_offset_and_mirror(name):
     out = aug(x, train=True, params=p)
     for i in range(len(x)):
         torch.testing.assert_close(out[i], reference(x[i], recipe, p, i, 64, aug), atol=2e-4, rtol=1e-4)
+
+
+
+def test_a_transform_output_larger_than_the_size_is_shrunk_antialiased():
+    # A torchvision transform file's 256-pixel output trained at 64 is shrunk as torchvision
+    # (and PIL) shrink: each output pixel a weighted sum of a neighbourhood, not of the 2x2
+    # pixels plain bilinear reads out of each 4x4 block (aliasing).
+    from alexnet.loader import PerImageBatches
+    aug = make(RECIPES["baseline"])
+    batches = PerImageBatches(None, None, None, aug, bs=2, workers=0, seed=0, source="t.py")
+    big = batch(2, size=256).permute(0, 3, 1, 2)
+    want = TF.normalize(TF.resize(big.float(), [64, 64], antialias=True) / 255, MEAN, STD)
+    torch.testing.assert_close(batches.finish(big), want, atol=2e-4, rtol=1e-4)
