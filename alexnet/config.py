@@ -110,6 +110,7 @@ class TrainConfig:
         need(math.isfinite(self.wd) and self.wd >= 0, f"--wd must be a finite number >= 0, got {self.wd}")
         need(self.num_classes >= 2, f"--num_classes must be at least 2, got {self.num_classes}")
         need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        need(0 <= self.seed < 2**63, f"--seed must be an integer in [0, 2**63), got {self.seed}")
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")

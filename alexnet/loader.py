@@ -145,7 +145,7 @@ def releaser(x: np.ndarray, device: torch.device, budget: int = 0, reserve: int 
 def epoch_order(n: int, seed: int, epoch: int, d: Dist, bs: int) -> torch.Tensor:
     """This rank's sample indices for an epoch: one permutation shared by all ranks
     (seeded by seed and epoch), cut to whole batches on every rank, then dealt rank::world."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)  # any --seed: a generator takes < 2^64
     perm = torch.randperm(n, generator=g)
     per_rank = (n // d.world) // bs * bs
     return perm[d.rank::d.world][:per_rank]
@@ -242,7 +242,7 @@ class _PerImage(Dataset):
 
     def __getitem__(self, i: int):
         j = int(self.order[i])
-        seed_torch(self.seed + i)  # a DataLoader worker: CPU only
+        seed_torch((self.seed + i) % 2**63)  # a DataLoader worker: CPU only
         img = torch.from_numpy(np.array(self.x[j])).permute(2, 0, 1)  # (3,H,W) uint8
         try:
             return self.transform(img), int(self.y[j])
@@ -327,7 +327,7 @@ class PerImageBatches:
 
     def __call__(self, order: torch.Tensor, start: int, epoch: int = 0, rank: int = 0):
         order = order[start * self.bs:]
-        base = ((self.seed * 1_000_003 + epoch) * 1_009 + rank) * 10_000_019 + start * self.bs
+        base = (((self.seed * 1_000_003 + epoch) * 1_009 + rank) * 10_000_019 + start * self.bs) % 2**63
         ds = _PerImage(self.x, self.y, self.transform, order, base, self.transform_file)
         dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True, worker_init_fn=_worker_init,
                         persistent_workers=False, pin_memory=self.augment.device.type == "cuda")

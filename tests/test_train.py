@@ -348,6 +348,15 @@ def test_torchvision_transform_file_runs_per_image(tiny_cache, tmp_path, monkeyp
     assert "transforms utils/transforms_randomcrop.py (batched on the device)" in capsys.readouterr().out
 
 
+def test_the_largest_seed_trains_both_ways(tiny_cache, tmp_path, monkeypatch):
+    # Seeds are mixed with the epoch, rank and position before they reach a generator,
+    # which takes less than 2^64: a seed from 1,829 up overflowed the per-image seeds.
+    monkeypatch.chdir(ROOT)
+    for transforms in ("examples/transforms_torchvision.py", "utils/transforms_combined.py"):
+        assert train(tiny_cache, tmp_path / Path(transforms).stem, "models/alexnet_combined_gap.py",
+                     "--transforms", transforms, "--workers", "0", "--seed", str(2**63 - 1)) == 0
+
+
 def test_per_image_data_travels_to_a_spawned_worker_as_files(tiny_cache, tmp_path):
     """Under spawn (macOS, Windows) DataLoader pickles the data set into each worker: the split
     goes as its memory-mapped file, not its pixels, and a transform whose class is defined in
