@@ -813,7 +813,7 @@ def _resume(run: Run, state: dict, say) -> tuple[int, int]:
 # curve does not span the run, plateau and constant; --out, --device and the like do not
 # change the maths.)
 TRAJECTORY = ("seed", "bs", "lr", "momentum", "wd", "nesterov", "schedule", "warmup_epochs", "label_smoothing",
-              "transforms", "recipe", "img_size", "max_steps", "amp", "channels_last", "deterministic")
+              "transforms", "recipe", "img_size", "max_steps", "amp", "channels_last", "deterministic", "sync_bn")
 
 
 def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:

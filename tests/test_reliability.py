@@ -1353,7 +1353,18 @@ def test_every_setting_that_shapes_the_run_is_tested():
 
     tested = {w[2:].replace("-", "_") for _, c in test_resume_refuses_each_setting_that_shapes_the_run.pytestmark[0].args[1]
               for w in c.split() if w.startswith("--")}
-    assert set(TRAJECTORY) == tested | {"bs", "channels_last"}  # those two: the test below
+    assert set(TRAJECTORY) == tested | {"bs", "channels_last", "sync_bn"}  # those: the tests below
+
+
+def test_resume_refuses_a_run_trained_with_other_batchnorm_statistics(small_ckpt, tiny_cache, tmp_path, capsys):
+    # --sync-bn needs CUDA: the run's checkpoint says it was made with it, this CPU run is not.
+    c = torch.load(small_ckpt, weights_only=False)
+    c["config"]["sync_bn"] = True
+    torch.save(c, tmp_path / "synced.pth")
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress",
+                 "--resume", str(tmp_path / "synced.pth")])
+    assert code == 2 and "made with other settings (--sync-bn True -> False)" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused(small_ckpt, tiny_cache, tmp_path, capsys):
