@@ -9,6 +9,7 @@ import csv
 import math
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,15 +49,24 @@ def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bo
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, d: Dist = Dist(),
              bs: int = 500, tta: str = "none", amp: bool = False, channels_last: bool = False,
-             num_classes: int | None = None) -> dict:
+             num_classes: int | None = None, stop: Callable[[], bool] | None = None) -> dict | None:
     """Returns {'loss', 'top1', 'top5', 'n'} (accuracies in percent) and, when num_classes is
-    given, a confusion matrix under 'confusion' (rows: true class)."""
+    given, a confusion matrix under 'confusion' (rows: true class).
+
+    `stop`, asked before each batch: once it says so the evaluation is given up, and None is
+    returned, on every rank if any gave up (they learn it from the one all-reduce the counts
+    take anyway). Training passes its stop request: launchers kill a job that has not left a
+    while after their signal (torchrun, Slurm 30 s, docker 10 s), and an evaluation at 224
+    pixels on a CPU takes longer than that."""
     was_training = model.training
     model.eval()
     dev = augment.device
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top1, top5, count
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, top1, top5, count, ranks that gave up
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev) if num_classes else None
     for xb, yb in eval_batches(x, y, bs, d):
+        if stop is not None and stop():
+            sums[4] = 1
+            break
         yb = yb.to(dev)
         logits = logits_for(model, xb, augment, tta, amp, channels_last)
         k = min(5, logits.shape[1])
@@ -71,7 +81,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, d: 
     if conf is not None:
         all_reduce_sum(conf, d)
     model.train(was_training)
-    loss, c1, c5, n = sums.tolist()
+    loss, c1, c5, n, gave_up = sums.tolist()
+    if gave_up:
+        return None
     res = {"loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n, "n": int(n)}
     if conf is not None:
         res["confusion"] = conf.cpu()

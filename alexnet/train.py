@@ -501,6 +501,16 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
     state: dict[str, Any] = {"step": 0, "best_top1": -1.0, "best_epoch": -1, "history": [], "best_train_loss": math.inf,
                              "meters": _fresh_meters()}
     epoch, start = 0, 0
+    if cfg.resume and d.enabled:
+        # Every process reads the checkpoint and decides from it: one that cannot see it (a
+        # node without the others' file system) would start afresh beside them.
+        path = run.out / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+        sees = path.is_file()
+        some, not_all = distributed.any_ranks([sees, not sees], d, run.device)
+        if some and not_all:
+            raise UserError(f"--resume: {path} is {'' if sees else 'not '}there for rank {d.rank} and "
+                            f"{'not ' if sees else ''}for another: every process reads it, so --out (and "
+                            "--resume PATH) must be on a file system that every node shares")
     if cfg.resume == "auto" and not (run.out / "last.pth").exists():
         # A requeued job passes --resume every time, its first start included.
         say(f"--resume: no {run.out / 'last.pth'} yet; starting the run from the beginning")
@@ -567,8 +577,9 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
         run.stop_signal.append(signum)
         first_request[0] = time.monotonic()
         if d.main:
-            _note(f"{signal.Signals(signum).name}: stopping at the next step boundary (or once an evaluation under "
-                  f"way ends), with {run.out / 'last.pth'} saved (Ctrl-C again to stop at once, without saving)")
+            _note(f"{signal.Signals(signum).name}: stopping at the next step boundary (an evaluation under way is "
+                  f"cut short and runs on resume), with {run.out / 'last.pth'} saved (Ctrl-C again to stop at once, "
+                  "without saving)")
 
     for s, handler in previous.items():
         # A signal the process was started with ignored stays ignored, as Python leaves it: a
@@ -590,6 +601,12 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
                 _stopped(run, f"epoch {ep + 1}, step {stopped_at} of {run.steps_per_epoch}", say)
             start = 0
             row = _end_epoch(run, ep, state)
+            if row is None:
+                # A stop request during the evaluation: saved after the epoch's last step,
+                # where a resume starts with this evaluation.
+                save(ep, run.steps_per_epoch)
+                _stopped(run, f"epoch {ep + 1}, step {run.steps_per_epoch} of {run.steps_per_epoch} (its evaluation "
+                         "was cut short and runs first on resume)", say)
             if not math.isfinite(row["val_loss"]):
                 raise NonFiniteLoss(f"val loss became {row['val_loss']} after epoch {ep + 1} "
                                     f"(lr {run.opt.param_groups[0]['lr']:.3g}): the weights are no longer finite and "
@@ -733,8 +750,9 @@ def kept_in_memory(batches: Any) -> bool:
     return isinstance(batches, FastBatches) and isinstance(batches.release, SplitResidency) and batches.release.kept
 
 
-def _end_epoch(run: Run, ep: int, state: dict) -> dict:
-    """Evaluate, reduce the epoch's meters across ranks, step a plateau schedule; one row."""
+def _end_epoch(run: Run, ep: int, state: dict) -> dict | None:
+    """Evaluate, reduce the epoch's meters across ranks, step a plateau schedule; one row.
+    None, with nothing changed, where a stop request cut the evaluation short."""
     m = state["meters"]
     # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
     sums = torch.tensor([m["loss"], m["correct"], m["n"]], dtype=torch.float64, device=run.device)
@@ -751,9 +769,11 @@ def _end_epoch(run: Run, ep: int, state: dict) -> dict:
     if not kept_in_memory(run.batches):
         drop_resident(run.cache.train.x)
     val = evaluate(run.model, run.val_x, run.val_y, run.augment, run.dist, amp=run.cfg.amp,
-                   channels_last=run.cfg.channels_last)
+                   channels_last=run.cfg.channels_last, stop=lambda: bool(run.stop_signal))
     release_free_memory()
     drop_resident(run.cache.val.x)
+    if val is None:  # given up for a stop request: nothing of the epoch's end has happened yet
+        return None
     eval_s = time.perf_counter() - t
     # The lr of the epoch's last step (a per-step schedule has moved on since; a checkpoint
     # from before this was recorded has only the next one)
@@ -854,9 +874,13 @@ def resume_command(cfg: TrainConfig) -> str:
         head = "alexnet train"
         if args[:1] == ["train"]:
             args = args[1:]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        head = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} " + \
-            ("train.py" if prog.name == "train.py" else "-m alexnet train")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = ""  # several nodes: the launcher's options are not visible here, only the node count
+    if world > 1:
+        if local < world:
+            nodes = f"--nnodes={-(-world // local)} --node_rank=$NODE_RANK <this run's --rdzv options> "
+        head = f"torchrun {nodes}--nproc_per_node={local} " + ("train.py" if prog.name == "train.py" else "-m alexnet train")
     argv, i = [], 0
     while i < len(args):
         a = args[i]
@@ -866,4 +890,5 @@ def resume_command(cfg: TrainConfig) -> str:
         if not a.startswith("--resume="):
             argv.append(a)
         i += 1
-    return " ".join([head, shlex.join(argv), "--resume"]) if argv else f"{head} --resume"  # pasted into a shell
+    command = " ".join([head, shlex.join(argv), "--resume"]) if argv else f"{head} --resume"  # pasted into a shell
+    return f"{command} (on every node)" if nodes else command

@@ -106,7 +106,79 @@ def test_torchrun_stop_request_saves_once_every_rank_agrees(learnable_cache, tmp
     ck = torch.load(out / "last.pth", weights_only=False)
     assert ck["epoch"] >= 1 and ck["world"] == 2
     where = printed.split("stopped by SIGTERM at ")[1].split(";")[0]
-    assert where == (f"epoch {ck['epoch'] + 1}, step {ck['batch']} of 12" if ck["batch"] else f"the end of epoch {ck['epoch']}")
+    if ck["batch"] == 0:
+        assert where == f"the end of epoch {ck['epoch']}"
+    else:  # mid-epoch, or after its last step where the evaluation was under way and given up
+        assert where in (f"epoch {ck['epoch'] + 1}, step {ck['batch']} of 12",
+                         f"epoch {ck['epoch'] + 1}, step 12 of 12 (its evaluation was cut short and runs first on resume)")
+
+
+GIVE_UP_DRIVER = textwrap.dedent("""
+    import os, sys, torch
+    from alexnet import distributed
+    from alexnet.augment import RECIPES, BatchAugment
+    from alexnet.evaluate import evaluate
+    d = distributed.setup("cpu")
+    x = torch.randint(0, 256, (40, 64, 64, 3), dtype=torch.uint8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 4))
+    aug = BatchAugment(RECIPES["baseline"], 64, [0.5] * 3, [0.25] * 3)
+    batches = []
+    stop = lambda: batches.append(1) or (d.rank == 1 and len(batches) == 2)  # rank 1's request, before its batch 2
+    whole = evaluate(model, x, torch.arange(40) % 4, aug, d, bs=4)
+    cut = evaluate(model, x, torch.arange(40) % 4, aug, d, bs=4, stop=stop)
+    print(f"rank {d.rank}: whole n {whole['n']}, cut {cut}, asked {len(batches)}", flush=True)
+    distributed.cleanup(d)
+""")
+
+
+def test_torchrun_an_evaluation_given_up_on_one_rank_is_given_up_on_all(tmp_path):
+    """A stop request seen by one rank during an evaluation: that rank gives it up, the other
+    finishes its share, and both learn from the one all-reduce of the counts that there is no
+    result (training then saves the epoch with its evaluation to run on resume)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(GIVE_UP_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    printed = r.stdout + r.stderr
+    assert r.returncode == 0, printed[-3000:]
+    assert "rank 0: whole n 40, cut None, asked 5" in printed, printed[-3000:]  # its 20 images: 5 batches
+    assert "rank 1: whole n 40, cut None, asked 2" in printed, printed[-3000:]
+
+
+UNSHARED_DRIVER = textwrap.dedent("""
+    import os, sys
+    from alexnet.config import TrainConfig
+    from alexnet.errors import UserError
+    from alexnet.train import fit
+    rank = os.environ["RANK"]
+    out = sys.argv[2] if rank == "0" else sys.argv[3]  # rank 1's node does not see rank 0's files
+    try:
+        fit(TrainConfig(variant="combined_gap", data=sys.argv[1], out=out, device="cpu", num_classes=4, bs=8,
+                        epochs=2, max_steps=1, progress=False, resume="auto"), log=lambda *a: None)
+        print(f"rank {rank}: trained", flush=True)
+    except UserError as e:
+        print(f"rank {rank}: {e}", flush=True)
+""")
+
+
+def test_torchrun_resume_where_a_rank_cannot_see_the_checkpoint_is_refused(tiny_cache, tmp_path):
+    """Two nodes without a shared --out: rank 0 sees last.pth, rank 1 none. Both refuse,
+    instead of rank 1 starting afresh beside a resumed rank 0."""
+    ran = subprocess.run([sys.executable, "-m", "alexnet", "train", "--variant", "combined_gap", "--data",
+                          str(tiny_cache), "--out", str(tmp_path / "seen"), "--device", "cpu", "--num_classes", "4",
+                          "--bs", "8", "--epochs", "2", "--max-steps", "1", "--no-progress"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    driver = tmp_path / "driver.py"
+    driver.write_text(UNSHARED_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(tiny_cache), str(tmp_path / "seen"), str(tmp_path / "unseen")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    printed = r.stdout + r.stderr
+    for rank, there, seen in ((0, "there", "seen"), (1, "not there", "unseen")):
+        assert (f"rank {rank}: --resume: {tmp_path / seen / 'last.pth'} is {there} for rank {rank} and "
+                in printed), printed[-3000:]
+    assert "trained" not in printed
 
 
 FAILED_WRITE_DRIVER = textwrap.dedent("""

@@ -95,20 +95,22 @@ def two_epochs_uninterrupted(learnable_cache, tmp_path_factory):
     return full
 
 
-@pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation", "last evaluation", "last checkpoint"])
+@pytest.mark.parametrize("when", ["step 5", "step 12", "evaluation", "evaluation's last batch", "last evaluation",
+                                  "last evaluation's last batch", "last checkpoint"])
 def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, two_epochs_uninterrupted, tmp_path,
                                                        monkeypatch, capsys, when):
     """A stop request (the signal sent to this process) mid-epoch, at an epoch's last step
-    (12 steps of 16 per epoch), during an evaluation or while the run waits for its last
-    checkpoint to be written: the resumed run ends bit for bit where
-    the uninterrupted one does, BatchNorm's running statistics included (combined_gap has
-    BatchNorm: a position saved before a step whose forward pass had already run would apply
-    that batch to them twice)."""
+    (12 steps of 16 per epoch), as an evaluation starts (it is given up), during its last
+    batch (it completes) or while the run waits for its last checkpoint to be written: the
+    resumed run ends bit for bit where the uninterrupted one does, BatchNorm's running
+    statistics included (combined_gap has BatchNorm: a position saved before a step whose
+    forward pass had already run would apply that batch to them twice)."""
     from alexnet import checkpoint as ckpt_io
+    from alexnet import evaluate as evaluation
     from alexnet import train
 
     full, cut = two_epochs_uninterrupted, tmp_path / "cut"
-    steps, evals, real_step, real_eval = [], [], train.train_step, train.evaluate
+    steps, evals, real_step, real_eval, real_logits = [], [], train.train_step, train.evaluate, evaluation.logits_for
 
     def step(*a, **k):
         steps.append(1)
@@ -122,6 +124,11 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, two_epoc
             os.kill(os.getpid(), signal.SIGTERM)
         return real_eval(*a, **k)
 
+    def logits_for(*a, **k):  # the 48 val images are one batch: its last
+        if (when, len(evals)) in {("evaluation's last batch", 1), ("last evaluation's last batch", 2)}:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_logits(*a, **k)
+
     def close(writer):  # the run's last wait for its checkpoint, after every other check
         if when == "last checkpoint":
             os.kill(os.getpid(), signal.SIGTERM)
@@ -130,24 +137,33 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, two_epoc
     real_close = ckpt_io.CheckpointWriter.close
     monkeypatch.setattr(train, "train_step", step)
     monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "logits_for", logits_for)
     monkeypatch.setattr(ckpt_io.CheckpointWriter, "close", close)
     with pytest.raises(SystemExit) as stopped:
         main(["train", *run_args(learnable_cache, cut), "--epochs", "2"])
     assert stopped.value.code == 128 + signal.SIGTERM
+    cut_short = "step 12 of 12 (its evaluation was cut short and runs first on resume)"
     where = {"step 5": "epoch 1, step 5 of 12", "step 12": "epoch 1, step 12 of 12",
-             "evaluation": "the end of epoch 1",
-             # The last evaluation: the run is complete, and still the stop is reported (an
-             # ablation's Ctrl-C must end the study, not start its next run).
-             "last evaluation": "the end of epoch 2, the last: the run is complete",
+             "evaluation": f"epoch 1, {cut_short}",
+             "evaluation's last batch": "the end of epoch 1",
+             "last evaluation": f"epoch 2, {cut_short}",
+             # After the last evaluation: the run is complete, and still the stop is reported
+             # (an ablation's Ctrl-C must end the study, not start its next run).
+             "last evaluation's last batch": "the end of epoch 2, the last: the run is complete",
              "last checkpoint": "the end of epoch 2, the last: the run is complete"}[when]
     printed = capsys.readouterr().out
     assert f"stopped by SIGTERM at {where}; {cut / 'last.pth'} saved" in printed
-    assert ("Resume with:" in printed) == (not when.startswith("last"))
+    complete = when in ("last evaluation's last batch", "last checkpoint")
+    assert ("Resume with:" in printed) == (not complete)
     saved = torch.load(cut / "last.pth", weights_only=False)
-    assert (saved["epoch"], saved["batch"]) == {"step 5": (0, 5), "step 12": (0, 12), "evaluation": (1, 0),
-                                                "last evaluation": (2, 0), "last checkpoint": (2, 0)}[when]
+    assert (saved["epoch"], saved["batch"]) == {"step 5": (0, 5), "step 12": (0, 12), "evaluation": (0, 12),
+                                                "evaluation's last batch": (1, 0), "last evaluation": (1, 12),
+                                                "last evaluation's last batch": (2, 0),
+                                                "last checkpoint": (2, 0)}[when]
+    assert len(saved["history"]) == saved["epoch"]  # a given-up evaluation left no row
     monkeypatch.setattr(train, "train_step", real_step)
     monkeypatch.setattr(train, "evaluate", real_eval)
+    monkeypatch.setattr(evaluation, "logits_for", real_logits)
     monkeypatch.setattr(ckpt_io.CheckpointWriter, "close", real_close)
     assert main(["train", *run_args(learnable_cache, cut), "--epochs", "2", "--resume"]) == 0
     assert_same_run(full / "last.pth", cut / "last.pth")
@@ -1319,6 +1335,11 @@ def test_resume_command_for_each_entry_point(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert resume_command(None).startswith("torchrun --nproc_per_node=2 train.py models/alexnet_bn.py")
+    monkeypatch.setenv("WORLD_SIZE", "16")  # two nodes of 8: the command must start 16 processes again
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command(None) == ("torchrun --nnodes=2 --node_rank=$NODE_RANK <this run's --rdzv options> "
+                                    "--nproc_per_node=8 train.py models/alexnet_bn.py --out "
+                                    "'my runs/it'\"'\"'s' --resume (on every node)")
 
 
 @pytest.mark.parametrize("args,change", [
