@@ -397,6 +397,9 @@ def _train_batches(run: Run, epoch: int, start: int, state: dict, save: Callable
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)
     loss_sum, correct = sums[0], sums[1]  # views: each step adds in place, one kernel each
     counted = [0]  # images this stretch: known on the host
+    # The rate shown is this process's since it started the epoch here: a resumed rank 0's
+    # meters hold every rank's images up to the checkpoint, summed.
+    n_start, seconds_start = m["n"], m["seconds"]
     last = {"loss": float("nan"), "stop": False}
 
     def check(loss: torch.Tensor) -> None:
@@ -432,7 +435,7 @@ def _train_batches(run: Run, epoch: int, start: int, state: dict, save: Callable
         counted[0] += len(y)
         bar.update(1)
         if checking:
-            rate = (m["n"] + counted[0]) * d.world / (time.perf_counter() - t0 + m["seconds"])
+            rate = (m["n"] - n_start + counted[0]) * d.world / (time.perf_counter() - t0 + m["seconds"] - seconds_start)
             bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{rate:.0f}")
             if plain and (b + 1) % max(1, run.steps_per_epoch // 10) < every:
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {b + 1}/{run.steps_per_epoch} "
