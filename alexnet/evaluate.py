@@ -90,6 +90,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, augment: BatchAugment, d: 
     return res
 
 
+# The first row of each table: an existing file is replaced only if it starts with it (inference.py).
+PER_CLASS_HEADER = ["class", "wnid", "name", "top1", "n"]
+CONFUSED_HEADER = ["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"]
+
+
 def confused_path(path: str | Path) -> Path:
     """Where `write_per_class` puts the most-confused pairs, next to the per-class table."""
     path = Path(path)
@@ -111,11 +116,11 @@ def write_per_class(path: str | Path, confusion: torch.Tensor, wnids: list[str],
     off.fill_diagonal_(0)
     flat = off.flatten().topk(min(top_pairs, off.numel())).indices.tolist()
     c = confusion.shape[0]
-    rows = [["class", "wnid", "name", "top1", "n"]]
+    rows = [PER_CLASS_HEADER]
     rows += [[i, wnids[i], names[i], f"{acc[i]:.2f}" if totals[i] else "", int(totals[i])]
              for i in acc.argsort().tolist()]
     pairs = confused_path(path)
-    pair_rows = [["true_wnid", "true_name", "predicted_wnid", "predicted_name", "count"]]
+    pair_rows = [CONFUSED_HEADER]
     pair_rows += [[wnids[t], names[t], wnids[p], names[p], int(off[t, p])]
                   for t, p in (divmod(k, c) for k in flat) if off[t, p] > 0]
     # Replaced by rename, never written in place: a file that is a hard link to another stays as it was.

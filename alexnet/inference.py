@@ -21,7 +21,8 @@ from alexnet.atomic import same_file, write_atomic
 from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, UserError
-from alexnet.evaluate import TTA, confused_path, evaluate, logits_for, write_per_class
+from alexnet.evaluate import (CONFUSED_HEADER, PER_CLASS_HEADER, TTA, confused_path, evaluate, logits_for,
+                              write_per_class)
 from alexnet.loader import to_memory
 from alexnet.models import AlexNet
 from alexnet.precision import resolve_amp
@@ -61,6 +62,9 @@ def _check_writable(path: Path, flag: str) -> None:
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give the path of a CSV file to write")
     parent = path.parent
+    above = next((a for a in path.parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag} {path}: {above} is a file, not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -77,8 +81,9 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
         raise UserError(f"--bs must be at least 1, got {bs}")
     if per_class:  # before the evaluation, not after it
         inputs = [Path(p) for p in (ckpt_path, model_file) if p is not None]
-        _check_output(Path(per_class), "--per-class", inputs)
-        _check_output(confused_path(per_class), f"--per-class {per_class}: its confused pairs' file", inputs)
+        _check_output(Path(per_class), "--per-class", inputs, PER_CLASS_HEADER)
+        _check_output(confused_path(per_class), f"--per-class {per_class}: its confused pairs' file", inputs,
+                      CONFUSED_HEADER)
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     cache = cache_for(data, log=log)
@@ -108,6 +113,7 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(load_image_file(Path(path), size))
 
 
+PREDICT_HEADER = ["image", "wnid1", "name1", "prob1"]  # then wnid2.. up to --topk: an earlier table of any k
 PREDICT_BS = 256  # images decoded and classified at a time: memory stays flat for any number of files
 
 
@@ -116,8 +122,11 @@ PREDICT_BS = 256  # images decoded and classified at a time: memory stays flat f
 KEPT_SUFFIXES = (".pth", ".pt", ".ckpt", ".py")
 
 
-def _check_output(path: Path, flag: str, inputs: list[Path]) -> None:
-    """An output table must not land on a checkpoint, a model file or one of the command's inputs."""
+def _check_output(path: Path, flag: str, inputs: list[Path], header: list[str]) -> None:
+    """An output table must not land on a checkpoint, a model file, one of the command's
+    inputs, or any file but an earlier table of its kind (one that starts with `header`, or
+    an empty file): a run's metrics.csv or a cache's .npy would be lost to a mistyped path,
+    and /dev/null, replaced by rename, would become a file."""
     if path.suffix.lower() in KEPT_SUFFIXES:
         raise UserError(f"{flag} {path}: names a checkpoint or model file ({path.suffix}); give the path of a "
                         f"CSV file to write, e.g. {'predictions' if flag == '--csv' else 'per_class'}.csv")
@@ -125,6 +134,16 @@ def _check_output(path: Path, flag: str, inputs: list[Path]) -> None:
         raise UserError(f"{flag} {path}: is one of this command's input files (or a link to one); "
                         f"give a new file's path")
     _check_writable(path, flag)
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {path}: exists and is not a regular file (a device, a pipe or a socket); "
+                        f"give the path of a CSV file to write")
+    if path.is_file():
+        with open(path, "rb") as f:
+            first = f.read(4096)
+        if first and not first.startswith(",".join(header).encode()):
+            raise UserError(f"{flag} {path}: holds a file this command did not write (it would replace a table "
+                            f"starting {','.join(header)}); give a new file's path, or move that file "
+                            f"(nothing was overwritten)")
 
 
 def _check_csv(csv_path: Path, files: list[Path]) -> None:
@@ -157,7 +176,8 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
     files = image_files(images)
     if csv_path is not None:
         _check_csv(Path(csv_path), files)
-        _check_output(Path(csv_path), "--csv", [Path(p) for p in (ckpt_path, model_file) if p is not None])
+        _check_output(Path(csv_path), "--csv", [Path(p) for p in (ckpt_path, model_file) if p is not None],
+                      PREDICT_HEADER)
     dev = pick_device(device)
     model, c, augment = load_trained(ckpt_path, model_file, dev)
     size = c.get("cache_img_size", 64)

@@ -1174,11 +1174,44 @@ def test_output_tables_never_land_on_a_checkpoint(small_ckpt, tiny_cache, tmp_pa
         assert expected in capsys.readouterr().err
     assert ck.read_bytes() == before and (run / "last.pth").read_bytes() == before
     kept = tmp_path / "kept.csv"
-    kept.write_text("another table\n")
+    kept.write_text("class,wnid,name,top1,n\nan earlier table\n")
     table = tmp_path / "table.csv"
     os.link(kept, table)
     assert main(["evaluate", str(ck), "--data", str(tiny_cache), "--per-class", str(table), "--device", "cpu"]) == 0
-    assert kept.read_text() == "another table\n" and table.read_text().startswith("class,wnid,name,top1,n\n")
+    assert kept.read_text() == "class,wnid,name,top1,n\nan earlier table\n"
+    assert table.read_text().startswith("class,wnid,name,top1,n\n") and "an earlier table" not in table.read_text()
+
+
+def test_output_tables_replace_only_earlier_tables_of_their_kind(small_ckpt, tiny_cache, tmp_path, capsys):
+    """A mistyped --per-class or --csv must not replace a run's metrics.csv, a cache's files or
+    a device (replaced by rename, /dev/null would become a file): only an earlier table of
+    the same kind, or an empty file, is replaced."""
+    ck, cache = small_ckpt, shutil.copytree(tiny_cache, tmp_path / "cache")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,train_loss\n1,2.0\n")
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    evaluate = ["evaluate", str(ck), "--data", str(cache), "--device", "cpu", "--per-class"]
+    predict = ["predict", str(ck), str(image), "--device", "cpu", "--csv"]
+    for command in (evaluate, predict):
+        flag = command[-1]
+        for target in (metrics, cache / "manifest.json", cache / "val_y.npy"):
+            before = target.read_bytes()
+            assert main([*command, str(target)]) == 2
+            assert f"{flag} {target}: holds a file this command did not write" in capsys.readouterr().err
+            assert target.read_bytes() == before
+        assert main([*command, str(pipe)]) == 2
+        assert f"{flag} {pipe}: exists and is not a regular file" in capsys.readouterr().err
+        assert pipe.is_fifo()
+    # An earlier table of its kind (predictions of another --topk too), or an empty file: replaced.
+    (tmp_path / "pc.csv").write_text("")
+    assert main([*evaluate, str(tmp_path / "pc.csv")]) == 0
+    assert main([*evaluate, str(tmp_path / "pc.csv")]) == 0
+    assert main([*predict, str(tmp_path / "p.csv"), "--topk", "2"]) == 0
+    assert main([*predict, str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text().startswith("image,wnid1,name1,prob1,wnid2,name2,prob2,wnid3")
 
 
 def test_per_class_table_of_a_class_without_val_images(tmp_path):
@@ -1208,7 +1241,7 @@ def test_per_class_path_is_checked_before_evaluating(small_ckpt, tiny_cache, tmp
     assert main(["evaluate", str(small_ckpt), "--data", str(tiny_cache), "--device", "cpu", "--per-class", str(path)]) == 2
     err = capsys.readouterr().err
     expected = {"directory": f"--per-class {path}: is a directory",
-                "unmakeable folder": f"--per-class {path}: cannot create its folder",
+                "unmakeable folder": f"--per-class {path}: {blocker} is a file, not a folder",
                 # the file the user did not name is named as what it is
                 "pairs' file a directory": f"--per-class {path}: its confused pairs' file "
                                            f"{tmp_path / 'pc_confused.csv'}: is a directory"}[kind]
