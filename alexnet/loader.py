@@ -14,6 +14,7 @@ import signal
 import sys
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -255,6 +256,28 @@ class _TransformFailed(UserError):
     """A transform that raised, in a DataLoader worker or not (PerImageBatches words it)."""
 
 
+def _collate(items: list, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of a transform's images: stacked as they are when they share a size (`finish`
+    resizes the batch on the device), else each resized to `size` first, keeping its dtype
+    (a random resize, v2.RandomResize, gives every image its own size)."""
+    images, labels = zip(*items)
+    for img in images:
+        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise _TransformFailed(f"the transform must return a (3, H, W) tensor, got {got} for a training image")
+        if img.dtype != torch.uint8 and not img.is_floating_point():
+            raise _TransformFailed(_dtype_refused(img.dtype))
+    if len({img.shape for img in images}) > 1:
+        images = tuple(resize(img[None], (size, size))[0].round_().clamp_(0, 255).to(torch.uint8)
+                       if img.dtype == torch.uint8 else resize(img[None], (size, size))[0] for img in images)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def _dtype_refused(dtype: torch.dtype) -> str:
+    # Integers other than uint8 would be read as 0..1 floats: the model would see 255 times its input.
+    return f"the transform returned {dtype} pixels; expected uint8, or float in [0, 1] (v2.ToDtype(torch.float32, scale=True))"
+
+
 def _worker_init(_: int) -> None:
     # Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP are for the main process,
     # which saves a checkpoint at the next step and then stops the workers itself. Slurm (and
@@ -316,6 +339,8 @@ class PerImageBatches:
         if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[0] != 3:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UserError(f"{self.source}: the transform must return a (3, H, W) tensor, got {got}")
+        if out.dtype != torch.uint8 and not out.is_floating_point():
+            raise UserError(f"{self.source}: {_dtype_refused(out.dtype)}")
         if out.is_floating_point():
             # `finish` reads float pixels as 0..1 and normalises them itself: 0..255 floats or an
             # already normalised image would train at the wrong scale without any error.
@@ -330,6 +355,7 @@ class PerImageBatches:
         base = (((self.seed * 1_000_003 + epoch) * 1_009 + rank) * 10_000_019 + start * self.bs) % 2**63
         ds = _PerImage(self.x, self.y, self.transform, order, base, self.transform_file)
         dl = DataLoader(ds, batch_size=self.bs, num_workers=self.workers, drop_last=True, worker_init_fn=_worker_init,
+                        collate_fn=partial(_collate, size=self.augment.size),
                         persistent_workers=False, pin_memory=self.augment.device.type == "cuda")
         with _stop_signals_blocked():
             batches = iter(dl)  # starts the workers

@@ -946,6 +946,53 @@ def test_a_transform_that_fails_on_a_later_image_is_one_line(tiny_cache, capsys,
                          r"cache: bad pixel$", err), (workers, err)
 
 
+def test_a_transform_of_integer_pixels_other_than_uint8_is_refused(tiny_cache, out_with_files, capsys, tmp_path):
+    # Read as 0..1 floats, 0..255 integers would train at 255 times the input scale.
+    t = tmp_path / "t.py"
+    t.write_text("import torch\nfrom torchvision.transforms import v2\n\n"
+                 "def build_transforms():\n    return v2.ToDtype(torch.int32)\n")
+    err = _bad(tiny_cache, out_with_files, capsys, "--variant", "combined_gap", "--transforms", str(t))
+    assert err == (f"error: {t}: the transform returned torch.int32 pixels; expected uint8, or float in [0, 1] "
+                   "(v2.ToDtype(torch.float32, scale=True))")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float"])
+def test_a_transform_that_gives_each_image_its_own_size(tiny_cache, tmp_path, dtype):
+    """v2.RandomResize: a batch of images of several sizes is resized image by image to the
+    training size (keeping their dtype), in workers or not, instead of failing to stack."""
+    from alexnet.augment import RECIPES, BatchAugment
+    from alexnet.loader import PerImageBatches
+
+    t = tmp_path / "t.py"
+    scale = "" if dtype == "uint8" else ", v2.ToDtype(torch.float32, scale=True)"
+    t.write_text("import torch\nfrom torchvision.transforms import v2\n\n"
+                 f"def build_transforms():\n    return v2.Compose([v2.RandomResize(40, 90){scale}])\n")
+    for workers in ("0", "2"):
+        assert main(["train", "--variant", "combined_gap", "--transforms", str(t), "--workers", workers, "--data",
+                     str(tiny_cache), "--out", str(tmp_path / workers), "--device", "cpu", "--num_classes", "4",
+                     "--bs", "8", "--epochs", "1", "--no-progress"]) == 0
+    # The batch: each image as torchvision would resize it to 64, then normalised.
+    from alexnet.userfiles import load_transforms_file
+    from alexnet.data import open_cache
+    import torchvision.transforms.v2.functional as TF
+    cache = open_cache(tiny_cache)
+    aug = BatchAugment(RECIPES["baseline"], 64, cache.stats["mean"], cache.stats["std"])
+    transform = load_transforms_file(t)
+    batches = PerImageBatches(cache.train.x, cache.train.y, transform, aug, 4, 0, 0, str(t), t)
+    xb, yb = next(iter(batches(torch.arange(8), 0)))
+    want, sizes = [], set()
+    for i in range(4):
+        torch.manual_seed(i)  # each image seeded by its position (base 0)
+        img = transform(torch.from_numpy(np.array(cache.train.x[i])).permute(2, 0, 1))
+        sizes.add(img.shape)
+        img = TF.resize(img.float()[None], [64, 64], antialias=True)[0]
+        want.append(img.round().clamp(0, 255) / 255 if dtype == "uint8" else img)
+    assert len(sizes) > 1  # the batch's images came out of the transform in several sizes
+    want = TF.normalize(torch.stack(want), cache.stats["mean"], cache.stats["std"])
+    torch.testing.assert_close(xb, want, atol=1e-4, rtol=1e-4)
+    assert yb.tolist() == [int(v) for v in cache.train.y[:4]]
+
+
 def test_a_model_file_that_exits_or_is_a_checkpoint(tiny_cache, out_with_files, capsys, tmp_path, small_ckpt):
     m = tmp_path / "m.py"
     m.write_text("import sys\nsys.exit(3)\n")
