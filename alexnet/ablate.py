@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import json
 import sys
 import time
@@ -247,6 +248,16 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _check_out(out: Path) -> None:
+    """The study folder, or the nearest folder above it that exists, before the data is
+    prepared and any run starts: a file there is refused, not found out an hour in."""
+    above = next((p for p in (out, *out.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"--out {out}: " + ("is a file, not a folder" if above == out else f"{above} is a file, not a folder"))
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {above} is not writable")
+
+
 def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) -> dict:
     """Train every (row, seed) not finished yet, then write the results; returns the report."""
     from alexnet.data import cache_for
@@ -266,6 +277,7 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
     a = argparse.Namespace(**{**vars(a), "amp": amp,
                               "channels_last": a.amp if a.channels_last is None else a.channels_last})
     out = Path(a.out)
+    _check_out(out)
     # Prepared (if needed) and checked once, before any run; the class count comes from it.
     cache = cache_for(a.data, log=log)
     num_classes = a.num_classes if a.num_classes is not None else cache.num_classes
@@ -305,7 +317,10 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
             params[row.variant] = count_parameters(create_model(row.variant, num_classes))
         resumed = state == "interrupted"
         before = _seconds_before(folder) if resumed else 0.0
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot make the run's folder {folder} ({e.strerror or e})") from None
         log(f"{head}: {'resumed from last.pth' if resumed else 'started'} ({folder}; log in train.log)")
         t0 = time.perf_counter()
         try:

@@ -191,7 +191,7 @@ def test_killed_study_resumes_and_report_reproduces_the_table(tiny_cache, tmp_pa
 def test_stop_during_a_runs_last_evaluation_ends_the_study(tiny_cache, tmp_path, monkeypatch, capsys):
     """A Ctrl-C (here SIGTERM) that lands in a run's last evaluation ends the study there, as
     one mid-epoch does, instead of counting the run finished and starting the next; the same
-    command then finishes that run (already complete: nothing retrained) and the rest."""
+    command then finishes that run (the evaluation given up runs: nothing retrained) and the rest."""
     from alexnet import train
 
     out = tmp_path / "runs"
@@ -213,7 +213,7 @@ def test_stop_during_a_runs_last_evaluation_ends_the_study(tiny_cache, tmp_path,
     monkeypatch.setattr(train, "evaluate", real_eval)
     assert main(args) == 0
     assert "Combined-GAP seed 0: resumed from last.pth" in capsys.readouterr().out
-    assert "the run is already complete" in (seed0 / "train.log").read_text()
+    assert "epoch 1, step 2 of 2" in (seed0 / "train.log").read_text()  # after the last step: only the evaluation
     assert (seed0 / "done.json").exists() and (seed1 / "done.json").exists()
 
 
@@ -327,3 +327,15 @@ def test_report_plots_get_ordinary_permissions(tiny_cache, tmp_path):
         os.umask(old)
     for name in ("val_top1.png", "best_top1.png", "results.md"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_study_folder_that_cannot_be_made_is_refused_before_anything_runs(tiny_cache, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    for out, said in ((blocker, f"--out {blocker}: is a file, not a folder"),
+                      (blocker / "study", f"--out {blocker / 'study'}: {blocker} is a file, not a folder")):
+        assert main(["ablate", "--data", str(tiny_cache), "--out", str(out), "--variants", "combined_gap",
+                     "--seeds", "1", "--epochs", "1", "--bs", "8", "--max-steps", "1", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
