@@ -573,6 +573,11 @@ def open_cache(data_dir: Path, verify: str = "fast") -> Cache:
                 or y.dtype != np.int64 or len(wnids) != c["classes"]):
             raise DataError(f"{data_dir / (split + '_x.npy')}: shape {x.shape} or labels do not "
                             f"match manifest.json; {rebuild}")
+        # A label out of range (a file edited in place, its time kept: not re-hashed) would
+        # fail deep inside the loss, or index past a table; 100,000 labels read in a millisecond.
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(wnids)):
+            raise DataError(f"{data_dir / (split + '_y.npy')}: labels from {int(y.min())} to {int(y.max())}, "
+                            f"expected 0 to {len(wnids) - 1} ({len(wnids)} classes); {rebuild}")
     return Cache(root=data_dir, train=Split(arrays["train_x.npy"], arrays["train_y.npy"]),
                  val=Split(arrays["val_x.npy"], arrays["val_y.npy"]), wnids=wnids, names=names,
                  img_size=s, stats=manifest["stats"], manifest=manifest)
@@ -604,13 +609,16 @@ def cache_for(data: str | Path | None, log: Log = print) -> Cache:
     """The cache a command's --data names: ensure_cache, except that a --data given that does
     not exist is an error instead of a place to download into (a mistyped path would otherwise
     start downloading the whole data set there)."""
+    env = os.environ.get("ALEXNET_DATA")
+    default = f"$ALEXNET_DATA ({env})" if env else str(DEFAULT_DATA_DIR)
     if data and not Path(data).exists():
         raise DataError(f"--data {data}: directory does not exist; create the cache with "
-                        f"`alexnet prepare --data {data}` or leave --data out to use ./data")
-    if data and not Path(data).is_dir():
-        raise DataError(f"--data {data}: is a file, not a cache directory; a data set's zip or folder is made "
-                        f"into a cache with `alexnet prepare --source {data} --data DIR`, then --data DIR")
+                        f"`alexnet prepare --data {data}` or leave --data out to use {default}")
     folder = Path(data) if data else default_data_dir()
+    if folder.exists() and not folder.is_dir():
+        name = f"--data {data}" if data else default
+        raise DataError(f"{name}: is a file, not a cache directory; a data set's zip or folder is made into a cache "
+                        f"with `alexnet prepare --source {folder} --data DIR`, then --data DIR")
     if folder.is_dir() and not (folder / "manifest.json").is_file():
         # The extracted data set (or a folder holding it, or its zip) is an easy --data to give,
         # or ./data to fill, by mistake; preparing there would download the archive beside it.
@@ -619,7 +627,7 @@ def cache_for(data: str | Path | None, log: Log = print) -> Cache:
         looks = sorted(str(p.relative_to(folder)) for p in [*folder.iterdir(), *folder.glob("*/wnids.txt")]
                        if p.name in ("wnids.txt", "train", "val", "test") or p.suffix == ".zip")
         if looks:
-            name = f"--data {data}" if data else f"{folder} (the default --data)"
+            name = f"--data {data}" if data else f"{default} (the default --data)"
             raise DataError(f"{name}: holds no cache (no manifest.json) but what looks like a data set "
                             f"({', '.join(looks[:3])}{', ...' if len(looks) > 3 else ''}); make a cache from it with "
                             f"`alexnet prepare --source {_source_in(folder, looks)} --data DIR`, then give --data DIR")

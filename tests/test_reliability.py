@@ -1042,6 +1042,37 @@ def test_out_not_writable(tiny_cache, tmp_path, capsys):
     assert code == 2 and "not a writable directory" in capsys.readouterr().err
 
 
+def test_the_default_data_folder_is_named_as_where_it_came_from(tiny_zip, out_with_files, capsys, monkeypatch,
+                                                                tmp_path):
+    # $ALEXNET_DATA, not ./data, is what leaving --data out uses when it is set.
+    monkeypatch.setenv("ALEXNET_DATA", str(tmp_path / "cache"))
+    err = _bad(tmp_path / "typo", out_with_files, capsys, "--variant", "baseline")
+    assert err.endswith(f"or leave --data out to use $ALEXNET_DATA ({tmp_path / 'cache'})")
+    monkeypatch.setenv("ALEXNET_DATA", str(tiny_zip))
+    code = main(["train", "--variant", "baseline", "--out", str(out_with_files), "--device", "cpu", "--num_classes", "4",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: $ALEXNET_DATA ({tiny_zip}): is a file, not a cache directory" in err
+
+
+def test_a_cache_label_out_of_range_is_named(tiny_cache, tmp_path, capsys):
+    """A label file edited in place with its time kept is not re-hashed: its range is still
+    checked when the cache is opened, instead of an IndexError deep inside the loss."""
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    y = cache / "val_y.npy"
+    st = y.stat()
+    labels = np.load(y)
+    labels[3] = 7  # 4 classes
+    with open(y, "r+b") as f:  # in place, the same size
+        f.seek(st.st_size - labels.nbytes)
+        f.write(labels.tobytes())
+    os.utime(y, ns=(st.st_atime_ns, st.st_mtime_ns))
+    from alexnet.data import open_cache
+    from alexnet.errors import DataError
+    with pytest.raises(DataError, match=rf"{re.escape(str(y))}: labels from 0 to 7, expected 0 to 3 \(4 classes\)"):
+        open_cache(cache)
+
+
 def test_data_that_is_the_data_set_itself_or_a_file(tiny_layout, tiny_zip, out_with_files, capsys, monkeypatch,
                                                     tmp_path):
     """--data at the extracted data set or at its zip: told to run prepare, no download is
