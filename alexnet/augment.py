@@ -14,6 +14,7 @@ output (N, 3, S, S) float32 normalised, S = the training size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -55,10 +56,19 @@ class Recipe:
     raw_pixels: bool = False
 
     def __post_init__(self) -> None:
-        if self.crop_pad < 0:
-            raise ConfigError(f"crop_pad must be >= 0, got {self.crop_pad}")
-        if self.scale < 1.0:
-            raise ConfigError(f"scale must be >= 1, got {self.scale}")
+        for k in ("flip", "raw_pixels"):
+            if not isinstance(getattr(self, k), bool):
+                raise ConfigError(f"{k} must be True or False, got {getattr(self, k)!r}")
+        if not isinstance(self.crop_pad, int) or isinstance(self.crop_pad, bool) or self.crop_pad < 0:
+            raise ConfigError(f"crop_pad must be a whole number of pixels >= 0, got {self.crop_pad!r}")
+        for k in ("scale", "brightness", "contrast", "saturation", "noise_std", "lighting_std"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(f"{k} must be a finite number, got {v!r}")
+        # Beyond 4 the frame crops come from is 16 times the image's pixels, for crops of a
+        # sixteenth of it: a mistake, not a recipe (the paper's is 256/224).
+        if not 1.0 <= self.scale <= 4.0:
+            raise ConfigError(f"scale must be in [1, 4], got {self.scale}")
         for k in ("brightness", "contrast", "saturation"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")

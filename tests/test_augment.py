@@ -281,6 +281,24 @@ def test_bad_input_is_explained():
         BatchAugment(Recipe(lighting_std=0.1), 64, MEAN, STD)
 
 
+@pytest.mark.parametrize("field,value,said", [
+    ("scale", float("nan"), "scale must be a finite number, got nan"),
+    ("scale", float("inf"), "scale must be a finite number, got inf"),
+    ("scale", 1000.0, "scale must be in [1, 4], got 1000.0"),
+    ("noise_std", float("nan"), "noise_std must be a finite number, got nan"),
+    ("lighting_std", "0.1", "lighting_std must be a finite number, got '0.1'"),
+    ("crop_pad", 2.5, "crop_pad must be a whole number of pixels >= 0, got 2.5"),
+    ("crop_pad", True, "crop_pad must be a whole number of pixels >= 0, got True"),
+    ("flip", 1, "flip must be True or False, got 1"),
+])
+def test_a_recipe_of_values_that_are_no_strength_is_refused(field, value, said):
+    # NaN noise would turn the noise off without a word; inf, a huge scale or a fractional
+    # pad would fail deep inside torch.
+    with pytest.raises(ConfigError) as e:
+        Recipe(**{field: value})
+    assert str(e.value) == said
+
+
 def test_noise_is_gaussian_independent_and_seeded():
     recipe = Recipe(noise_std=0.05)
     aug = make(recipe)
