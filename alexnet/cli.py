@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -204,8 +205,13 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         # own flush at exit must not fail again on the closed pipe.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a writer its reader left
-    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's, around the OSError
+    except (OSError, RuntimeError, MemoryError) as e:  # RuntimeError: torch.save's, around the OSError
         failed = _storage_failure(e)
+        if failed is None and (memory := _memory_failure(e)):
+            print(f"error: out of memory ({memory}): a smaller --bs or --img-size needs less (a training run's "
+                  "last.pth, if it has one, is whole: it continues with --resume where the memory is there)",
+                  file=sys.stderr)
+            return 2
         if failed is None:
             raise
         where = f" writing {failed.filename}" if failed.filename else ""
@@ -213,6 +219,19 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
               "complete): make room and run the command again (a training run continues with --resume)",
               file=sys.stderr)
         return 2
+
+
+def _memory_failure(e: BaseException) -> str | None:
+    """What ran out, where an allocation failed: the CPU's (PyTorch's "can't allocate memory",
+    numpy's MemoryError) or a GPU's (torch.OutOfMemoryError, named here without importing
+    torch); None for any other error."""
+    text = str(e)
+    if isinstance(e, MemoryError) or "can't allocate memory" in text:
+        asked = re.search(r"tried to allocate (\d+) bytes", text)
+        return f"the CPU: {int(asked[1]) / 2**30:,.1f} GiB asked for at once" if asked else "the CPU"
+    if type(e).__name__ == "OutOfMemoryError":  # CUDA's message names the GPU and the sizes
+        return text.splitlines()[0].rstrip(". ") if text else "the GPU"
+    return None
 
 
 def _storage_failure(e: BaseException | None) -> OSError | None:

@@ -1658,3 +1658,28 @@ def test_allocator_settings_respect_the_user(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     assert keep_freed_memory() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    """An allocation that fails (a huge --img-size, a batch too large for the GPU) is said in
+    one line with what to change, not as PyTorch's traceback."""
+    from alexnet import summary
+
+    monkeypatch.setattr(summary, "print_summary", lambda *a, **k: torch.empty(2**62, dtype=torch.uint8))
+    assert main(["summary", "combined_gap"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory (the CPU: 4,294,967,296.0 GiB asked for at once): a smaller --bs or "
+                          "--img-size needs less") and "\n" not in err
+
+    def gpu(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                          "of 79.1 GiB of which 1.2 GiB is free.\nmore")
+
+    monkeypatch.setattr(summary, "print_summary", gpu)
+    assert main(["summary", "combined_gap"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                          "capacity of 79.1 GiB of which 1.2 GiB is free): a smaller --bs") and "\n" not in err
+    monkeypatch.setattr(summary, "print_summary", lambda *a, **k: 1 / 0)  # any other error is not hidden
+    with pytest.raises(ZeroDivisionError):
+        main(["summary", "combined_gap"])
