@@ -111,6 +111,10 @@ class TrainConfig:
         need(self.num_classes >= 2, f"--num_classes must be at least 2, got {self.num_classes}")
         need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(0 <= self.seed < 2**63, f"--seed must be an integer in [0, 2**63), got {self.seed}")
+        # An empty path (an unset shell variable) would mean the working directory, or the default.
+        need(self.out.strip() != "", "--out must name a folder, got an empty path")
+        need(self.data is None or self.data.strip() != "", "--data must name a cache folder (or be left out for the "
+                                                            "default), got an empty path")
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")

@@ -99,5 +99,8 @@ class MetricsLog:
             self._plot(self._unplotted)
 
     def _plot(self, history: list[dict]) -> None:
-        plot_curves(self.out / "curves.png", history, title=str(self.out), label_smoothing=self.label_smoothing)
+        # A folder name that is not UTF-8 (bytes Python keeps as surrogates) shown as escapes:
+        # matplotlib refuses such a string, and the run would fail at every epoch's plot.
+        title = str(self.out).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        plot_curves(self.out / "curves.png", history, title=title, label_smoothing=self.label_smoothing)
         self._plotted_at, self._unplotted = time.monotonic(), None

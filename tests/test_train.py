@@ -357,6 +357,13 @@ def test_the_largest_seed_trains_both_ways(tiny_cache, tmp_path, monkeypatch):
                      "--transforms", transforms, "--workers", "0", "--seed", str(2**63 - 1)) == 0
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="names are bytes on Linux; other systems refuse this one")
+def test_an_out_folder_whose_name_is_not_utf8(tiny_cache, tmp_path):
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/run\xfe"))  # Python keeps the byte as a surrogate
+    assert train(tiny_cache, out, "--variant", "combined_gap") == 0
+    assert (out / "curves.png").is_file() and (out / "best.pth").is_file()
+
+
 def test_per_image_data_travels_to_a_spawned_worker_as_files(tiny_cache, tmp_path):
     """Under spawn (macOS, Windows) DataLoader pickles the data set into each worker: the split
     goes as its memory-mapped file, not its pixels, and a transform whose class is defined in
