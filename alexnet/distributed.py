@@ -31,11 +31,28 @@ class Dist:
         return self.world > 1
 
 
+def _env_int(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"${name} must be a whole number (torchrun sets it for each process), got {value!r}") from None
+
+
 def setup(device_type: str) -> Dist:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = _env_int("WORLD_SIZE", "1")
+    if world <= 1:
         return Dist()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # A WORLD_SIZE left in the environment without the rest of what torchrun sets: PyTorch
+    # would fail inside init_process_group, or wait for processes that never come.
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UserError(f"$WORLD_SIZE is {world} but ${', $'.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                        "set: start the processes with torchrun (train.py under torchrun --nproc_per_node=N), or "
+                        "unset WORLD_SIZE for one process")
+    _env_int("RANK", "0")
+    local_rank = _env_int("LOCAL_RANK", "0")
     kwargs = {}
     if device_type == "cuda":
         n = torch.cuda.device_count()

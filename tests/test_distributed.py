@@ -225,11 +225,34 @@ def test_more_processes_than_gpus_is_one_clear_line(monkeypatch):
     from alexnet import distributed
     from alexnet.errors import UserError
 
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_RANK", "3")
+    for k, v in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda *a, **k: pytest.fail("the group was made before the check"))
     with pytest.raises(UserError, match=r"local rank 3 \(LOCAL_RANK\).*this node has 2 GPUs: give torchrun "
                                         r"--nproc_per_node=2 or fewer"):
         distributed.setup("cuda")
+
+
+@pytest.mark.parametrize("env,said", [
+    ({"WORLD_SIZE": "abc"}, "$WORLD_SIZE must be a whole number (torchrun sets it for each process), got 'abc'"),
+    ({"WORLD_SIZE": "2"}, "$WORLD_SIZE is 2 but $RANK, $MASTER_ADDR, $MASTER_PORT are not set: start the processes "
+                          "with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1", "LOCAL_RANK": "x"},
+     "$LOCAL_RANK must be a whole number"),
+])
+def test_a_torchrun_environment_that_is_not_one_is_one_clear_line(monkeypatch, env, said):
+    # Left over in a shell, or set by hand: PyTorch would fail inside init_process_group, or wait.
+    from alexnet import distributed
+    from alexnet.errors import UserError
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: pytest.fail("the group was made before the check"))
+    with pytest.raises(UserError) as e:
+        distributed.setup("cpu")
+    assert str(e.value).startswith(said)
