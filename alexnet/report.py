@@ -48,6 +48,8 @@ def load_runs(runs_dir: Path) -> list[tuple[StudyRow, list[dict]]]:
     """(row, finished runs sorted by seed) for every row with at least one finished run,
     in study order. Each run dict is its done.json plus `config_file` (its config.json)."""
     runs_dir = Path(runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UserError(f"{runs_dir}: is a file, not a study folder (what `alexnet ablate --out` makes)")
     if not runs_dir.is_dir():
         raise UserError(f"{runs_dir}: no such study folder; run `alexnet ablate --out {runs_dir}` first")
     found = []

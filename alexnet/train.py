@@ -192,6 +192,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
             log(f"warning: {warning}")
     out = Path(cfg.out)
     if d.main:
+        above = next((p for p in (out, *out.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(f"--out {out}: " + ("is a file, not a folder" if above == out else
+                                                f"{above} is a file, not a folder"))
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write_test"
@@ -223,6 +227,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         raise UserError(f"--out {out}: holds another run's last.pth, which continuing {cfg.resume} there would "
                         f"replace; give that run's own folder as --out, or an empty one (nothing was overwritten)")
     fresh = not cfg.resume or (cfg.resume == "auto" and not (out / "last.pth").exists())
+    if fresh and cfg.resume == "auto" and (out / "best.pth").exists():
+        raise CheckpointError(f"--out {out}: holds best.pth but no last.pth to continue from; continue from "
+                              f"best.pth with --resume {out / 'best.pth'}, or choose another --out (nothing was "
+                              "overwritten)")
     if fresh and (out / "best.pth").exists():  # a checkpoint kept or copied there on its own
         raise CheckpointError(f"--out {out}: holds a checkpoint (best.pth) that a new run would replace; move it "
                               "or choose another --out (nothing was overwritten)")

@@ -65,6 +65,9 @@ def test_study_runs_get_the_layout_train_would(args, amp, channels_last):
 def test_report_without_finished_runs_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such study folder"):
         build_report(tmp_path / "missing")
+    (tmp_path / "results.csv").write_text("")
+    with pytest.raises(UserError, match="is a file, not a study folder"):
+        build_report(tmp_path / "results.csv")
     (tmp_path / "runs" / "baseline" / "seed0").mkdir(parents=True)
     (tmp_path / "runs" / "baseline" / "seed0" / "last.pth").write_bytes(b"")  # interrupted, not finished
     with pytest.raises(UserError, match="no finished runs"):

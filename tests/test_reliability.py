@@ -1039,9 +1039,12 @@ def test_run_that_never_started_leaves_no_out_folder(tmp_path, capsys):
 def test_out_not_writable(tiny_cache, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(blocker / "sub"),
-                 "--device", "cpu", "--num_classes", "4", "--no-progress"])
-    assert code == 2 and "not a writable directory" in capsys.readouterr().err
+    for out, said in ((blocker / "sub", f"--out {blocker / 'sub'}: {blocker} is a file, not a folder"),
+                      (blocker, f"--out {blocker}: is a file, not a folder")):
+        code = main(["train", "--variant", "baseline", "--data", str(tiny_cache), "--out", str(out),
+                     "--device", "cpu", "--num_classes", "4", "--no-progress"])
+        assert code == 2 and said in capsys.readouterr().err
+    assert blocker.read_text() == "x"
 
 
 def test_the_default_data_folder_is_named_as_where_it_came_from(tiny_zip, out_with_files, capsys, monkeypatch,
@@ -1529,8 +1532,13 @@ def test_fresh_run_does_not_overwrite_a_previous_one(small_ckpt, tiny_cache, tmp
                           in capsys.readouterr().err)
     code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
                  "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress", "--resume"])  # nothing to resume
-    assert code == 2 and "holds a checkpoint (best.pth)" in capsys.readouterr().err
+    assert code == 2 and (f"--out {out}: holds best.pth but no last.pth to continue from; continue from best.pth "
+                          f"with --resume {out / 'best.pth'}") in capsys.readouterr().err
     assert (out / "best.pth").read_bytes() == before
+    code = main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(out), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--epochs", "2", "--no-progress",
+                 "--resume", str(out / "best.pth")])  # what it says works
+    assert code == 0 and torch.load(out / "last.pth", weights_only=False)["epoch"] == 2
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused(small_ckpt, tiny_cache, tmp_path, capsys):
