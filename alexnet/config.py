@@ -53,7 +53,7 @@ class TrainConfig:
     num_classes: int = opt(200, "number of classes (must match the data)")
     workers: int = opt(2, "DataLoader workers, used only by per-image (torchvision) transforms files")
     device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
-    seed: int = opt(0, "random seed (data order, augmentation, initialisation)")
+    seed: int = opt(0, "random seed, 0 to 2**63 - 1 (data order, augmentation, initialisation)")
     deterministic: bool = opt(False, "deterministic algorithms: identical metrics for identical runs")
     schedule: str = opt("plateau", "learning-rate schedule", choices=SCHEDULES)
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (cosine, step, constant)")
