@@ -213,7 +213,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         # (adaptive average pooling) have no deterministic version: PyTorch warns about them.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed % 2**63)  # the CPU generator's own reduction: any integer is a seed
     model, variant = build_model(cfg)
     transform, source = build_transforms(cfg, variant)
     if cfg.resume not in (None, "auto") and Path(cfg.resume).is_dir():

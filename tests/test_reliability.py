@@ -707,10 +707,8 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--momentum", "0", "--nesterov"], "--nesterov needs --momentum above 0"),
     (["--variant", "baseline", "--max-steps", "-1"], "--max-steps must be >= 0, got -1"),
     (["--variant", "baseline", "--save-every", "-2"], "--save-every must be >= 0, got -2"),
-    (["--variant", "baseline", "--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
     (["--variant", "baseline", "--out", ""], "--out must name a folder, got an empty path"),
     (["--variant", "baseline", "--data", " "], "--data must name a cache folder (or be left out for the default)"),
-    (["--variant", "baseline", "--seed", str(2**64)], f"--seed must be an integer in [0, 2**63), got {2**64}"),
     (["--variant", "batchnorm", "--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA"),  # one process too
     (["--variant", "baseline", "--img-size", "32"], "--img-size must be at least 63"),
     # a model file's model is run at the size asked for: AlexNet's own says what fails
