@@ -15,9 +15,11 @@ output (N, 3, S, S) float32 normalised, S = the training size.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,19 +58,25 @@ class Recipe:
     raw_pixels: bool = False
 
     def __post_init__(self) -> None:
+        # Numbers of any numeric type (numpy's too: a transforms file may compute them, and a
+        # checkpoint keeps them as they were) become plain ones; anything else is refused.
         for k in ("flip", "raw_pixels"):
-            if not isinstance(getattr(self, k), bool):
-                raise ConfigError(f"{k} must be True or False, got {getattr(self, k)!r}")
-        if not isinstance(self.crop_pad, int) or isinstance(self.crop_pad, bool) or self.crop_pad < 0:
-            raise ConfigError(f"crop_pad must be a whole number of pixels >= 0, got {self.crop_pad!r}")
+            v = getattr(self, k)
+            if isinstance(v, (bool, np.bool_)) or (isinstance(v, numbers.Integral) and v in (0, 1)):
+                object.__setattr__(self, k, bool(v))
+            else:
+                raise ConfigError(f"{k} must be True or False, got {v!r}")
+        v = self.crop_pad
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ConfigError(f"crop_pad must be a whole number of pixels >= 0, got {v!r}")
+        object.__setattr__(self, "crop_pad", int(v))
         for k in ("scale", "brightness", "contrast", "saturation", "noise_std", "lighting_std"):
             v = getattr(self, k)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ConfigError(f"{k} must be a finite number, got {v!r}")
-        # Beyond 4 the frame crops come from is 16 times the image's pixels, for crops of a
-        # sixteenth of it: a mistake, not a recipe (the paper's is 256/224).
-        if not 1.0 <= self.scale <= 4.0:
-            raise ConfigError(f"scale must be in [1, 4], got {self.scale}")
+            object.__setattr__(self, k, float(v))
+        if self.scale < 1.0:
+            raise ConfigError(f"scale must be >= 1, got {self.scale}")
         for k in ("brightness", "contrast", "saturation"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")

@@ -20,7 +20,7 @@ from alexnet import checkpoint as ckpt_io
 from alexnet.atomic import same_file, write_atomic
 from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import cache_for
-from alexnet.errors import CheckpointError, UserError
+from alexnet.errors import CheckpointError, ConfigError, UserError
 from alexnet.evaluate import (CONFUSED_HEADER, PER_CLASS_HEADER, TTA, confused_path, evaluate, logits_for,
                               write_per_class)
 from alexnet.loader import to_memory
@@ -52,7 +52,10 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
         check_model_output(model_file, model, c["num_classes"], c.get("img_size", 64), device,
                            resolve_amp(c["config"].get("amp", False), device), channels_last)
     st = c["stats"]
-    recipe = Recipe(**c["recipe"]) if c.get("recipe") else Recipe()
+    try:
+        recipe = Recipe(**c["recipe"]) if c.get("recipe") else Recipe()
+    except (ConfigError, TypeError) as e:  # a recipe this version does not take (TypeError: a field it lacks)
+        raise CheckpointError(f"{ckpt_path}: its augmentation recipe {c['recipe']} cannot be used: {e}") from None
     augment = BatchAugment(recipe, c["img_size"], st["mean"], st["std"], st.get("eigval"), st.get("eigvec"), device=device)
     return model, c, augment
 

@@ -284,12 +284,13 @@ def test_bad_input_is_explained():
 @pytest.mark.parametrize("field,value,said", [
     ("scale", float("nan"), "scale must be a finite number, got nan"),
     ("scale", float("inf"), "scale must be a finite number, got inf"),
-    ("scale", 1000.0, "scale must be in [1, 4], got 1000.0"),
+    ("scale", 0.5, "scale must be >= 1, got 0.5"),
     ("noise_std", float("nan"), "noise_std must be a finite number, got nan"),
     ("lighting_std", "0.1", "lighting_std must be a finite number, got '0.1'"),
     ("crop_pad", 2.5, "crop_pad must be a whole number of pixels >= 0, got 2.5"),
     ("crop_pad", True, "crop_pad must be a whole number of pixels >= 0, got True"),
-    ("flip", 1, "flip must be True or False, got 1"),
+    ("flip", 2, "flip must be True or False, got 2"),
+    ("flip", "yes", "flip must be True or False, got 'yes'"),
 ])
 def test_a_recipe_of_values_that_are_no_strength_is_refused(field, value, said):
     # NaN noise would turn the noise off without a word; inf, a huge scale or a fractional
@@ -297,6 +298,15 @@ def test_a_recipe_of_values_that_are_no_strength_is_refused(field, value, said):
     with pytest.raises(ConfigError) as e:
         Recipe(**{field: value})
     assert str(e.value) == said
+
+
+def test_a_recipe_of_numpy_numbers_is_the_same_recipe():
+    # Computed in a transforms file, and kept so in its checkpoints: they load as they trained.
+    import numpy as np
+
+    r = Recipe(crop_pad=np.int64(2), flip=1, brightness=np.float32(0.25), scale=np.float64(1.5), raw_pixels=np.bool_(0))
+    assert r == Recipe(crop_pad=2, flip=True, brightness=0.25, scale=1.5)
+    assert [type(v) for v in r.to_dict().values()] == [int, float, bool, float, float, float, float, float, bool]
 
 
 def test_noise_is_gaussian_independent_and_seeded():

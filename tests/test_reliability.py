@@ -1691,3 +1691,13 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(summary, "print_summary", lambda *a, **k: 1 / 0)  # any other error is not hidden
     with pytest.raises(ZeroDivisionError):
         main(["summary", "combined_gap"])
+
+
+def test_a_checkpoint_whose_recipe_cannot_be_used_is_named(small_ckpt, tiny_cache, tmp_path, capsys):
+    c = torch.load(small_ckpt, weights_only=False)
+    c["recipe"] = {**(c["recipe"] or {}), "flip": "yes"}
+    torch.save(c, tmp_path / "odd.pth")
+    assert main(["evaluate", str(tmp_path / "odd.pth"), "--data", str(tiny_cache), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'odd.pth'}: its augmentation recipe ") and "\n" not in err
+    assert err.endswith("cannot be used: flip must be True or False, got 'yes'")
