@@ -519,6 +519,7 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
         sees = path.is_file()
         some, not_all = distributed.any_ranks([sees, not sees], d, run.device)
         if some and not_all:
+            drop_empty_out()  # nothing was written: the run never started
             raise UserError(f"--resume: {path} is {'' if sees else 'not '}there for rank {d.rank} and "
                             f"{'not ' if sees else ''}for another: every process reads it, so --out (and "
                             "--resume PATH) must be on a file system that every node shares")
@@ -616,6 +617,7 @@ def _fit(cfg: TrainConfig, log=print) -> dict:
                 # A stop request during the evaluation: saved after the epoch's last step,
                 # where a resume starts with this evaluation.
                 save(ep, run.steps_per_epoch)
+                metrics.flush()  # the plot of the epochs done, if it was left for later
                 _stopped(run, f"epoch {ep + 1}, step {run.steps_per_epoch} of {run.steps_per_epoch} (its evaluation "
                          "was cut short and runs first on resume)", say)
             if not math.isfinite(row["val_loss"]):

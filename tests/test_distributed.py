@@ -151,7 +151,7 @@ UNSHARED_DRIVER = textwrap.dedent("""
     from alexnet.errors import UserError
     from alexnet.train import fit
     rank = os.environ["RANK"]
-    out = sys.argv[2] if rank == "0" else sys.argv[3]  # rank 1's node does not see rank 0's files
+    out = sys.argv[2] if rank == "0" else sys.argv[3]  # each node's --out: one of them has no last.pth
     try:
         fit(TrainConfig(variant="combined_gap", data=sys.argv[1], out=out, device="cpu", num_classes=4, bs=8,
                         epochs=2, max_steps=1, progress=False, resume="auto"), log=lambda *a: None)
@@ -171,14 +171,17 @@ def test_torchrun_resume_where_a_rank_cannot_see_the_checkpoint_is_refused(tiny_
     assert ran.returncode == 0, ran.stderr[-3000:]
     driver = tmp_path / "driver.py"
     driver.write_text(UNSHARED_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-           str(tiny_cache), str(tmp_path / "seen"), str(tmp_path / "unseen")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-    printed = r.stdout + r.stderr
-    for rank, there, seen in ((0, "there", "seen"), (1, "not there", "unseen")):
-        assert (f"rank {rank}: --resume: {tmp_path / seen / 'last.pth'} is {there} for rank {rank} and "
-                in printed), printed[-3000:]
-    assert "trained" not in printed
+    for outs in (("seen", "unseen"), ("unseen", "seen")):  # rank 0's folder, rank 1's
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+               str(tiny_cache), *(str(tmp_path / o) for o in outs)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        printed = r.stdout + r.stderr
+        for rank, out in enumerate(outs):
+            there = "there" if out == "seen" else "not there"
+            assert (f"rank {rank}: --resume: {tmp_path / out / 'last.pth'} is {there} for rank {rank} and "
+                    in printed), printed[-3000:]
+        assert "trained" not in printed
+        assert not (tmp_path / "unseen").exists()  # rank 0 made it for the run, and took it away again
 
 
 FAILED_WRITE_DRIVER = textwrap.dedent("""

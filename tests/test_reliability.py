@@ -1701,3 +1701,26 @@ def test_a_checkpoint_whose_recipe_cannot_be_used_is_named(small_ckpt, tiny_cach
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'odd.pth'}: its augmentation recipe ") and "\n" not in err
     assert err.endswith("cannot be used: flip must be True or False, got 'yes'")
+
+
+def test_an_evaluation_given_up_leaves_the_plot_of_the_epochs_done(tiny_cache, tmp_path, monkeypatch):
+    # Epoch 2's plot waits for PLOT_EVERY_S; the stop during epoch 3's evaluation draws it.
+    from alexnet import metrics as metrics_module
+    from alexnet import train
+
+    plotted, evals = [], []
+    real_plot, real_eval = metrics_module.plot_curves, train.evaluate
+    monkeypatch.setattr(metrics_module, "plot_curves", lambda path, history, **k: plotted.append(len(history)))
+
+    def evaluate(*a, **k):
+        evals.append(1)
+        if len(evals) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    with pytest.raises(SystemExit):
+        main(["train", "--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "o"),
+              "--device", "cpu", "--num_classes", "4", "--bs", "8", "--epochs", "4", "--max-steps", "1",
+              "--no-progress"])
+    assert plotted[0] == 1 and plotted[-1] == 2
