@@ -276,6 +276,10 @@ def run_ablation(a: argparse.Namespace, log: Callable[[str], object] = print) ->
     fell_back = a.amp and not amp
     a = argparse.Namespace(**{**vars(a), "amp": amp,
                               "channels_last": a.amp if a.channels_last is None else a.channels_last})
+    if not str(a.out).strip() or (a.data is not None and not str(a.data).strip()):
+        # before the data is prepared: an empty path (an unset shell variable) means the working
+        # directory or the default cache, which no one meant
+        raise UserError(f"--{'out' if not str(a.out).strip() else 'data'} must name a folder, got an empty path")
     out = Path(a.out)
     _check_out(out)
     # Prepared (if needed) and checked once, before any run; the class count comes from it.

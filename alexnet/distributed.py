@@ -47,7 +47,7 @@ def setup(device_type: str) -> Dist:
     # A WORLD_SIZE left in the environment without the rest of what torchrun sets: PyTorch
     # would fail inside init_process_group, or wait for processes that never come.
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
+    if missing and not dist.is_initialized():  # a group the caller made its own way is used as it is
         raise UserError(f"$WORLD_SIZE is {world} but ${', $'.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
                         "set: start the processes with torchrun (train.py under torchrun --nproc_per_node=N), or "
                         "unset WORLD_SIZE for one process")

@@ -141,8 +141,11 @@ def _check_output(path: Path, flag: str, inputs: list[Path], header: list[str]) 
         raise UserError(f"{flag} {path}: exists and is not a regular file (a device, a pipe or a socket); "
                         f"give the path of a CSV file to write")
     if path.is_file():
-        with open(path, "rb") as f:
-            first = f.read(4096)
+        try:
+            with open(path, "rb") as f:
+                first = f.read(4096).removeprefix(b"\xef\xbb\xbf")  # a BOM: saved again by a spreadsheet
+        except OSError as e:
+            raise UserError(f"{flag} {path}: exists and cannot be read ({e.strerror}); give a new file's path") from None
         if first and not first.startswith(",".join(header).encode()):
             raise UserError(f"{flag} {path}: holds a file this command did not write (it would replace a table "
                             f"starting {','.join(header)}); give a new file's path, or move that file "

@@ -342,3 +342,9 @@ def test_a_study_folder_that_cannot_be_made_is_refused_before_anything_runs(tiny
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err
     assert blocker.read_text() == "mine"
+    for flag in ("--out", "--data"):  # empty: an unset shell variable, refused before any data is prepared
+        args = ["ablate", "--data", str(tiny_cache), "--out", str(tmp_path / "s"), "--variants", "combined_gap",
+                "--seeds", "1", "--epochs", "1", "--device", "cpu", flag, ""]
+        assert main(args) == 2
+        assert f"{flag} must name a folder, got an empty path" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -259,3 +259,17 @@ def test_a_torchrun_environment_that_is_not_one_is_one_clear_line(monkeypatch, e
     with pytest.raises(UserError) as e:
         distributed.setup("cpu")
     assert str(e.value).startswith(said)
+
+
+def test_a_process_group_made_by_the_caller_is_used_as_it_is(monkeypatch):
+    # Made with its own init_method (tcp://...), without MASTER_ADDR: not refused, not made again.
+    from alexnet import distributed
+
+    for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("made again"))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert distributed.setup("cpu") == distributed.Dist(1, 2, 0)

@@ -1286,7 +1286,10 @@ def test_output_tables_replace_only_earlier_tables_of_their_kind(small_ckpt, tin
         assert main([*command, str(pipe)]) == 2
         assert f"{flag} {pipe}: exists and is not a regular file" in capsys.readouterr().err
         assert pipe.is_fifo()
-    # An earlier table of its kind (predictions of another --topk too), or an empty file: replaced.
+    # An earlier table of its kind (predictions of another --topk too, or one a spreadsheet saved
+    # again with a byte-order mark), or an empty file: replaced.
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfclass,wnid,name,top1,n\r\n")
+    assert main([*evaluate, str(tmp_path / "bom.csv")]) == 0
     (tmp_path / "pc.csv").write_text("")
     assert main([*evaluate, str(tmp_path / "pc.csv")]) == 0
     assert main([*evaluate, str(tmp_path / "pc.csv")]) == 0
