@@ -34,7 +34,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, file_md5, forget
+from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, download_name, file_md5, forget
 from alexnet.errors import DataError
 from alexnet.orphans import exit_with_parent
 from alexnet.sources import (TINY_SIZE, Log, SettingsMismatch, _decode, _open_source, _Plan, _plan_folder, _plan_tiny,
@@ -164,8 +164,7 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
             raise DataError(f"{data_dir}: not writable here, and the cache needs building ({stale})")
         log(f"preparing the cache in {data_dir} from {source} ({stale})")
         if url:
-            name = url.rstrip("/").rsplit("/", 1)[-1] or "download.zip"
-            path = download(url, data_dir / "downloads" / name, md5, log=log)
+            path = download(url, data_dir / "downloads" / download_name(url), md5, log=log)
         else:
             path = Path(source)
             if md5 and path.is_file() and (got := file_md5(path)) != md5.lower():

@@ -9,13 +9,16 @@ and a failed download leaves an existing `dest` exactly as it was.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
+import posixpath
 import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -37,6 +40,31 @@ _RETRYABLE_4XX = {408, 429}
 
 class _Incomplete(Exception):
     """The server closed the connection before sending Content-Length bytes."""
+
+
+class _WriteFailed(Exception):
+    """Writing the download here failed (a full disk, a read-only folder): no retry mends it."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def download_name(url: str) -> str:
+    """The name a URL's download is kept under in downloads/: the file name its path ends in
+    (query left out, made safe, at most 100 characters) and, for any address but the
+    official one, a short hash of the address without its query. Two addresses then never
+    share a file: an unverified download from one (a web page, say) would otherwise replace
+    the verified archive of another, and then be removed as unusable. A signed URL whose
+    query changes each time is still one address."""
+    parts = urllib.parse.urlsplit(url)
+    name = posixpath.basename(urllib.parse.unquote(parts.path).rstrip("/"))
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[-100:] or "download.zip"
+    if url == OFFICIAL_URL:
+        return name
+    tag = hashlib.sha256(f"{parts.scheme}://{parts.netloc}{parts.path}".encode()).hexdigest()[:10]
+    stem, suffix = (name[:-4], name[-4:]) if name.lower().endswith(".zip") else (name, "")
+    return f"{stem}-{tag}{suffix}"
 
 
 def file_md5(path: Path) -> str:
@@ -114,6 +142,12 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
     # A .part left by an earlier, interrupted run may belong to another URL: start clean and
     # resume only bytes fetched during this call.
     part.unlink(missing_ok=True)
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError as e:  # "Invalid IPv6 URL"
+        raise DataError(f"{url}: not a valid address ({e})") from None
+    if not host:  # http:///x.zip: no retry will find a host
+        raise DataError(f"{url}: not a valid address (no host)")
     error = ""
     for attempt in range(retries + 1):
         if attempt:
@@ -134,6 +168,12 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
             error = f"{e.reason}"
         except _Incomplete as e:
             error = str(e)
+        except _WriteFailed as e:
+            if e.error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise e.error from None  # said as a full or read-only disk, whatever the command
+            raise DataError(f"{part}: cannot write the download ({e.error.strerror or e.error})") from None
+        except http.client.InvalidURL as e:
+            raise DataError(f"{url}: not a valid address ({e})") from None
         except (http.client.HTTPException, OSError) as e:
             error = f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__
         except ValueError as e:  # urllib's word for an address it cannot parse ("Invalid IPv6 URL")
@@ -156,13 +196,24 @@ def _attempt(url: str, part: Path, progress: bool, timeout: float) -> None:
         total = have + int(length) if length and length.isdigit() else None
         bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=Path(part.stem).name, disable=not (progress and sys.stderr.isatty()))
-        with bar, open(part, "ab" if have else "wb") as f:
+        with bar, _writing(part, "ab" if have else "wb") as f:
             while chunk := resp.read(CHUNK):
-                f.write(chunk)
+                try:
+                    f.write(chunk)
+                except OSError as e:
+                    raise _WriteFailed(e) from None
                 have += len(chunk)
                 bar.update(len(chunk))
     if total is not None and have < total:
         raise _Incomplete(f"connection closed after {have} of {total} bytes")
+
+
+def _writing(part: Path, mode: str):
+    """`part` opened for the download; a failure to open it is this machine's, not the network's."""
+    try:
+        return open(part, mode)
+    except OSError as e:
+        raise _WriteFailed(e) from None
 
 
 def _range_start(content_range: str | None) -> int | None:

@@ -98,7 +98,7 @@ def md5_of(path: Path) -> str:
 def test_prepare_from_url(serve: Callable[..., Server], tiny_zip: Path, tiny_cache: Path, tmp_path: Path) -> None:
     server = serve()
     d = prepare(server.url, tmp_path / "c", counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, log=quiet)
-    assert (d / "downloads" / "tiny-imagenet-200.zip").read_bytes() == tiny_zip.read_bytes()
+    assert (d / "downloads" / dl.download_name(server.url)).read_bytes() == tiny_zip.read_bytes()
     assert not list(d.rglob("*.part"))
     got, ref = open_cache(d), open_cache(tiny_cache)
     np.testing.assert_array_equal(got.train.x, ref.train.x)
@@ -113,7 +113,7 @@ def test_wrong_md5_touches_nothing(serve: Callable[..., Server], tiny_zip: Path,
     server = serve()
     d = tmp_path / "c"
     shutil.copytree(tiny_cache, d)
-    dest = d / "downloads" / "tiny-imagenet-200.zip"
+    dest = d / "downloads" / dl.download_name(server.url)
     dest.parent.mkdir()
     dest.write_bytes(b"an older file")
     before = snapshot(d)
@@ -178,18 +178,88 @@ def test_unverified_download_warns(serve: Callable[..., Server], tiny_zip: Path,
 def test_unverified_file_is_reused_only_for_its_own_address(serve: Callable[..., Server], tiny_zip: Path,
                                                              tmp_path: Path) -> None:
     """Without an MD5, a file in downloads/ is reused only for the URL it came from: another
-    address ending in the same name is downloaded, not answered with the old archive."""
+    address ending in the same name is downloaded into a file of its own, not answered with
+    the old archive, and does not replace it (an unverified download from it may turn out to
+    be a web page, and be removed)."""
     first, other = serve(), serve()
     assert first.url != other.url and first.url.rsplit("/", 1)[1] == other.url.rsplit("/", 1)[1]
     d = tmp_path / "c"
     prepare(first.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
+    prepare(other.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
+    assert len(other.ranges) == 1
+    kept = {p.name for p in (d / "downloads").iterdir()}
+    assert kept >= {dl.download_name(first.url), dl.download_name(other.url)} and len(kept) == 4  # each with its .url
     logs: list[str] = []
-    prepare(other.url, d, counts=TINY_COUNTS, workers=1, log=logs.append)
-    assert len(other.ranges) == 1 and any("not known to come from" in m for m in logs)
-    logs.clear()
     prepare(other.url, d, counts=TINY_COUNTS, workers=1, force=True, log=logs.append)
     assert len(other.ranges) == 1  # its own file: reused, with the warning
     assert any(f"downloaded from {other.url}) unverified" in m for m in logs)
+    # The same name recorded as coming from another address (a file of an older version): downloaded again.
+    (d / "downloads" / dl.download_name(other.url)).with_suffix(".zip.url").write_text(first.url + "\n")
+    logs.clear()
+    prepare(other.url, d, counts=TINY_COUNTS, workers=1, force=True, log=logs.append)
+    assert len(other.ranges) == 2 and any("not known to come from" in m for m in logs)
+
+
+def test_a_verified_archive_survives_a_web_page_from_another_address(serve: Callable[..., Server], tiny_zip: Path,
+                                                                     tmp_path: Path) -> None:
+    good, page = serve(), serve(payload=b"<html>a login page, not a zip</html>")
+    d = tmp_path / "c"
+    prepare(good.url, d, counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, log=quiet)
+    with pytest.raises(DataError, match="not a readable zip"):
+        prepare(page.url, d, counts=TINY_COUNTS, workers=1, force=True, log=quiet)
+    assert (d / "downloads" / dl.download_name(good.url)).read_bytes() == tiny_zip.read_bytes()
+    prepare(good.url, d, counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, force=True, log=quiet)
+    assert len(good.ranges) == 1  # not downloaded again
+
+
+@pytest.mark.parametrize("url,name", [
+    ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "tiny-imagenet-200.zip"),  # the official one, as it is
+    ("http://h/tiny-imagenet-200.zip?X-Amz-Signature=" + "a" * 300, r"tiny-imagenet-200-[0-9a-f]{10}\.zip"),
+    ("http://h/x/..", r"download-[0-9a-f]{10}\.zip"),
+    ("http://h/x/.", r"download-[0-9a-f]{10}\.zip"),
+    ("http://h/a%20b.zip", r"a_b-[0-9a-f]{10}\.zip"),
+])
+def test_download_names_are_safe_and_short(url: str, name: str) -> None:
+    assert re.fullmatch(name, dl.download_name(url))
+    query = ("&" if "?" in url else "?") + "another=query"
+    if url != dl.OFFICIAL_URL:
+        assert dl.download_name(url + query) == dl.download_name(url)  # one address, one file
+
+
+def test_a_full_disk_while_downloading_is_not_retried(serve: Callable[..., Server], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve()
+    real_open = open
+
+    def full(path, mode="r", *a, **k):
+        if str(path).endswith(".part"):
+            class Full:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    return False
+
+                def write(self, _):
+                    raise OSError(28, "No space left on device")
+            return Full()
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(OSError) as e:
+        download(server.url, tmp_path / "a.zip", None, progress=False, log=quiet)
+    monkeypatch.setattr("builtins.open", real_open)
+    assert e.value.errno == 28 and len(server.ranges) == 1  # said at once, not retried as the network's fault
+
+
+@pytest.mark.parametrize("url", ["http:///x.zip", "http://127.0.0.1:abc/x.zip", "http://exa mple.com/x.zip"])
+def test_an_address_without_a_host_or_port_is_one_line_at_once(url: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dl, "RETRY_DELAY_S", 0.0)
+    logs: list[str] = []
+    with pytest.raises(DataError, match="not a valid address"):
+        download(url, tmp_path / "x.zip", None, log=logs.append)
+    assert not any("attempt failed" in m for m in logs)  # no retry: it would fail the same way
 
 
 def test_unusable_unverified_download_is_not_kept(serve: Callable[..., Server], tiny_zip: Path,
@@ -205,7 +275,7 @@ def test_unusable_unverified_download_is_not_kept(serve: Callable[..., Server], 
             prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=logs.append)
         assert len(server.ranges) == attempt  # downloaded each time
         assert any("removed the unverified download" in m for m in logs)
-        assert not (d / "downloads" / "tiny-imagenet-200.zip").exists()
+        assert not (d / "downloads" / dl.download_name(server.url)).exists()
 
 
 def test_readable_download_that_does_not_fit_the_options_is_kept(serve: Callable[..., Server], tmp_path: Path) -> None:
@@ -220,7 +290,7 @@ def test_readable_download_that_does_not_fit_the_options_is_kept(serve: Callable
         logs: list[str] = []
         with pytest.raises(DataError, match=error):
             prepare(server.url, d, **{"counts": TINY_COUNTS, **options}, workers=1, log=logs.append)
-        assert not any("removed" in m for m in logs) and (d / "downloads" / "tiny-imagenet-200.zip").is_file()
+        assert not any("removed" in m for m in logs) and (d / "downloads" / dl.download_name(server.url)).is_file()
     prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
     assert len(server.ranges) == 1
     open_cache(d)
@@ -263,7 +333,7 @@ def test_a_download_is_kept_when_this_machine_fails_the_prepare(serve: Callable[
         logs: list[str] = []
         with pytest.raises(DataError, match="not enough free disk space for the cache"):
             prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=logs.append)
-    assert not any("removed" in m for m in logs) and (d / "downloads" / "tiny-imagenet-200.zip").is_file()
+    assert not any("removed" in m for m in logs) and (d / "downloads" / dl.download_name(server.url)).is_file()
     prepare(server.url, d, counts=TINY_COUNTS, workers=1, log=quiet)
     assert len(server.ranges) == 1  # not downloaded again
     open_cache(d)
