@@ -10,6 +10,7 @@ import argparse
 import errno
 import os
 import re
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -27,8 +28,22 @@ def _prepare(a: argparse.Namespace) -> int:
     if counts is not None and (len(counts) != 3 or min(counts) < 1):
         raise UserError(f"--counts must be CLASSES,TRAIN_PER_CLASS,VAL_PER_CLASS (positive integers) or 'any', "
                         f"got {a.counts!r}")
-    prepare(a.source, Path(a.data) if a.data else default_data_dir(), counts=counts, img_size=a.img_size,
-            md5=a.md5, workers=a.workers, force=a.force)
+    # SIGTERM and SIGHUP (a scheduler, a closed terminal) end it as Ctrl-C does: through its
+    # clean-up, which removes the half-written arrays, not by the default action, which leaves them.
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    stops = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {s: signal.getsignal(s) for s in stops}
+    for s, h in previous.items():
+        if h is not signal.SIG_IGN:
+            signal.signal(s, leave)
+    try:
+        prepare(a.source, Path(a.data) if a.data else default_data_dir(), counts=counts, img_size=a.img_size,
+                md5=a.md5, workers=a.workers, force=a.force)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     return 0
 
 

@@ -155,6 +155,8 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
                     workers: int, force: bool, log: Log) -> Path:
     writable = os.access(data_dir, os.W_OK)  # else a cache someone else made: usable, but its lock cannot be taken
     with _lock(data_dir, log) if writable else contextlib.nullcontext():
+        if writable:
+            _remove_leftovers(data_dir)
         fingerprint = {"url": url, "md5": md5} if url else _fingerprint(Path(source), skip=data_dir)
         stale = "forced rebuild" if force else _stale_reason(data_dir, fingerprint, counts, img_size)
         if stale is None:
@@ -180,6 +182,19 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
                 log(f"removed the unverified download {path}: the next prepare downloads {url} again")
             raise
     return data_dir
+
+
+def _remove_leftovers(data_dir: Path) -> None:
+    """What a prepare killed outright (SIGKILL, a scheduler's hard limit, the out-of-memory
+    killer) left: the arrays it was decoding into (their blocks reserved: the whole cache's
+    size again) and partial downloads. Only a prepare holding the lock writes them, and this
+    one holds it now."""
+    for name in FILES:
+        (data_dir / f"{name}.tmp").unlink(missing_ok=True)
+    downloads = data_dir / "downloads"
+    if downloads.is_dir():
+        for part in downloads.glob("*.part"):
+            part.unlink(missing_ok=True)
 
 
 def _check_tiny_size(img_size: int, source: str) -> None:

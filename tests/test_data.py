@@ -186,6 +186,38 @@ def test_decoding_workers_end_with_a_prepare_that_is_killed(tiny_zip: Path, tmp_
                              ",".join(map(str, TINY_COUNTS)), "--workers", "2"], 2)
 
 
+def test_what_a_killed_prepare_left_is_removed_by_the_next(tiny_cache: Path, tmp_path: Path) -> None:
+    # Decoding arrays reserve the whole cache's size again; a cache then found up to date kept them.
+    d = shutil.copytree(tiny_cache, tmp_path / "c")
+    source = open_cache(d).manifest["source"]["path"]
+    (d / "train_x.npy.tmp").write_bytes(b"\0" * 1000)
+    (d / "downloads").mkdir()
+    (d / "downloads" / "tiny-imagenet-200.zip.part").write_bytes(b"half")
+    logs: list[str] = []
+    prepare(source, d, counts=TINY_COUNTS, workers=1, log=logs.append)
+    assert logs == [f"cache up to date: {d}"]
+    assert not (d / "train_x.npy.tmp").exists() and not list((d / "downloads").iterdir())
+
+
+def test_a_prepare_stopped_by_sigterm_cleans_up_as_for_ctrl_c(tiny_zip: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    real = data._decode_all
+
+    def decode(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, while the arrays are being written
+        return real(*a, **k)
+
+    monkeypatch.setattr(data, "_decode_all", decode)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts",
+              ",".join(map(str, TINY_COUNTS)), "--workers", "1"])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert not list((tmp_path / "c").glob("*.tmp")) and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_image_folder_says_what_it_leaves_out(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
     (root / "train" / "class_a" / "readme.txt").write_text("not an image")
