@@ -217,6 +217,10 @@ def _fingerprint(path: Path, skip: Path | None = None) -> dict:
             return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if path.is_dir():
             n = size = mtime = 0
+            # Each file's name, size and time too: moving an image to another class folder (the
+            # way to relabel an image folder) keeps the count, the total size and the newest time.
+            listing = hashlib.sha256()
+            entries = []
             skip_st = skip.stat() if skip is not None and skip.exists() else None
             for dirpath, dirs, files in os.walk(path, onerror=_unreadable_folder(path)):
                 dirs[:] = [d for d in dirs if not _is_cache(os.path.join(dirpath, d), skip_st)]
@@ -227,7 +231,11 @@ def _fingerprint(path: Path, skip: Path | None = None) -> dict:
                 for f in files:
                     st = os.stat(os.path.join(dirpath, f))
                     n, size, mtime = n + 1, size + st.st_size, max(mtime, st.st_mtime_ns)
-            return {"path": str(path.resolve()), "files": n, "size": size, "mtime_ns": mtime}
+                    entries.append(f"{os.path.relpath(os.path.join(dirpath, f), path)}\0{st.st_size}\0{st.st_mtime_ns}")
+            for entry in sorted(entries):  # the walk's order is the file system's
+                listing.update(os.fsencode(entry) + b"\n")
+            return {"path": str(path.resolve()), "files": n, "size": size, "mtime_ns": mtime,
+                    "listing": listing.hexdigest()}
     except OSError as e:  # the file it is about: a broken link in the folder, say
         raise DataError(printable(f"{e.filename or path}: cannot read it ({e.strerror})")) from None
     raise _missing_source(path)

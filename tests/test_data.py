@@ -218,6 +218,18 @@ def test_a_prepare_stopped_by_sigterm_cleans_up_as_for_ctrl_c(tiny_zip: Path, tm
     assert not list((tmp_path / "c").glob("*.tmp")) and signal.getsignal(signal.SIGTERM) == before
 
 
+def test_an_image_moved_to_another_class_folder_rebuilds_the_cache(tmp_path: Path) -> None:
+    # The usual way to relabel an image folder: the file count, total size and newest time stay.
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=5)
+    d = prepare(root, tmp_path / "c", img_size=32, workers=1, log=quiet)
+    moved = root / "train" / "class_b" / "moved.jpg"
+    os.rename(root / "train" / "class_a" / "img0.jpg", moved)
+    logs: list[str] = []
+    cache = open_cache(prepare(root, d, img_size=32, workers=1, log=logs.append))
+    assert any("source differs" in m for m in logs)
+    assert np.bincount(cache.train.y).tolist() == [4, 6, 5]
+
+
 def test_image_folder_says_what_it_leaves_out(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
     (root / "train" / "class_a" / "readme.txt").write_text("not an image")
