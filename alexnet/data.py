@@ -38,7 +38,7 @@ from alexnet.download import OFFICIAL_MD5, OFFICIAL_URL, download, download_name
 from alexnet.errors import DataError
 from alexnet.orphans import exit_with_parent
 from alexnet.sources import (TINY_SIZE, Log, SettingsMismatch, _decode, _open_source, _Plan, _plan_folder, _plan_tiny,
-                             _Reader, _unreadable_folder, printable)
+                             _Reader, _unreadable_folder, printable, walk)
 
 FORMAT_VERSION = 1
 DEFAULT_DATA_DIR = "data"
@@ -222,7 +222,7 @@ def _fingerprint(path: Path, skip: Path | None = None) -> dict:
             listing = hashlib.sha256()
             entries = []
             skip_st = skip.stat() if skip is not None and skip.exists() else None
-            for dirpath, dirs, files in os.walk(path, onerror=_unreadable_folder(path)):
+            for dirpath, dirs, files in walk(path, onerror=_unreadable_folder(path)):
                 dirs[:] = [d for d in dirs if not _is_cache(os.path.join(dirpath, d), skip_st)]
                 if dirpath == str(path) and _is_cache(dirpath, skip_st):
                     # a cache in the source's own folder: its files, its lock, its temporaries

@@ -18,7 +18,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -60,7 +60,7 @@ class _Reader:
             k = len(self.prefix)
             return [n[k:] for n in self._zip.namelist() if n.startswith(self.prefix) and not n.endswith("/")]
         root = Path(self.path)
-        return [Path(d, f).relative_to(root).as_posix() for d, _, fs in os.walk(root, onerror=_unreadable_folder(root))
+        return [Path(d, f).relative_to(root).as_posix() for d, _, fs in walk(root, onerror=_unreadable_folder(root))
                 for f in fs]
 
     def read(self, name: str) -> bytes:
@@ -86,6 +86,24 @@ def printable(text: str) -> str:
     """`text` with the undecodable bytes of file names (Python's surrogate escapes) as U+FFFD:
     a terminal, or a log, set to strict UTF-8 would otherwise fail on the message itself."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def walk(root: str | Path, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk that also enters linked folders (a class folder linked in from elsewhere is a
+    class, as `ls` shows it), each real folder once: a link back up the tree, or two links to
+    one folder, would otherwise loop or count its images twice. The caller may prune `dirs`."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:  # gone meanwhile
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield folder, dirs, files
 
 
 def _unreadable_folder(root: str | Path) -> Callable[[OSError], None]:
@@ -272,7 +290,7 @@ def image_files(paths) -> list[Path]:
             raise UserError(f"{e.filename}: cannot read this folder ({e.strerror or e}); "
                             f"predict reads every folder under {path}")
 
-        for root, dirs, names in os.walk(path, onerror=unreadable):
+        for root, dirs, names in walk(path, onerror=unreadable):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel = Path(root).relative_to(path).as_posix()
             # regular files (or links to them): not a FIFO, which would block the read, nor a dangling link

@@ -230,6 +230,22 @@ def test_an_image_moved_to_another_class_folder_rebuilds_the_cache(tmp_path: Pat
     assert np.bincount(cache.train.y).tolist() == [4, 6, 5]
 
 
+def test_linked_class_folders_are_classes_and_a_link_loop_is_read_once(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
+    extra = make_image_folder(tmp_path / "elsewhere", classes=4, per_class=3)
+    for split in ("train", "val"):
+        (root / split / "class_d").symlink_to(extra / split / "class_d", target_is_directory=True)
+    (root / "train" / "class_a" / "loop").symlink_to(root / "train", target_is_directory=True)
+    cache = open_cache(prepare(root, tmp_path / "c", img_size=32, workers=1, log=quiet))
+    assert cache.wnids == ["class_a", "class_b", "class_c", "class_d"]
+    assert np.bincount(cache.train.y).tolist() == [2, 2, 2, 3]  # the loop's images not again
+    # A new image in the linked folder is a change of the source.
+    shutil.copy(extra / "train" / "class_d" / "img0.jpg", extra / "train" / "class_d" / "img9.jpg")
+    logs: list[str] = []
+    prepare(root, tmp_path / "c", img_size=32, workers=1, log=logs.append)
+    assert any("source differs" in m for m in logs)
+
+
 def test_image_folder_says_what_it_leaves_out(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
     (root / "train" / "class_a" / "readme.txt").write_text("not an image")
