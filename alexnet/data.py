@@ -472,8 +472,12 @@ def _stats(s1: np.ndarray, s2: np.ndarray, pixels: int, images: int) -> dict:
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: several readers may rewrite it
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no empty temporary left beside the manifest
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _hash_file(path: Path, algorithm: str = HASH) -> str:

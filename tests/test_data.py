@@ -685,3 +685,16 @@ def test_a_metrics_file_with_a_ragged_row_counts_as_no_record(tmp_path: Path) ->
 
     (tmp_path / "metrics.csv").write_text("epoch,val_top1\n1,0.5,extra\n")
     assert recorded_epochs(tmp_path) == 0
+
+
+def test_a_manifest_write_that_fails_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.write_text
+
+    def full(self, *a, **k):  # the file made, its text not written
+        real(self, "")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        data._write_json(tmp_path / "manifest.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
