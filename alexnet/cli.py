@@ -124,10 +124,10 @@ def build_parser(script: str | None = None, command: str | None = None) -> argpa
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", help="download/validate TinyImageNet-200 (or an image folder) into a uint8 cache")
-    s.add_argument("--source", help="official URL (default), a local .zip, an extracted tiny-imagenet-200/ "
+    s.add_argument("--source", help="the official URL (default; or $ALEXNET_SOURCE), a local .zip, an extracted tiny-imagenet-200/ "
                                     "folder, or an image-folder root (root/train/<class>/*, root/val/<class>/*)")
     s.add_argument("--data", help="cache directory (default ./data or $ALEXNET_DATA)")
-    s.add_argument("--md5", help="expected MD5 of a downloaded archive (known for the official URL)")
+    s.add_argument("--md5", help="expected MD5 of the archive: a download, or a local .zip (known for the official URL)")
     s.add_argument("--counts", default="200,500,50",
                    help="expected CLASSES,TRAIN_PER_CLASS,VAL_PER_CLASS for the TinyImageNet layout, or 'any' "
                         "(default 200,500,50: the official data set)")

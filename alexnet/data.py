@@ -102,6 +102,9 @@ def prepare(source: str | Path | None, data_dir: Path,
         md5 = OFFICIAL_MD5
     if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
         raise DataError(f"--md5 {md5!r}: expected an MD5 checksum, 32 hexadecimal digits")
+    if md5 is not None and url is None and Path(source).is_dir():
+        raise DataError(f"--md5: {source} is a folder, and an MD5 checks one file (a download, or a local .zip); "
+                        "leave --md5 out for a folder")
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise DataError(f"--img-size must be a positive number of pixels, got {img_size!r}")
     if workers < 0:

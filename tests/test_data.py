@@ -698,3 +698,9 @@ def test_a_manifest_write_that_fails_leaves_no_temporary(tmp_path: Path, monkeyp
     with pytest.raises(OSError):
         data._write_json(tmp_path / "manifest.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_md5_for_a_folder_is_refused_not_ignored(tiny_layout: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"--md5: .* is a folder, and an MD5 checks one file"):
+        prepare(tiny_layout, tmp_path / "c", counts=TINY_COUNTS, md5="0" * 32, workers=1, log=quiet)
+    assert not (tmp_path / "c").exists()
