@@ -13,6 +13,7 @@ import re
 import signal
 import stat
 import sys
+import threading
 from pathlib import Path
 
 
@@ -31,9 +32,16 @@ def _prepare(a: argparse.Namespace) -> int:
     # SIGTERM and SIGHUP (a scheduler, a closed terminal) end it as Ctrl-C does: through its
     # clean-up, which removes the half-written arrays, not by the default action, which leaves them.
     def leave(signum: int, frame: object) -> None:
+        # A second one (a launcher passes it on, a user repeats it) ends the process at once
+        # instead of interrupting the clean-up (it hung in the decoding pool's shutdown); the
+        # next prepare removes what that leaves.
+        for s in stops:
+            signal.signal(s, signal.SIG_DFL)
         raise SystemExit(128 + signum)
 
-    stops = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    # Signal handlers can only be set from the main thread (a caller may run main() in another).
+    main_thread = threading.current_thread() is threading.main_thread()
+    stops = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)] if main_thread else []
     previous = {s: signal.getsignal(s) for s in stops}
     for s, h in previous.items():
         if h is not signal.SIG_IGN:

@@ -169,7 +169,9 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
             raise DataError(f"{data_dir}: not writable here, and the cache needs building ({stale})")
         log(f"preparing the cache in {data_dir} from {source} ({stale})")
         if url:
-            path = download(url, data_dir / "downloads" / download_name(url), md5, log=log)
+            dest = data_dir / "downloads" / download_name(url)
+            _adopt_older_download(url, dest, log)
+            path = download(url, dest, md5, log=log)
         else:
             path = Path(source)
             if md5 and path.is_file() and (got := file_md5(path)) != md5.lower():
@@ -185,6 +187,25 @@ def _prepare_locked(source, url: str | None, md5: str | None, data_dir: Path, co
                 log(f"removed the unverified download {path}: the next prepare downloads {url} again")
             raise
     return data_dir
+
+
+def _adopt_older_download(url: str, dest: Path, log: Log) -> None:
+    """An archive an older version kept under the address's plain file name, with the record
+    that it came from this very address: renamed to the name this address has now, instead of
+    downloaded again beside it (a quarter of a gigabyte, left behind for ever)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    if name in ("", ".", "..") or name == dest.name:
+        return
+    old = dest.with_name(name)
+    origin = old.with_name(old.name + ".url")
+    try:  # (a name too long for the file system: there is no such file)
+        if dest.exists() or not old.is_file() or origin.read_text().strip() != url:
+            return
+        os.replace(old, dest)
+        os.replace(origin, dest.with_name(dest.name + ".url"))
+    except OSError:
+        return
+    log(f"{old}: renamed {dest.name}, the name a download from {url} now has")
 
 
 def _remove_leftovers(data_dir: Path) -> None:
@@ -265,7 +286,10 @@ def _stale_reason(data_dir: Path, fingerprint: dict, counts: tuple[int, int, int
         _check_files(data_dir, manifest, "fast")
     except DataError:
         return "no valid cache there yet" if not (data_dir / "manifest.json").exists() else "cache invalid"
-    if manifest["source"]["fingerprint"] != fingerprint:
+    saved = manifest["source"]["fingerprint"]
+    if saved != fingerprint:
+        if "listing" in fingerprint and "listing" not in saved and {**saved, "listing": fingerprint["listing"]} == fingerprint:
+            return "the cache was made by an older version, which did not record its source's file names"
         return "the source differs from the one the cache was built from"
     if manifest["img_size"] != img_size:
         return f"img_size {img_size} differs from the cache's {manifest['img_size']}"

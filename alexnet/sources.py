@@ -89,9 +89,12 @@ def printable(text: str) -> str:
 
 
 def walk(root: str | Path, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
-    """os.walk that also enters linked folders (a class folder linked in from elsewhere is a
-    class, as `ls` shows it), each real folder once: a link back up the tree, or two links to
-    one folder, would otherwise loop or count its images twice. The caller may prune `dirs`."""
+    """os.walk that also enters linked folders whose target is outside `root` (a class folder
+    linked in from elsewhere is a class, as `ls` shows it), each real folder once. A link to a
+    folder inside `root` is not followed: that folder is walked under its own name, so a link
+    beside it can neither take its place nor count its images twice (nor loop, pointing up the
+    tree). The caller may prune `dirs`."""
+    inside = os.path.realpath(root)
     seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
         try:
@@ -99,11 +102,17 @@ def walk(root: str | Path, onerror: Callable[[OSError], None] | None = None) -> 
         except OSError:  # gone meanwhile
             dirs[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in seen:  # reached again through links from outside
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not (os.path.islink(os.path.join(folder, d)) and _within(
+            os.path.realpath(os.path.join(folder, d)), inside))]
         yield folder, dirs, files
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _unreadable_folder(root: str | Path) -> Callable[[OSError], None]:
@@ -271,7 +280,7 @@ def _readable() -> frozenset[str]:
 
 def image_files(paths) -> list[Path]:
     """The files `predict` reads: files as given; folders walked recursively for image files
-    (`is_image_name`; links to folders not followed), in natural order of their paths within
+    (`is_image_name`; links to folders outside it followed), in natural order of their paths within
     the folder. A missing file or an unreadable folder is an error now, before any work."""
     files: list[Path] = []
     for path in map(Path, paths):

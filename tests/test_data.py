@@ -218,6 +218,53 @@ def test_a_prepare_stopped_by_sigterm_cleans_up_as_for_ctrl_c(tiny_zip: Path, tm
     assert not list((tmp_path / "c").glob("*.tmp")) and signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_second_sigterm_during_prepares_clean_up_ends_it_at_once(tiny_zip: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The clean-up waits for the decoding pool; a second signal there used to be caught again
+    # and hang the pool's shutdown. During the clean-up the signals have their default action.
+    import signal
+
+    during: list = []
+
+    def decode(*a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)))
+
+    monkeypatch.setattr(data, "_decode_all", decode)
+    with pytest.raises(SystemExit):
+        main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts",
+              ",".join(map(str, TINY_COUNTS)), "--workers", "1"])
+    assert during == [(signal.SIG_DFL, signal.SIG_DFL)]
+
+
+def test_prepare_from_a_thread_other_than_the_main_one(tiny_zip: Path, tmp_path: Path) -> None:
+    import threading
+
+    codes: list = []
+    t = threading.Thread(target=lambda: codes.append(main(["prepare", "--source", str(tiny_zip), "--data",
+                                                           str(tmp_path / "c"), "--counts",
+                                                           ",".join(map(str, TINY_COUNTS)), "--workers", "1"])))
+    t.start()
+    t.join()
+    assert codes == [0]
+
+
+def test_a_folder_cache_of_an_older_version_is_rebuilt_once_and_says_why(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
+    d = prepare(root, tmp_path / "c", img_size=32, workers=1, log=quiet)
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["source"]["fingerprint"]["listing"]  # what an older version recorded
+    data._write_json(d / "manifest.json", manifest)
+    logs: list[str] = []
+    prepare(root, d, img_size=32, workers=1, log=logs.append)
+    assert any("made by an older version, which did not record its source's file names" in m for m in logs)
+    logs.clear()
+    prepare(root, d, img_size=32, workers=1, log=logs.append)
+    assert logs == [f"cache up to date: {d}"]
+
+
 def test_an_image_moved_to_another_class_folder_rebuilds_the_cache(tmp_path: Path) -> None:
     # The usual way to relabel an image folder: the file count, total size and newest time stay.
     root = make_image_folder(tmp_path / "images", classes=3, per_class=5)
@@ -236,9 +283,14 @@ def test_linked_class_folders_are_classes_and_a_link_loop_is_read_once(tmp_path:
     for split in ("train", "val"):
         (root / split / "class_d").symlink_to(extra / split / "class_d", target_is_directory=True)
     (root / "train" / "class_a" / "loop").symlink_to(root / "train", target_is_directory=True)
+    # A second name for a class folder inside the data set, listed before or after it: not a
+    # class of its own, and never in the place of the real one, whatever the listing order.
+    for alias in ("aaa", "zzz"):
+        for split in ("train", "val"):
+            (root / split / alias).symlink_to(root / split / "class_b", target_is_directory=True)
     cache = open_cache(prepare(root, tmp_path / "c", img_size=32, workers=1, log=quiet))
     assert cache.wnids == ["class_a", "class_b", "class_c", "class_d"]
-    assert np.bincount(cache.train.y).tolist() == [2, 2, 2, 3]  # the loop's images not again
+    assert np.bincount(cache.train.y).tolist() == [2, 2, 2, 3]  # the loop's and the aliases' images not again
     # A new image in the linked folder is a change of the source.
     shutil.copy(extra / "train" / "class_d" / "img0.jpg", extra / "train" / "class_d" / "img9.jpg")
     logs: list[str] = []

@@ -342,3 +342,24 @@ def test_a_download_is_kept_when_this_machine_fails_the_prepare(serve: Callable[
 def test_an_address_that_cannot_be_parsed_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"^http://\[::1/x.zip: not a valid address \(Invalid IPv6 URL\)$"):
         download("http://[::1/x.zip", tmp_path / "x.zip", None, log=quiet)
+
+
+def test_an_older_versions_download_from_the_same_address_is_renamed_not_fetched_again(
+        serve: Callable[..., Server], tiny_zip: Path, tmp_path: Path) -> None:
+    server = serve()
+    d = tmp_path / "c"
+    (d / "downloads").mkdir(parents=True)
+    shutil.copyfile(tiny_zip, d / "downloads" / "tiny-imagenet-200.zip")  # the plain name, from this address
+    (d / "downloads" / "tiny-imagenet-200.zip.url").write_text(server.url + "\n")
+    logs: list[str] = []
+    prepare(server.url, d, counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, log=logs.append)
+    assert server.ranges == [] and any("renamed" in m for m in logs)
+    assert sorted(p.name for p in (d / "downloads").iterdir()) == [dl.download_name(server.url),
+                                                                  dl.download_name(server.url) + ".url"]
+    # One that came from another address stays as it is, and this one is downloaded.
+    other = serve()
+    prepare(other.url, tmp_path / "c2", counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, log=quiet)
+    (tmp_path / "c2" / "downloads" / dl.download_name(other.url)).rename(tmp_path / "c2" / "downloads" / "tiny-imagenet-200.zip")
+    (tmp_path / "c2" / "downloads" / "tiny-imagenet-200.zip.url").write_text(other.url + "\n")
+    prepare(server.url, tmp_path / "c2", counts=TINY_COUNTS, md5=md5_of(tiny_zip), workers=1, force=True, log=quiet)
+    assert len(server.ranges) == 1 and (tmp_path / "c2" / "downloads" / "tiny-imagenet-200.zip").is_file()
