@@ -35,7 +35,7 @@ def _prepare(a: argparse.Namespace) -> int:
         # A second one (a launcher passes it on, a user repeats it) ends the process at once
         # instead of interrupting the clean-up (it hung in the decoding pool's shutdown); the
         # next prepare removes what that leaves.
-        for s in stops:
+        for s in installed:  # an ignored one (nohup's SIGHUP) stays ignored
             signal.signal(s, signal.SIG_DFL)
         raise SystemExit(128 + signum)
 
@@ -43,9 +43,9 @@ def _prepare(a: argparse.Namespace) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     stops = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)] if main_thread else []
     previous = {s: signal.getsignal(s) for s in stops}
-    for s, h in previous.items():
-        if h is not signal.SIG_IGN:
-            signal.signal(s, leave)
+    installed = [s for s, h in previous.items() if h is not signal.SIG_IGN]
+    for s in installed:
+        signal.signal(s, leave)
     try:
         prepare(a.source, Path(a.data) if a.data else default_data_dir(), counts=counts, img_size=a.img_size,
                 md5=a.md5, workers=a.workers, force=a.force)

@@ -288,7 +288,8 @@ def _stale_reason(data_dir: Path, fingerprint: dict, counts: tuple[int, int, int
         return "no valid cache there yet" if not (data_dir / "manifest.json").exists() else "cache invalid"
     saved = manifest["source"]["fingerprint"]
     if saved != fingerprint:
-        if "listing" in fingerprint and "listing" not in saved and {**saved, "listing": fingerprint["listing"]} == fingerprint:
+        if (isinstance(saved, dict) and "listing" in fingerprint and "listing" not in saved
+                and {**saved, "listing": fingerprint["listing"]} == fingerprint):
             return "the cache was made by an older version, which did not record its source's file names"
         return "the source differs from the one the cache was built from"
     if manifest["img_size"] != img_size:

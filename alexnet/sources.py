@@ -89,30 +89,30 @@ def printable(text: str) -> str:
 
 
 def walk(root: str | Path, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
-    """os.walk that also enters linked folders whose target is outside `root` (a class folder
-    linked in from elsewhere is a class, as `ls` shows it), each real folder once. A link to a
-    folder inside `root` is not followed: that folder is walked under its own name, so a link
-    beside it can neither take its place nor count its images twice (nor loop, pointing up the
-    tree). The caller may prune `dirs`."""
-    inside = os.path.realpath(root)
-    seen: set[tuple[int, int]] = set()
+    """os.walk that enters linked folders, as torchvision's ImageFolder does (a link to a class
+    folder is a class of its own, named by the link), except a link to a folder on its own
+    path or above it, which would loop (or walk everything above the source). Sorted, so that
+    the result does not depend on the file system's listing order. The caller may prune `dirs`."""
+    chains: dict[str, tuple[str, ...]] = {}  # folder -> the real paths of it and the folders above it
     for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
-        try:
-            st = os.stat(folder)
-        except OSError:  # gone meanwhile
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:  # reached again through links from outside
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not (os.path.islink(os.path.join(folder, d)) and _within(
-            os.path.realpath(os.path.join(folder, d)), inside))]
+        key = os.path.normpath(folder)
+        chain = chains[key] = (*chains.get(os.path.dirname(key), ()), os.path.realpath(folder))
+        keep = []
+        for d in sorted(dirs):
+            path = os.path.join(folder, d)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if any(_within(real, target) for real in chain):  # target is on this path, or above it
+                    continue
+            keep.append(d)
+        dirs[:] = keep
+        files.sort()
         yield folder, dirs, files
 
 
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+def _within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _unreadable_folder(root: str | Path) -> Callable[[OSError], None]:
@@ -280,7 +280,7 @@ def _readable() -> frozenset[str]:
 
 def image_files(paths) -> list[Path]:
     """The files `predict` reads: files as given; folders walked recursively for image files
-    (`is_image_name`; links to folders outside it followed), in natural order of their paths within
+    (`is_image_name`; links to folders followed, except one that would loop), in natural order of their paths within
     the folder. A missing file or an unreadable folder is an error now, before any work."""
     files: list[Path] = []
     for path in map(Path, paths):

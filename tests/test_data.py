@@ -237,6 +237,15 @@ def test_a_second_sigterm_during_prepares_clean_up_ends_it_at_once(tiny_zip: Pat
         main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c"), "--counts",
               ",".join(map(str, TINY_COUNTS)), "--workers", "1"])
     assert during == [(signal.SIG_DFL, signal.SIG_DFL)]
+    # Under nohup (SIGHUP ignored) it stays ignored, during the clean-up and after.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit):
+            main(["prepare", "--source", str(tiny_zip), "--data", str(tmp_path / "c2"), "--counts",
+                  ",".join(map(str, TINY_COUNTS)), "--workers", "1"])
+        assert during[1] == (signal.SIG_DFL, signal.SIG_IGN) and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_prepare_from_a_thread_other_than_the_main_one(tiny_zip: Path, tmp_path: Path) -> None:
@@ -263,6 +272,12 @@ def test_a_folder_cache_of_an_older_version_is_rebuilt_once_and_says_why(tmp_pat
     logs.clear()
     prepare(root, d, img_size=32, workers=1, log=logs.append)
     assert logs == [f"cache up to date: {d}"]
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["source"]["fingerprint"] = None  # a damaged manifest: rebuilt, not a TypeError
+    data._write_json(d / "manifest.json", manifest)
+    logs.clear()
+    prepare(root, d, img_size=32, workers=1, log=logs.append)
+    assert any("source differs" in m for m in logs)
 
 
 def test_an_image_moved_to_another_class_folder_rebuilds_the_cache(tmp_path: Path) -> None:
@@ -277,24 +292,29 @@ def test_an_image_moved_to_another_class_folder_rebuilds_the_cache(tmp_path: Pat
     assert np.bincount(cache.train.y).tolist() == [4, 6, 5]
 
 
-def test_linked_class_folders_are_classes_and_a_link_loop_is_read_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trailing_slash", [False, True])
+def test_linked_class_folders_are_classes_and_a_link_loop_is_not_followed(tmp_path: Path, trailing_slash: bool) -> None:
+    """As in torchvision's ImageFolder, a linked folder is read as if it were there, named by
+    the link (inside the source or outside it); a link to a folder on its own path or above
+    it, which would loop or read everything above the source, is not followed."""
     root = make_image_folder(tmp_path / "images", classes=3, per_class=2)
     extra = make_image_folder(tmp_path / "elsewhere", classes=4, per_class=3)
+    pool = make_image_folder(root / "pool", classes=5, per_class=1)  # inside the source, outside train/ and val/
     for split in ("train", "val"):
         (root / split / "class_d").symlink_to(extra / split / "class_d", target_is_directory=True)
+        (root / split / "class_e").symlink_to(pool / split / "class_e", target_is_directory=True)
+        (root / split / "aaa").symlink_to(root / split / "class_b", target_is_directory=True)  # a second name
     (root / "train" / "class_a" / "loop").symlink_to(root / "train", target_is_directory=True)
-    # A second name for a class folder inside the data set, listed before or after it: not a
-    # class of its own, and never in the place of the real one, whatever the listing order.
-    for alias in ("aaa", "zzz"):
-        for split in ("train", "val"):
-            (root / split / alias).symlink_to(root / split / "class_b", target_is_directory=True)
-    cache = open_cache(prepare(root, tmp_path / "c", img_size=32, workers=1, log=quiet))
-    assert cache.wnids == ["class_a", "class_b", "class_c", "class_d"]
-    assert np.bincount(cache.train.y).tolist() == [2, 2, 2, 3]  # the loop's and the aliases' images not again
-    # A new image in the linked folder is a change of the source.
+    (root / "train" / "class_a" / "up").symlink_to(tmp_path, target_is_directory=True)  # above the source
+    (extra / "train" / "class_d" / "back").symlink_to(root, target_is_directory=True)  # from outside, back in
+    source = Path(str(root) + "/") if trailing_slash else root
+    cache = open_cache(prepare(source, tmp_path / "c", img_size=32, workers=1, log=quiet))
+    assert cache.wnids == ["aaa", "class_a", "class_b", "class_c", "class_d", "class_e"]
+    assert np.bincount(cache.train.y).tolist() == [2, 2, 2, 2, 3, 1]  # no loop's images
+    # A new image in a linked folder is a change of the source.
     shutil.copy(extra / "train" / "class_d" / "img0.jpg", extra / "train" / "class_d" / "img9.jpg")
     logs: list[str] = []
-    prepare(root, tmp_path / "c", img_size=32, workers=1, log=logs.append)
+    prepare(source, tmp_path / "c", img_size=32, workers=1, log=logs.append)
     assert any("source differs" in m for m in logs)
 
 
