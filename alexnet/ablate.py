@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alexnet.config import DEVICES, SCHEDULES, TrainConfig, defaults
-from alexnet.atomic import same_file, write_text_atomic
+from alexnet.atomic import not_a_folder, same_file, write_text_atomic
 from alexnet.errors import CheckpointError, UserError
 
 
@@ -251,9 +251,9 @@ def _free_memory() -> None:
 def _check_out(out: Path) -> None:
     """The study folder, or the nearest folder above it that exists, before the data is
     prepared and any run starts: a file there is refused, not found out an hour in."""
+    if why := not_a_folder(out):
+        raise UserError(f"--out {out}: {why}")
     above = next((p for p in (out, *out.parents) if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"--out {out}: " + ("is a file, not a folder" if above == out else f"{above} is a file, not a folder"))
     if above is not None and not os.access(above, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {above} is not writable")
 

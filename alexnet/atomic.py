@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 
+def not_a_folder(folder: Path) -> str | None:
+    """Why `folder` cannot be made or used as a folder, where a file stands in its place or
+    above it ("is a file, not a folder", "<that file> is a file, not a folder"); None if not."""
+    above = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if above is None or above.is_dir():
+        return None
+    return "is a file, not a folder" if above == folder else f"{above} is a file, not a folder"
+
+
 def _umask() -> int:
     """The process's umask: read from /proc where it can be (setting it to read it back would
     briefly change it for the process's other threads)."""

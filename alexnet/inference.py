@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from alexnet import checkpoint as ckpt_io
-from alexnet.atomic import same_file, write_atomic
+from alexnet.atomic import not_a_folder, same_file, write_atomic
 from alexnet.augment import BatchAugment, Recipe
 from alexnet.data import cache_for
 from alexnet.errors import CheckpointError, ConfigError, UserError
@@ -65,9 +65,8 @@ def _check_writable(path: Path, flag: str) -> None:
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give the path of a CSV file to write")
     parent = path.parent
-    above = next((a for a in path.parents if a.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"{flag} {path}: {above} is a file, not a folder")
+    if why := not_a_folder(parent):  # the message names the file that is in the way
+        raise UserError(f"{flag} {path}: {parent} {why}" if why.startswith("is ") else f"{flag} {path}: {why}")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from alexnet import checkpoint as ckpt_io
 from alexnet import distributed
 from alexnet.allocator import release_free_memory
-from alexnet.atomic import lock_folder, remove_stale_temporaries, same_file, unlock_folder, write_text_atomic
+from alexnet.atomic import (lock_folder, not_a_folder, remove_stale_temporaries, same_file, unlock_folder,
+                            write_text_atomic)
 from alexnet.augment import RECIPES, BatchAugment, Recipe, indexed
 from alexnet.config import TrainConfig
 from alexnet.data import Cache, cache_for
@@ -192,10 +193,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
             log(f"warning: {warning}")
     out = Path(cfg.out)
     if d.main:
-        above = next((p for p in (out, *out.parents) if p.exists()), None)
-        if above is not None and not above.is_dir():
-            raise UserError(f"--out {out}: " + ("is a file, not a folder" if above == out else
-                                                f"{above} is a file, not a folder"))
+        if why := not_a_folder(out):
+            raise UserError(f"--out {out}: {why}")
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write_test"
