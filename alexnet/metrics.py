@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from alexnet.atomic import write_atomic
+from alexnet.sources import printable
 
 COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_n", "lr",
            "epoch_seconds", "train_seconds", "images_per_s", "peak_rss_mib", "peak_gpu_mib"]
@@ -99,8 +100,8 @@ class MetricsLog:
             self._plot(self._unplotted)
 
     def _plot(self, history: list[dict]) -> None:
-        # A folder name that is not UTF-8 (bytes Python keeps as surrogates) shown as escapes:
-        # matplotlib refuses such a string, and the run would fail at every epoch's plot.
-        title = str(self.out).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        plot_curves(self.out / "curves.png", history, title=title, label_smoothing=self.label_smoothing)
+        # A folder name that is not UTF-8 (bytes Python keeps as surrogates): matplotlib refuses
+        # such a string, and the run would fail at every epoch's plot.
+        plot_curves(self.out / "curves.png", history, title=printable(str(self.out)),
+                    label_smoothing=self.label_smoothing)
         self._plotted_at, self._unplotted = time.monotonic(), None
