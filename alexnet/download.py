@@ -143,8 +143,9 @@ def _fetch(url: str, part: Path, retries: int, progress: bool, log: Callable[[st
     # resume only bytes fetched during this call.
     part.unlink(missing_ok=True)
     try:
-        host = urllib.parse.urlsplit(url).hostname
-    except ValueError as e:  # "Invalid IPv6 URL"
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port checks the range: the socket layer would try 99999 as another port
+    except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535"
         raise DataError(f"{url}: not a valid address ({e})") from None
     if not host:  # http:///x.zip: no retry will find a host
         raise DataError(f"{url}: not a valid address (no host)")

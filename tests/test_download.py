@@ -252,7 +252,8 @@ def test_a_full_disk_while_downloading_is_not_retried(serve: Callable[..., Serve
     assert e.value.errno == 28 and len(server.ranges) == 1  # said at once, not retried as the network's fault
 
 
-@pytest.mark.parametrize("url", ["http:///x.zip", "http://127.0.0.1:abc/x.zip", "http://exa mple.com/x.zip"])
+@pytest.mark.parametrize("url", ["http:///x.zip", "http://127.0.0.1:abc/x.zip", "http://127.0.0.1:99999/x.zip",
+                                 "http://exa mple.com/x.zip"])
 def test_an_address_without_a_host_or_port_is_one_line_at_once(url: str, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dl, "RETRY_DELAY_S", 0.0)
