@@ -112,20 +112,25 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
     """A model file's model, placed as the run will use it, must take a batch of two blank
     `img_size` images and return (2, num_classes) logits. Without this check a model with
     another number of outputs trains (and evaluation indexes past its logits), and one made
-    for another input size fails inside PyTorch. One forward pass in eval mode under the run's
-    autocast, and with `training` one in training mode too (a model may return a tuple only
+    for another input size fails inside PyTorch. Forward passes in eval mode under the run's
+    autocast, at batch 2 and at batch 1 (an evaluation's last batch, or one image to predict:
+    a `.squeeze()` that takes the batch dimension away fails only there, after an epoch of
+    training), and with `training` one in training mode too (a model may return a tuple only
     there, as torchvision's Inception does with its auxiliary head). Nothing of the run moves:
     BatchNorm's statistics and the random generators are put back, and every module's mode."""
     path = Path(path)
     modes = [(m, m.training) for m in model.modules()]
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     # SyncBatchNorm's training pass is a collective; its eval pass is the same as BatchNorm's
-    passes = [False, True] if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else [False]
-    x = torch.zeros(2, 3, img_size, img_size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    passes = [(False, 2), (False, 1)]
+    if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        passes.append((True, 2))  # two: BatchNorm in training mode needs more than one value per channel
     try:
-        for train_mode in passes:
+        for train_mode, n in passes:
             where = " in training mode" if train_mode else ""
+            images = "1 image" if n == 1 else f"{n} images"
+            x = torch.zeros(n, 3, img_size, img_size, device=device)
+            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             if train_mode:  # after the eval pass, which gives lazy modules' buffers their shapes
                 buffers = [(b, b.clone()) for b in model.buffers()]
             try:
@@ -136,12 +141,12 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
             except Exception as e:
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise UserError(f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images{where} "
-                                f"(shape (2, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
+                                f"(shape ({n}, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
                                 f"{e.__class__.__name__}{_where(e, path)}: {first}") from None
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, num_classes):
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise UserError(f"{path}: the model returns {got}{where} for a batch of 2 images; expected logits of "
-                                f"shape (2, {num_classes}) for --num_classes {num_classes}")
+                raise UserError(f"{path}: the model returns {got}{where} for a batch of {images}; expected logits of "
+                                f"shape ({n}, {num_classes}) for --num_classes {num_classes}")
             if not out.is_floating_point():
                 raise UserError(f"{path}: the model returns {out.dtype} values{where}; expected floating-point logits")
             if train_mode and not out.requires_grad:

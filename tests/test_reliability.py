@@ -778,6 +778,9 @@ def test_config_file_ints_are_accepted_as_floats(tmp_path):
     ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))",
      "the model does not take a batch of 64x64 RGB images (shape (2, 3, 64, 64) on cpu): RuntimeError"),
     ("return nn.Identity()", "the model returns (2, 3, 64, 64) for a batch of 2 images"),
+    ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes), Squeeze())\n\nclass Squeeze(nn.Module):\n"
+     "    def forward(self, x):\n        return x.squeeze()",
+     "the model returns (4,) for a batch of 1 image; expected logits of shape (1, 4) for --num_classes 4"),
     ("return nn.Sequential(nn.Flatten(), nn.AdaptiveAvgPool1d(num_classes))",
      "the model has no trainable parameters (none, or requires_grad=False on every one)"),
     ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes)).requires_grad_(False)",
