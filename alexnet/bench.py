@@ -74,23 +74,24 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variants", nargs="+", default=["baseline"], help=f"variants, or 'all' ({', '.join(VARIANTS)})")
-    p.add_argument("--bs", type=int, default=256, help="batch size of the project's path (1) and (2)")
+    p.add_argument("--variants", nargs="+", default=["baseline"], help=f"variants, or 'all' ({', '.join(VARIANTS)}) (default: baseline)")
+    p.add_argument("--bs", type=int, default=256, help="batch size of (1) and (2) (default: %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for (1) and (2) (default: on; fp32 where bf16 would be emulated, with a warning)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format for (1) and (2) (default: on)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for (1) and (2) (compilation happens in the warm-up)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile's mode, for --compile and for `--compare compile` (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5,
                    help="per round: alternating (1)/(2) pairs (of single steps; of 4 steps on CUDA), and the "
-                        "steps of one block of (3)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; medians over all of them are reported")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+                        "steps of one block of (3) (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; medians over all of them are reported (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda (default: auto)")
     p.add_argument("--data", help="a prepared cache for (2) (default: where training reads one, $ALEXNET_DATA or "
                                   "./data, if it holds one; else a synthetic in-memory cache)")
     p.add_argument("--jpeg-zip", help="TinyImageNet zip whose train JPEGs feed (3) (default: synthetic JPEGs)")
-    p.add_argument("--reference-bs", type=int, default=PUBLISHED["bs"], help="batch size of (3)")
+    p.add_argument("--reference-bs", type=int, default=PUBLISHED["bs"], help="batch size of (3) (default: %(default)s, the published one)")
     p.add_argument("--no-reference", action="store_true", help="skip (3) (e.g. on a GPU machine)")
     p.add_argument("--memory-budget", type=float, default=TrainConfig.memory_budget,
                    help="as train's: GB within which (2) keeps the cache's training split in memory "

@@ -155,8 +155,8 @@ def build_parser(script: str | None = None, command: str | None = None) -> argpa
     s.add_argument("paths", nargs="+", metavar="PATH",
                    help="[MODEL_FILE] CHECKPOINT: a checkpoint, optionally after the model file (.py) it was trained from")
     s.add_argument("--data", help="cache directory (default ./data or $ALEXNET_DATA)")
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    s.add_argument("--bs", type=int, default=500)
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda (default: auto)")
+    s.add_argument("--bs", type=int, default=500, help="val images evaluated at a time (default: %(default)s)")
     s.add_argument("--tta", default="none", choices=("none", "flip", "10crop"),
                    help="test-time augmentation: mirror images, or the paper's ten crops")
     s.add_argument("--per-class", metavar="FILE", help="write per-class accuracy and most-confused pairs (CSV)")
@@ -170,8 +170,8 @@ def build_parser(script: str | None = None, command: str | None = None) -> argpa
     s.add_argument("--csv", metavar="FILE", help="write each image's classes to FILE, one row an image, instead of printing them")
     s.add_argument("--bs", type=int, default=None, help="images classified at a time (default 256)")
     s.add_argument("--model", help="model file, for checkpoints of custom (non-registry) models")
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    s.add_argument("--topk", type=int, default=5)
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda (default: auto)")
+    s.add_argument("--topk", type=int, default=5, help="classes shown per image (default: %(default)s)")
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("summary", help="layer shapes, parameters and MFLOPs of a variant (or all)")

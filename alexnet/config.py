@@ -40,7 +40,8 @@ def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
 class TrainConfig:
     model: str | None = opt(None, "model file defining build_model(num_classes) (positional in train.py)", positional=True)
     variant: str | None = opt(None, "a registered variant name instead of a model file")
-    transforms: str | None = opt(None, "transforms file (default: the variant's recipe, utils/transforms_baseline.py for the seed variants)")
+    transforms: str | None = opt(None, "transforms file (default: with --variant, the variant's own recipe; with a model file, the "
+                                    "Baseline's, no augmentation, except the paper's model, which gets the paper's)")
     recipe: str | None = opt(None, "a built-in augmentation recipe by name (baseline, randomcrop, pixel, combined, paper) instead of a transforms file")
     data: str | None = opt(None, "cache directory (default ./data or $ALEXNET_DATA; prepared on first use)")
     out: str = opt("results", "output directory for checkpoints, metrics and plots")

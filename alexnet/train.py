@@ -239,7 +239,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     cache = cache_for(cfg.data, log=log if d.main else (lambda *a: None))
     if cache.num_classes != cfg.num_classes:
         raise ConfigError(f"--num_classes {cfg.num_classes} does not match the data in {cache.root} "
-                          f"({cache.num_classes} classes)")
+                          f"({cache.num_classes} classes): train with --num-classes {cache.num_classes}")
     if cfg.sync_bn and device.type != "cuda":  # in one process as under torchrun: the same command, the same answer
         raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
                           "leave it out on CPU (each process then keeps its own BatchNorm statistics)")

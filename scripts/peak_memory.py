@@ -1,5 +1,5 @@
-"""Peak resident set of a full training run, estimated in a minute: a short run whose
-training split is read into the process first.
+"""Peak resident set of a full training run, estimated in a minute: a short run of a few
+steps and two evaluations, which reach the high-water mark a full run reaches.
 
 The process's own memory reaches its high-water mark within a few steps, and on the CPU the
 training split's pages leave the resident set every 1,024 images (`loader.RELEASE_IMAGES`),

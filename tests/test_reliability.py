@@ -721,10 +721,11 @@ def _bad(cache, out, capsys, *args):
     (["--variant", "baseline", "--epochs", "0"], "--epochs must be at least 1"),
     (["--variant", "baseline", "--memory-budget", "-1"], "--memory-budget must be a number of GB >= 0, got -1.0"),
     (["--variant", "baseline", "--memory-budget", "inf"], "--memory-budget must be a number of GB >= 0, got inf"),
-    (["--variant", "baseline", "--num_classes", "7"], "--num_classes 7 does not match the data"),
+    (["--variant", "baseline", "--num_classes", "7"],
+     "--num_classes 7 does not match the data in {cache} (4 classes): train with --num-classes 4"),
 ])
 def test_bad_options(tiny_cache, out_with_files, capsys, args, match):
-    assert match in _bad(tiny_cache, out_with_files, capsys, *args)  # later options win: --num_classes 7
+    assert match.format(cache=tiny_cache) in _bad(tiny_cache, out_with_files, capsys, *args)  # later options win
 
 
 @pytest.mark.parametrize("content,match", [
