@@ -230,7 +230,9 @@ def _per_unit(dev: torch.device) -> int:
 
 
 def _timed(step, steps: int, bs: int, dev: torch.device) -> float:
-    """Images per second over `steps` calls of `step`, the device's work included."""
+    """Images per second over `steps` calls of `step`, the device's work included (and no
+    work queued before it: (3)'s untimed steps run just before its timed block)."""
+    sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
         step()

@@ -97,7 +97,7 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
         raise CheckpointError(f"{ckpt_path}: trained on a cache of {trained_on}x{trained_on} images; {cache.root} "
                               f"holds {cache.img_size}x{cache.img_size} ones (prepare one with --img-size {trained_on})")
     amp = resolve_amp(c["config"].get("amp", False) if amp is None else amp, dev, log)
-    x = to_memory(cache.val.x, dev)
+    x = to_memory(cache.val.x, dev, log=log, what="validation split")
     y = torch.from_numpy(np.array(cache.val.y)).to(dev)
     res = evaluate(model, x, y, augment, bs=bs, tta=tta, amp=amp, channels_last=c["config"].get("channels_last", True),
                    num_classes=c["num_classes"] if per_class else None)

@@ -29,15 +29,30 @@ from alexnet.memory import rss_bytes
 from alexnet.userfiles import load_transforms_file
 
 
-def to_memory(x: np.ndarray, device: torch.device) -> torch.Tensor:
+# The most of a GPU's free memory a split may take: the rest is the model's, its gradients',
+# the optimizer's and a batch's activations (AlexNet at batch 256 and 224 px: a few GB).
+GPU_SPLIT_SHARE = 0.5
+
+
+def to_memory(x: np.ndarray, device: torch.device, log: Callable[[str], object] | None = None,
+              what: str = "split") -> torch.Tensor:
     """(N,H,W,3) uint8 array, memory-mapped from the cache -> a tensor over the same pages
     (CPU: no copy; the page cache holds the data once) or one copy on the GPU, after which
-    the host's pages leave the process's resident set (1.3 GB for TinyImageNet, per rank)."""
+    the host's pages leave the process's resident set (1.3 GB for TinyImageNet, per rank).
+    A split larger than GPU_SPLIT_SHARE of the GPU's free memory (an image folder cached at
+    224 px) stays on the host, where each batch is gathered and then copied to the GPU:
+    slower, but it trains instead of running out of memory at the start."""
     with warnings.catch_warnings():
         # The mapping is read-only; batches are always gathered into new tensors, never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(x)
     if device.type != "cuda":
+        return t
+    free = torch.cuda.mem_get_info(device)[0]
+    if x.nbytes > GPU_SPLIT_SHARE * free:
+        if log is not None:
+            log(f"the {what} ({x.nbytes / 1e9:,.1f} GB) is more than {GPU_SPLIT_SHARE:.0%} of the GPU's free "
+                f"{free / 1e9:,.1f} GB: it stays in host memory and each batch is copied to the GPU")
         return t
     t = t.to(device)
     drop_resident(x)
@@ -137,9 +152,10 @@ class SplitResidency:
 
 def releaser(x: np.ndarray, device: torch.device, budget: int = 0, reserve: int = 0,
              agree: Callable[[bool], bool] | None = None) -> SplitResidency | None:
-    """What `FastBatches` calls at its release points: on the CPU, where batches read the
-    memory-mapped split in place, a `SplitResidency`; None on CUDA, where the split is on
-    the GPU and its host pages are gone already (`to_memory`)."""
+    """What `FastBatches` calls at its release points, `device` being where `to_memory` put
+    the split: the CPU, where batches read the memory-mapped split in place, a
+    `SplitResidency`; None on CUDA, where the split is on the GPU and its host pages are
+    gone already."""
     return None if device.type == "cuda" else SplitResidency(x, budget, reserve, agree=agree)
 
 

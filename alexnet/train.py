@@ -264,9 +264,10 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         def every_process_keeps(want: bool) -> bool:  # one that released would set the pace of all
             return not distributed.any_ranks([not want], d, device)[0]
 
-        release = releaser(cache.train.x, device, **residency(cfg, cache), agree=every_process_keeps)
-        batches = FastBatches(to_memory(cache.train.x, device), torch.from_numpy(np.array(cache.train.y)).to(device),
-                              augment, cfg.bs, release=release)
+        train_x = to_memory(cache.train.x, device, log=log if d.main else None, what="training split")
+        release = releaser(cache.train.x, train_x.device, **residency(cfg, cache), agree=every_process_keeps)
+        batches = FastBatches(train_x, torch.from_numpy(np.array(cache.train.y)).to(device), augment, cfg.bs,
+                              release=release)
     else:
         batches = PerImageBatches(cache.train.x, cache.train.y, transform, augment, cfg.bs, cfg.workers, cfg.seed, source,
                                   transform_file=cfg.transforms)
@@ -284,7 +285,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if cfg.compile:
         model = torch.compile(model)
     return Run(cfg, device, d, model, raw, variant, opt, sched, per_step, batches, augment, aug_gen, train_n,
-               to_memory(cache.val.x, device), torch.from_numpy(np.array(cache.val.y)).to(device), cache,
+               to_memory(cache.val.x, device, log=log if d.main else None, what="validation split"),
+               torch.from_numpy(np.array(cache.val.y)).to(device), cache,
                recipe.to_dict() if isinstance(transform, Recipe) else None, source, steps, out,
                amp_fell_back=asked_amp and not cfg.amp, writer=ckpt_io.CheckpointWriter(background_writes(device)))
 
@@ -451,18 +453,18 @@ def _train_batches(run: Run, epoch: int, start: int, state: dict, save: Callable
             # A stop request (agreed by every rank) is acted on once the step is complete: its
             # forward pass has already moved BatchNorm's running statistics, so saving the
             # position before it would make a resumed run apply this batch to them twice.
+            _flush(sums, counted, m)  # first: reading the sums waits for the GPU's last step
             m["seconds"] += time.perf_counter() - t0
-            _flush(sums, counted, m)
             save(epoch, b + 1)
             bar.close()
             return b + 1
         if cfg.save_every and state["step"] % cfg.save_every == 0:
-            m["seconds"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
             _flush(sums, counted, m)
+            m["seconds"] += time.perf_counter() - t0
             save(epoch, b + 1)
-    m["seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()  # the save is not training time
     _flush(sums, counted, m)
+    m["seconds"] += time.perf_counter() - t0
     bar.close()
     return None
 

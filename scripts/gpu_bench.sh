@@ -40,7 +40,14 @@ work="${WORK:-${TMPDIR:-/tmp}/alexnet_gpu_bench}"
 steps="${STEPS:-20}"
 precision="${PRECISION:---no-amp}"
 compare_variants="${COMPARE_VARIANTS:-baseline combined_gap}"
-stages="${*:-tests bench profile compare fused data train}"
+all_stages="tests bench profile compare fused data train"
+stages="${*:-$all_stages}"
+for s in $stages; do  # a misspelt stage would otherwise run nothing and exit 0
+  if [[ " $all_stages " != *" $s "* ]]; then
+    echo "unknown stage: $s (stages: $all_stages)" >&2
+    exit 2
+  fi
+done
 mkdir -p "$work"
 status=0
 failed() { echo "(stage $1 failed; going on)"; status=1; }

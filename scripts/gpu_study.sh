@@ -28,6 +28,11 @@ else
   py=python3
 fi
 out="${OUT:-runs_gpu}"
+for a in "$@"; do  # the table printed at the end is read from $out
+  case "$a" in
+    --out|--out=*) echo "gpu_study.sh: give the study folder as OUT=DIR, not $a" >&2; exit 2 ;;
+  esac
+done
 
 "$py" -m alexnet ablate --epochs "${EPOCHS:-30}" --seeds "${SEEDS:-3}" --bs "${BS:-256}" $([ "${AMP:-0}" = 1 ] && echo --amp) --channels-last --device cuda \
   --out "$out" "$@"

@@ -232,3 +232,30 @@ def test_nan_loss_with_a_write_in_flight_names_the_last_good_checkpoint(learnabl
     from tests.test_reliability import test_nan_loss_leaves_the_last_good_checkpoint as nan_loss_run
 
     nan_loss_run(learnable_cache, tmp_path, capsys, monkeypatch)
+
+
+def test_a_save_within_an_epoch_is_not_counted_as_training_time(learnable_cache, tmp_path, monkeypatch):
+    """train_seconds (and so images/s) is the steps' time: a --save-every write in the middle
+    of an epoch is left out of it, as the end-of-epoch write is. A clock that moves only
+    while a checkpoint is saved shows whether the epoch counted it."""
+    import types
+
+    from alexnet import train
+
+    clock = types.SimpleNamespace(t=0.0)
+
+    def perf_counter() -> float:  # a millisecond a reading, so that rates have a time to divide by
+        clock.t += 0.001
+        return clock.t
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter, monotonic=time.monotonic))
+    real = checkpoint.CheckpointWriter.save
+
+    def save(self, *a, **k):
+        clock.t += 1000.0
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "save", save)
+    assert main(["train", *run_args(learnable_cache, tmp_path / "o"), "--epochs", "1", "--save-every", "2"]) == 0
+    row = torch.load(tmp_path / "o" / "last.pth", weights_only=False)["history"][0]
+    assert 0 < row["train_seconds"] < 1000  # one save counted would be 1000 s

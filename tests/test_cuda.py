@@ -114,6 +114,26 @@ def test_stop_and_resume_on_cuda_matches_uninterrupted(learnable_cache, tmp_path
     np.testing.assert_allclose([r["val_loss"] for r in hb], [r["val_loss"] for r in ha], rtol=1e-3)
 
 
+def test_splits_kept_on_the_host_train_as_on_the_gpu(learnable_cache, tmp_path, monkeypatch, capsys):
+    """Splits too large for the GPU stay on the host and each batch is gathered there and
+    copied: the same batches, so the same run as with the splits on the GPU."""
+    from alexnet import loader
+    from tests.test_reliability import run_args, strip_times
+
+    args = ["--epochs", "2", "--device", "cuda"]
+    assert main(["train", *run_args(learnable_cache, tmp_path / "gpu"), *args]) == 0
+    assert "host memory" not in capsys.readouterr().out
+    monkeypatch.setattr(loader, "GPU_SPLIT_SHARE", 0.0)
+    assert main(["train", *run_args(learnable_cache, tmp_path / "host"), *args]) == 0
+    out = capsys.readouterr().out
+    assert "the training split" in out and "the validation split" in out and "stays in host memory" in out
+    a, b = (torch.load(tmp_path / r / "last.pth", weights_only=False) for r in ("gpu", "host"))
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+    np.testing.assert_allclose([r["val_loss"] for r in strip_times(b["history"])],
+                               [r["val_loss"] for r in strip_times(a["history"])], rtol=1e-3)
+
+
 def test_cpu_checkpoint_resumes_on_cuda(learnable_cache, tmp_path, monkeypatch):
     from tests.test_reliability import run_args
 

@@ -49,6 +49,25 @@ def test_a_read_mapping_leaves_the_resident_set_and_reads_back_the_same(tmp_path
     assert int(x.sum(dtype=np.int64)) == total
 
 
+def test_a_split_too_large_for_the_gpu_stays_on_the_host(monkeypatch):
+    """A split over GPU_SPLIT_SHARE of the GPU's free memory is not copied there (where it
+    would run out of memory before the first step): it stays a host tensor, and the run says
+    so. The share is asked of the device the run uses."""
+    x = np.zeros((10, 8, 8, 3), dtype=np.uint8)  # 1,920 bytes
+    asked, logs = [], []
+
+    def free(device):
+        asked.append(device)
+        return 3_000, 16_000
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free)
+    t = to_memory(x, torch.device("cuda", 1), log=logs.append, what="training split")
+    assert t.device.type == "cpu" and t.data_ptr() == x.ctypes.data  # not copied
+    assert asked == [torch.device("cuda", 1)]
+    assert logs == ["the training split (0.0 GB) is more than 50% of the GPU's free 0.0 GB: it stays in host memory "
+                    "and each batch is copied to the GPU"]
+
+
 def test_an_array_that_is_not_a_mapping_is_left_alone(tmp_path):
     a = np.ones((4, 8, 8, 3), dtype=np.uint8)
     assert drop_resident(a) is False and drop_resident(a[1:]) is False
