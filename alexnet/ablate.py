@@ -248,11 +248,25 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# What `alexnet report` writes at the top of a study folder (report.build_report).
+REPORT_FILES = ("results.md", "results.csv", "results.json", "val_top1.png", "best_top1.png")
+
+
+def check_report_files(out: Path, flag: str = "--out") -> None:
+    """A folder standing where the report writes one of its files is refused by name: the
+    write would fail after the study (or the reading of every run) with a traceback."""
+    for name in REPORT_FILES:
+        if (out / name).is_dir():
+            raise UserError(f"{flag} {out}: {out / name} is a folder, where the report writes its file {name}; "
+                            "move it")
+
+
 def _check_out(out: Path) -> None:
     """The study folder, or the nearest folder above it that exists, before the data is
     prepared and any run starts: a file there is refused, not found out an hour in."""
     if why := not_a_folder(out):
         raise UserError(f"--out {out}: {why}")
+    check_report_files(out)
     above = next((p for p in (out, *out.parents) if p.exists()), None)
     if above is not None and not os.access(above, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {above} is not writable")

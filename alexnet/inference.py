@@ -81,7 +81,8 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
         raise UserError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
     if bs < 1:
         raise UserError(f"--bs must be at least 1, got {bs}")
-    if per_class:  # before the evaluation, not after it
+    if per_class is not None:  # before the evaluation, not after it
+        _named(per_class, "--per-class")
         inputs = [Path(p) for p in (ckpt_path, model_file) if p is not None]
         _check_output(Path(per_class), "--per-class", inputs, PER_CLASS_HEADER)
         _check_output(confused_path(per_class), f"--per-class {per_class}: its confused pairs' file", inputs,
@@ -100,11 +101,12 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
     x = to_memory(cache.val.x, dev, log=log, what="validation split")
     y = torch.from_numpy(np.array(cache.val.y)).to(dev)
     res = evaluate(model, x, y, augment, bs=bs, tta=tta, amp=amp, channels_last=c["config"].get("channels_last", True),
-                   num_classes=c["num_classes"] if per_class else None)
+                   num_classes=c["num_classes"] if per_class is not None else None)
+    # The tables first: a reader of the output that has gone (`| head`) must not cost them.
+    pairs = write_per_class(per_class, res.pop("confusion"), c["wnids"], c["names"]) if per_class is not None else None
     log(f"{ckpt_path} (epoch {c['epoch']}, variant {c.get('variant') or 'custom'}), tta={tta}: "
         f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['n']:,} val images")
-    if per_class:
-        pairs = write_per_class(per_class, res.pop("confusion"), c["wnids"], c["names"])
+    if pairs is not None:
         log(f"per-class accuracy written to {per_class}, the most-confused class pairs to {pairs}")
     return res
 
@@ -122,6 +124,12 @@ PREDICT_BS = 256  # images decoded and classified at a time: memory stays flat f
 # Never the path of a table: a checkpoint (best.pth is a hard link to last.pth, so writing
 # through one loses both) or a model file.
 KEPT_SUFFIXES = (".pth", ".pt", ".ckpt", ".py")
+
+
+def _named(path: str | Path, flag: str) -> None:
+    """An empty path is refused by name ("" would be the current folder)."""
+    if not str(path).strip():
+        raise UserError(f"{flag} must name a CSV file to write, got an empty path")
 
 
 def _check_output(path: Path, flag: str, inputs: list[Path], header: list[str]) -> None:
@@ -180,6 +188,7 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
         raise UserError(f"--bs must be at least 1, got {bs}")
     files = image_files(images)
     if csv_path is not None:
+        _named(csv_path, "--csv")
         _check_csv(Path(csv_path), files)
         _check_output(Path(csv_path), "--csv", [Path(p) for p in (ckpt_path, model_file) if p is not None],
                       PREDICT_HEADER)
@@ -211,7 +220,7 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
                 log(f"{_shown(path)}:")
                 for wnid, name, q in rows:
                     log(f"  {100 * q:6.2f}%  {wnid}  {name}")
-    if csv_path is not None:
+    if csv_path is not None and done:  # none classified: an earlier table stays as it was
         header = ["image"] + [f"{col}{r}" for r in range(1, k + 1) for col in ("wnid", "name", "prob")]
         lines = [header] + [[str(f)] + [v for wnid, name, q in rows for v in (wnid, name, f"{q:.6f}")]
                             for f, rows in zip(done, results)]

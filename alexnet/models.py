@@ -258,6 +258,20 @@ class AlexNet(nn.Module):
         return 0 if self.cfg.dropout_after_fc else 1
 
 
+def settings_rebuild(model: nn.Module, num_classes: int) -> bool:
+    """Whether `AlexNet(model.cfg, num_classes)` builds this very model, so that its
+    checkpoint can record the settings instead of asking for the model file again. Not for a
+    model file that edits what create_model returned (another activation, a layer added or
+    replaced): rebuilt from the settings, it would load the same weights into the unedited
+    model and evaluate it without a word. The modules are compared as printed (types, sizes,
+    options), the rebuild made on the meta device (no memory, no initialisation)."""
+    if type(model) is not AlexNet:
+        return False
+    with torch.device("meta"):
+        again = AlexNet(model.cfg, num_classes)
+    return repr(again) == repr(model)
+
+
 def fc1_folds(model: nn.Module, img_size: int = 64) -> bool:
     """Whether `model`'s forward pass, in its present mode, would fold FC1 at `img_size`."""
     if not isinstance(model, AlexNet):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.atomic import write_atomic, write_text_atomic
-from alexnet.ablate import DONE, FAILED, STUDY, StudyRow, read_json, write_json_atomic
+from alexnet.ablate import DONE, FAILED, STUDY, StudyRow, check_report_files, read_json, write_json_atomic
 from alexnet.errors import UserError
 
 CSV_COLUMNS = ["row", "variant", "model", "recipe", "seeds", "train_loss_best", "val_error", "epoch_of_best",
@@ -296,6 +296,7 @@ def _finite(obj: Any) -> Any:
 def build_report(runs_dir: Path, log=print) -> dict:
     """Write results.md/.csv/.json and the two plots under runs_dir; print the table."""
     runs_dir = Path(runs_dir)
+    check_report_files(runs_dir, "report")
     found = load_runs(runs_dir)
     rows = summarise(found)
     b = budget(found)

@@ -102,7 +102,7 @@ def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200
     if num_classes < 1:
         raise ConfigError(f"--num-classes must be at least 1, got {num_classes}")
     if target is not None:
-        if Path(target).suffix == ".py" or Path(target).exists():
+        if Path(target).suffix == ".py" or (target not in VARIANTS and Path(target).exists()):
             model = load_model_file(target, num_classes)
             # train's checks: a model that fails on this input, or has nothing to train, is one line
             check_model_output(target, model, num_classes, img_size, torch.device("cpu"), amp=False,

@@ -39,7 +39,7 @@ from alexnet.loader import (FastBatches, PerImageBatches, SplitResidency, drop_r
                             seed_torch, step_seed, to_memory)
 from alexnet.memory import peak_memory_mib, reset_peak
 from alexnet.metrics import MetricsLog, recorded_epochs
-from alexnet.models import AlexNet, Variant, create_model, registered
+from alexnet.models import Variant, create_model, registered, settings_rebuild
 from alexnet.precision import resolve_amp
 from alexnet.userfiles import check_model_output, load_model_file, load_transforms_file
 
@@ -174,6 +174,7 @@ class Run:
     steps_per_epoch: int
     out: Path
     amp_fell_back: bool = False  # --amp asked, fp32 used: bf16 would be emulated here (precision.py)
+    model_cfg: dict | None = None  # the AlexNetConfig that rebuilds the model, where one does (models.settings_rebuild)
     stop_signal: list = field(default_factory=list)
     writer: ckpt_io.CheckpointWriter = field(default_factory=ckpt_io.CheckpointWriter)
 
@@ -214,6 +215,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.manual_seed(cfg.seed % 2**63)  # the CPU generator's own reduction: any integer is a seed
     model, variant = build_model(cfg)
+    model_cfg = dict(model.cfg.__dict__) if settings_rebuild(model, cfg.num_classes) else None  # before SyncBatchNorm
     transform, source = build_transforms(cfg, variant)
     if cfg.resume not in (None, "auto") and Path(cfg.resume).is_dir():
         raise CheckpointError(f"--resume {cfg.resume}: is a directory; give the checkpoint in it ("
@@ -288,7 +290,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
                to_memory(cache.val.x, device, log=log if d.main else None, what="validation split"),
                torch.from_numpy(np.array(cache.val.y)).to(device), cache,
                recipe.to_dict() if isinstance(transform, Recipe) else None, source, steps, out,
-               amp_fell_back=asked_amp and not cfg.amp, writer=ckpt_io.CheckpointWriter(background_writes(device)))
+               amp_fell_back=asked_amp and not cfg.amp, model_cfg=model_cfg, writer=ckpt_io.CheckpointWriter(background_writes(device)))
 
 
 def background_writes(device: torch.device) -> bool:
@@ -306,7 +308,7 @@ def checkpoint_state(run: Run, epoch: int, batch: int, state: dict) -> dict:
     return {
         "format": ckpt_io.FORMAT,
         "model": raw.state_dict(),
-        "model_cfg": raw.cfg.__dict__ if isinstance(raw, AlexNet) else None,
+        "model_cfg": run.model_cfg,
         "variant": run.variant,
         "num_classes": run.cfg.num_classes,
         "optimizer": run.opt.state_dict(),

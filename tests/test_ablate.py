@@ -348,3 +348,13 @@ def test_a_study_folder_that_cannot_be_made_is_refused_before_anything_runs(tiny
         assert main(args) == 2
         assert f"{flag} must name a folder, got an empty path" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    # a folder where the report writes a file: refused before the study, and by `report`
+    study = tmp_path / "study"
+    (study / "results.md").mkdir(parents=True)
+    assert main(["ablate", "--data", str(tiny_cache), "--out", str(study), "--variants", "combined_gap",
+                 "--seeds", "1", "--epochs", "1", "--bs", "8", "--max-steps", "1", "--device", "cpu"]) == 2
+    assert (f"--out {study}: {study / 'results.md'} is a folder, where the report writes its file results.md"
+            in capsys.readouterr().err)
+    assert not (study / "combined_gap").exists()
+    assert main(["report", str(study)]) == 2
+    assert f"report {study}: {study / 'results.md'} is a folder" in capsys.readouterr().err

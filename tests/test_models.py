@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from alexnet.errors import ConfigError, UserError
-from alexnet.models import VARIANTS, AlexNet, AlexNetConfig, GroupedLRN, count_parameters, create_model, paper_lrn
+from alexnet.models import (VARIANTS, AlexNet, AlexNetConfig, GroupedLRN, count_parameters, create_model, paper_lrn,
+                            settings_rebuild)
 from alexnet.userfiles import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,7 @@ def test_model_files(path):
     assert count_parameters(model) == PARAMS[base] - towers
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 200)
+    assert settings_rebuild(model, 200)  # its checkpoints evaluate without the file
 
 
 def test_every_variant_has_a_model_file():

@@ -825,6 +825,25 @@ def test_checkpoint_of_a_custom_model_asks_for_its_file(tiny_cache, tmp_path, ca
     assert main(["evaluate", str(m), str(ck), "--data", str(tiny_cache), "--device", "cpu"]) == 0
 
 
+def test_checkpoint_of_an_edited_variant_asks_for_its_file(tiny_cache, tmp_path, capsys):
+    """A model file that edits a registered variant's modules (GELU for ReLU: no weights
+    change) is not rebuilt from the variant's settings without it: that would load the weights
+    into the unedited model and report its figures as the run's."""
+    m = tmp_path / "gelu.py"
+    m.write_text("from torch import nn\nfrom alexnet.models import create_model\n\n"
+                 "def build_model(num_classes):\n    model = create_model('combined_gap', num_classes)\n"
+                 "    for i, layer in enumerate(model.features):\n"
+                 "        if isinstance(layer, nn.ReLU):\n            model.features[i] = nn.GELU()\n"
+                 "    return model\n")
+    assert main(["train", str(m), "--data", str(tiny_cache), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress"]) == 0
+    ck = tmp_path / "o" / "best.pth"
+    capsys.readouterr()
+    assert main(["evaluate", str(ck), "--data", str(tiny_cache), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {ck}: holds a custom model (trained from {m}); pass its model file")
+    assert main(["evaluate", str(m), str(ck), "--data", str(tiny_cache), "--device", "cpu"]) == 0
+
+
 def test_model_output_check_leaves_each_module_as_it_was():
     from alexnet.userfiles import check_model_output
 
@@ -1231,6 +1250,20 @@ def test_per_class_tables(small_ckpt, tiny_cache, tmp_path, capsys):
     assert sum(int(r["count"]) for r in confused) == round(16 * (100 - top1) / 100)  # 12 pairs of 4 classes, under the 20 written: every error
 
 
+def test_per_class_tables_are_written_before_anything_is_printed(small_ckpt, tiny_cache, tmp_path):
+    """A reader that left (`evaluate ... --per-class F | head -0`) fails the first print: the
+    evaluation's tables are written by then, not lost with it."""
+    from alexnet.inference import run_evaluate
+
+    def gone(*_):
+        raise BrokenPipeError
+
+    path = tmp_path / "per_class.csv"
+    with pytest.raises(BrokenPipeError):
+        run_evaluate(None, small_ckpt, data=str(tiny_cache), device="cpu", per_class=str(path), log=gone)
+    assert path.is_file() and (tmp_path / "per_class_confused.csv").is_file()
+
+
 def test_output_tables_never_land_on_a_checkpoint(small_ckpt, tiny_cache, tmp_path, capsys):
     """--per-class and --csv refuse a checkpoint's or model file's name, and any path that is
     one of the command's inputs under another name (best.pth and last.pth are one file, so
@@ -1253,6 +1286,9 @@ def test_output_tables_never_land_on_a_checkpoint(small_ckpt, tiny_cache, tmp_pa
          f"e.g. predictions.csv"),
         (["predict", str(ck), str(image), "--csv", str(alias)],
          f"--csv {alias}: is one of this command's input files (or a link to one)"),
+        (["evaluate", str(ck), "--data", str(tiny_cache), "--per-class", ""],
+         "--per-class must name a CSV file to write, got an empty path"),
+        (["predict", str(ck), str(image), "--csv", " "], "--csv must name a CSV file to write, got an empty path"),
     ]
     for args, expected in cases:
         assert main([*args, "--device", "cpu"]) == 2
@@ -1423,6 +1459,12 @@ def test_predict_non_image(small_ckpt, tmp_path, capsys):
     assert main(["predict", str(small_ckpt), str(txt), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"{txt}: not an image PIL can read" in err and "1 of 1 files skipped, not readable as images (none was" in err
+    # With --csv, an earlier table is left as it was: there is nothing to replace it with.
+    table = tmp_path / "pred.csv"
+    table.write_text("image,wnid1,name1,prob1\nold.jpg,n0,a,1.0\n")
+    assert main(["predict", str(small_ckpt), str(txt), "--device", "cpu", "--csv", str(table)]) == 2
+    assert table.read_text() == "image,wnid1,name1,prob1\nold.jpg,n0,a,1.0\n"
+    assert "written to" not in capsys.readouterr().out
 
 
 def test_predict_an_image_too_large_for_pil_says_so(small_ckpt, tmp_path, capsys, monkeypatch):

@@ -469,6 +469,15 @@ def test_summary_lists_all_variants(capsys):
     assert "57,823,240" in capsys.readouterr().out
 
 
+def test_summary_of_a_variant_in_a_study_folder(tmp_path, capsys, monkeypatch):
+    """`alexnet ablate` makes a folder per row, named as the variant: inside a study folder
+    the name is still the variant, not that folder taken for a model file."""
+    (tmp_path / "combined_gap" / "seed0").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["summary", "combined_gap"]) == 0
+    assert "total parameters 2,522,248" in capsys.readouterr().out
+
+
 def test_summary_shows_a_grouped_lrn_as_one_layer(capsys):
     """The towers' LRN runs once per tower inside one layer: one row with the whole output."""
     assert main(["summary", "models/alexnet_paper_towers.py"]) == 0
