@@ -205,7 +205,12 @@ def test_parameters_independent_per_image():
     p = aug.sample(256, 64)
     assert len(set(zip(p.oy.tolist(), p.ox.tolist()))) > 20
     assert 0.3 < p.flip.float().mean() < 0.7
-    assert p.brightness.min() >= 0.7 and p.brightness.max() <= 1.3 and p.brightness.std() > 0.1
+    for name in ("brightness", "contrast", "saturation"):  # jitter 0.3: factors in [0.7, 1.3], one per image
+        f = getattr(p, name)
+        assert f.shape == (256,) and f.min() >= 0.7 and f.max() <= 1.3 and f.std() > 0.1, name
+    assert p.noise.shape[0] == 256 and len({tuple(n.flatten()[:64].tolist()) for n in p.noise}) == 256
+    q = make(RECIPES["paper"]).sample(256, 64)  # the paper's lighting: alpha ~ N(0, 0.1) per image and channel
+    assert q.alpha.shape == (256, 3) and 0.07 < q.alpha.std() < 0.13 and len(set(q.alpha[:, 0].tolist())) == 256
 
 
 def test_same_generator_seed_same_batch():

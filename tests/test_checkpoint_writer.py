@@ -69,6 +69,13 @@ def test_a_failed_write_is_raised(tmp_path, background):
     writer.save({"format": 1, "model": {}}, tmp_path / "last.pth")
     writer.close()
     assert (tmp_path / "last.pth").is_file()
+    # Without a wait in between, the next save reports it (before writing anything itself)
+    writer = checkpoint.CheckpointWriter(background=background)
+    with pytest.raises(FileNotFoundError):
+        writer.save({"format": 1, "model": {}}, missing)
+        writer.save({"format": 1, "model": {}}, tmp_path / "next.pth")
+    writer.close()
+    assert not (tmp_path / "next.pth").exists()
 
 
 def test_a_wait_cut_short_keeps_the_write_and_its_error(tmp_path, monkeypatch):

@@ -115,12 +115,17 @@ def test_variant_at_224(name):
         assert model(torch.randn(2, 3, 224, 224)).shape == (2, 200)
 
 
+# The paper's two towers (groups=2) halve the weights of conv2 (5x5, 96 -> 256), conv4 (3x3,
+# 384 -> 384) and conv5 (3x3, 384 -> 256): each output channel sees half the input channels.
+TOWERS_SAVE = sum(k * k * cin * cout // 2 for k, cin, cout in ((5, 96, 256), (3, 384, 384), (3, 384, 256)))
+
+
 @pytest.mark.parametrize("path", MODEL_FILES, ids=[p.name for p in MODEL_FILES])
 def test_model_files(path):
     model = load_model_file(path, 200)
     base = model.variant.split("+")[0]  # "combined_gap+dropout=0.0" modifies a registered variant
     assert base in VARIANTS
-    towers = 1_413_120 if "groups=2" in model.variant else 0  # the paper's two towers: grouped conv2, conv4, conv5
+    towers = TOWERS_SAVE if "groups=2" in model.variant else 0
     assert count_parameters(model) == PARAMS[base] - towers
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 200)
@@ -193,7 +198,7 @@ def test_paper_two_towers():
     LRN normalises within each half, so the first tower after conv2 does not depend on the
     second tower's conv1 kernels at all; conv3 and the FC layers connect both."""
     one, two = create_model("paper", 200), create_model("paper", 200, groups=2)
-    assert count_parameters(one) - count_parameters(two) == 1_413_120
+    assert count_parameters(one) - count_parameters(two) == TOWERS_SAVE
     assert [c.groups for c in two.features if isinstance(c, torch.nn.Conv2d)] == [1, 2, 1, 2, 2]
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 64)

@@ -43,11 +43,25 @@ def assert_same_run(a: Path, b: Path):
     assert ca["step"] == cb["step"]
 
 
-def test_deterministic_runs_match(learnable_cache, tmp_path):
+def test_deterministic_runs_match(learnable_cache, tmp_path, monkeypatch):
+    from alexnet import train
+
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    seen, real = [], train.train_step
+
+    def step(*a, **k):  # what the run's steps ran under: two equal runs on a CPU do not show it
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
     assert main(["train", *run_args(learnable_cache, tmp_path / "a"), "--epochs", "1"]) == 0
     assert main(["train", *run_args(learnable_cache, tmp_path / "b"), "--epochs", "1"]) == 0
     assert_same_run(tmp_path / "a" / "last.pth", tmp_path / "b" / "last.pth")
+    assert seen and all(seen)
+    seen.clear()
+    args = [a for a in run_args(learnable_cache, tmp_path / "c") if a != "--deterministic"]
+    assert main(["train", *args, "--epochs", "1", "--max-steps", "1"]) == 0
+    assert seen == [False]
     # The process-wide switches go back as they were (a study's next run, the caller's code).
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
 
@@ -170,10 +184,12 @@ def test_stop_request_then_resume_equals_uninterrupted(learnable_cache, two_epoc
     assert any("running_mean" in k for k in saved["model"])  # the statistics were compared
 
 
-def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("late", [False, True], ids=["double-press-only", "late-second-ctrl-c"])
+def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatch, capfd, late):
     """The first request is acknowledged at once; further SIGTERMs (what launchers send) and a
-    Ctrl-C right after it are ignored; a second Ctrl-C a moment later stops without waiting
-    for the step, leaving the last checkpoint as it was (exit 130, as for Ctrl-C)."""
+    Ctrl-C right after it are ignored (the step completes and is saved); a second Ctrl-C a
+    moment later stops without waiting for the step, leaving the last checkpoint as it was
+    (exit 130, as for Ctrl-C)."""
     from alexnet import train
 
     steps, real = [], train.train_step
@@ -185,8 +201,9 @@ def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatc
             assert "SIGINT: stopping at the next step boundary" in capfd.readouterr().err
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGINT)  # within a second of the first: a double press, or a launcher
-            time.sleep(1.05)
-            os.kill(os.getpid(), signal.SIGINT)
+            if late:
+                time.sleep(1.05)
+                os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
     monkeypatch.setattr(train, "train_step", step)
@@ -197,13 +214,20 @@ def test_second_stop_request_stops_at_once(learnable_cache, tmp_path, monkeypatc
 
     before = {s: signal.signal(s, own) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        assert main(["train", *run_args(learnable_cache, out), "--save-every", "1"]) == 130
+        if late:
+            assert main(["train", *run_args(learnable_cache, out), "--save-every", "1"]) == 130
+        else:  # the first request's own end: the step finished and saved, then exit status 130
+            with pytest.raises(SystemExit) as stopped:
+                main(["train", *run_args(learnable_cache, out), "--save-every", "1"])
+            assert stopped.value.code == 130
         after = {s: signal.getsignal(s) for s in before}
     finally:
         for s, h in before.items():
             signal.signal(s, h)
-    assert "interrupted" in capfd.readouterr().err
-    assert torch.load(out / "last.pth", weights_only=False)["batch"] == 2
+    said = capfd.readouterr()
+    assert ("interrupted" in said.err) if late else ("stopped by SIGINT at epoch 1, step 3 of" in said.out + said.err)
+    # step 3 saved at its end, or given up by the late Ctrl-C: step 2's --save-every checkpoint stays
+    assert torch.load(out / "last.pth", weights_only=False)["batch"] == (2 if late else 3)
     assert after == {signal.SIGINT: own, signal.SIGTERM: own}  # the handlers are put back
 
 
