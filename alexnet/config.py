@@ -69,7 +69,8 @@ class TrainConfig:
                              const="auto")
     save_every: int = opt(0, "also save last.pth every N steps inside an epoch (0: only at epoch ends)")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes (torchrun)")
-    memory_budget: float = opt(3.0, "resident-set budget in GB per process (Linux CPU runs with a built-in recipe): "
+    memory_budget: float = opt(3.0, "resident-set budget in GB per process (Linux CPU runs with a built-in recipe, "
+                                    "and CUDA runs whose split stays on the host): "
                                     "the training split stays in memory for the run when the process fits in it "
                                     "with the split, else its pages are released as batches read them; 0: always "
                                     "release (README, Memory)")

@@ -31,7 +31,11 @@ from alexnet.train import pick_device
 from alexnet.userfiles import check_model_output, load_model_file
 
 
-def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: torch.device):
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)  # stderr escapes what it cannot encode, and stays out of piped results
+
+
+def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: torch.device, warn=_warn):
     """(model in eval mode, checkpoint dict, BatchAugment for its eval view)."""
     c = ckpt_io.load(ckpt_path)
     if model_file is not None:
@@ -50,7 +54,7 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
         model = model.to(memory_format=torch.channels_last)
     if model_file is not None:
         check_model_output(model_file, model, c["num_classes"], c.get("img_size", 64), device,
-                           resolve_amp(c["config"].get("amp", False), device), channels_last)
+                           resolve_amp(c["config"].get("amp", False), device), channels_last, warn=warn)
     st = c["stats"]
     try:
         recipe = Recipe(**c["recipe"]) if c.get("recipe") else Recipe()
@@ -76,7 +80,10 @@ def _check_writable(path: Path, flag: str) -> None:
 
 
 def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="none", per_class=None,
-                 amp=None, log=print) -> dict:
+                 amp=None, log=print, warn=_warn) -> dict:
+    """Top-1, top-5 and loss of a checkpoint on the val split, printed through `log`; its
+    warnings through `warn` (stderr), so that a reader of the results that has gone (`| head`)
+    does not stop the evaluation before its --per-class tables are written."""
     if tta not in TTA:
         raise UserError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
     if bs < 1:
@@ -88,7 +95,7 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
         _check_output(confused_path(per_class), f"--per-class {per_class}: its confused pairs' file", inputs,
                       CONFUSED_HEADER)
     dev = pick_device(device)
-    model, c, augment = load_trained(ckpt_path, model_file, dev)
+    model, c, augment = load_trained(ckpt_path, model_file, dev, warn=warn)
     cache = cache_for(data, log=log)
     if cache.wnids != c["wnids"]:
         raise CheckpointError(f"{ckpt_path}: trained on other classes than the data in {cache.root} "
@@ -97,8 +104,8 @@ def run_evaluate(model_file, ckpt_path, data=None, device="auto", bs=500, tta="n
     if cache.img_size != trained_on:
         raise CheckpointError(f"{ckpt_path}: trained on a cache of {trained_on}x{trained_on} images; {cache.root} "
                               f"holds {cache.img_size}x{cache.img_size} ones (prepare one with --img-size {trained_on})")
-    amp = resolve_amp(c["config"].get("amp", False) if amp is None else amp, dev, log)
-    x = to_memory(cache.val.x, dev, log=log, what="validation split")
+    amp = resolve_amp(c["config"].get("amp", False) if amp is None else amp, dev, warn)
+    x = to_memory(cache.val.x, dev, log=warn, what="validation split")
     y = torch.from_numpy(np.array(cache.val.y)).to(dev)
     res = evaluate(model, x, y, augment, bs=bs, tta=tta, amp=amp, channels_last=c["config"].get("channels_last", True),
                    num_classes=c["num_classes"] if per_class is not None else None)
@@ -173,10 +180,6 @@ def _shown(path: Path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _warn(line: str) -> None:
-    print(line, file=sys.stderr)  # stderr escapes what it cannot encode, and stays out of piped results
-
-
 @torch.no_grad()
 def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PREDICT_BS, csv_path=None,
                 log=print, warn=_warn) -> list[list[tuple[str, str, float]]]:
@@ -193,9 +196,9 @@ def run_predict(ckpt_path, images, model_file=None, device="auto", topk=5, bs=PR
         _check_output(Path(csv_path), "--csv", [Path(p) for p in (ckpt_path, model_file) if p is not None],
                       PREDICT_HEADER)
     dev = pick_device(device)
-    model, c, augment = load_trained(ckpt_path, model_file, dev)
+    model, c, augment = load_trained(ckpt_path, model_file, dev, warn=warn)
     size = c.get("cache_img_size", 64)
-    amp = resolve_amp(c["config"].get("amp", False), dev, log)
+    amp = resolve_amp(c["config"].get("amp", False), dev, warn)
     k = min(topk, len(c["wnids"]))
     done, results, skipped = [], [], []
     for start in range(0, len(files), bs):

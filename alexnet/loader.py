@@ -35,13 +35,15 @@ GPU_SPLIT_SHARE = 0.5
 
 
 def to_memory(x: np.ndarray, device: torch.device, log: Callable[[str], object] | None = None,
-              what: str = "split") -> torch.Tensor:
+              what: str = "split", agree: Callable[[bool], bool] | None = None) -> torch.Tensor:
     """(N,H,W,3) uint8 array, memory-mapped from the cache -> a tensor over the same pages
     (CPU: no copy; the page cache holds the data once) or one copy on the GPU, after which
     the host's pages leave the process's resident set (1.3 GB for TinyImageNet, per rank).
     A split larger than GPU_SPLIT_SHARE of the GPU's free memory (an image folder cached at
     224 px) stays on the host, where each batch is gathered and then copied to the GPU:
-    slower, but it trains instead of running out of memory at the start."""
+    slower, but it trains instead of running out of memory at the start. `agree` makes that
+    one choice for every process (torchrun): true if any process's GPU lacks the room, as the
+    processes must agree on whether the split's pages are managed on the host."""
     with warnings.catch_warnings():
         # The mapping is read-only; batches are always gathered into new tensors, never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -49,10 +51,14 @@ def to_memory(x: np.ndarray, device: torch.device, log: Callable[[str], object] 
     if device.type != "cuda":
         return t
     free = torch.cuda.mem_get_info(device)[0]
-    if x.nbytes > GPU_SPLIT_SHARE * free:
+    on_host = x.nbytes > GPU_SPLIT_SHARE * free
+    if agree is not None:
+        on_host = agree(on_host)
+    if on_host:
         if log is not None:
-            log(f"the {what} ({x.nbytes / 1e9:,.1f} GB) is more than {GPU_SPLIT_SHARE:.0%} of the GPU's free "
-                f"{free / 1e9:,.1f} GB: it stays in host memory and each batch is copied to the GPU")
+            log(f"the {what} ({x.nbytes / 1e9:,.1f} GB) is more than {GPU_SPLIT_SHARE:.0%} of the free memory of "
+                f"this GPU ({free / 1e9:,.1f} GB) or of another process's: it stays in host memory and each batch "
+                "is copied to the GPU")
         return t
     t = t.to(device)
     drop_resident(x)

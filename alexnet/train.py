@@ -252,7 +252,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         model = model.to(memory_format=torch.channels_last)
     if cfg.model is not None:  # a user's file; the registered variants are tested
         check_model_output(cfg.model, model, cfg.num_classes, cfg.img_size, device, cfg.amp, cfg.channels_last,
-                           training=True)
+                           training=True, warn=log if d.main else None)
     raw = model
     aug_gen = torch.Generator(device=device)
     st = cache.stats
@@ -266,7 +266,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         def every_process_keeps(want: bool) -> bool:  # one that released would set the pace of all
             return not distributed.any_ranks([not want], d, device)[0]
 
-        train_x = to_memory(cache.train.x, device, log=log if d.main else None, what="training split")
+        train_x = to_memory(cache.train.x, device, log=log if d.main else None, what="training split",
+                            agree=lambda host: distributed.any_ranks([host], d, device)[0])
         release = releaser(cache.train.x, train_x.device, **residency(cfg, cache), agree=every_process_keeps)
         batches = FastBatches(train_x, torch.from_numpy(np.array(cache.train.y)).to(device), augment, cfg.bs,
                               release=release)
@@ -287,7 +288,8 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
     if cfg.compile:
         model = torch.compile(model)
     return Run(cfg, device, d, model, raw, variant, opt, sched, per_step, batches, augment, aug_gen, train_n,
-               to_memory(cache.val.x, device, log=log if d.main else None, what="validation split"),
+               to_memory(cache.val.x, device, log=log if d.main else None, what="validation split",
+                         agree=lambda host: distributed.any_ranks([host], d, device)[0]),
                torch.from_numpy(np.array(cache.val.y)).to(device), cache,
                recipe.to_dict() if isinstance(transform, Recipe) else None, source, steps, out,
                amp_fell_back=asked_amp and not cfg.amp, model_cfg=model_cfg, writer=ckpt_io.CheckpointWriter(background_writes(device)))

@@ -108,59 +108,75 @@ def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
 
 
 def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img_size: int,
-                       device: torch.device, amp: bool, channels_last: bool, training: bool = False) -> None:
+                       device: torch.device, amp: bool, channels_last: bool, training: bool = False,
+                       warn: Callable[[str], object] | None = None) -> None:
     """A model file's model, placed as the run will use it, must take a batch of two blank
     `img_size` images and return (2, num_classes) logits. Without this check a model with
     another number of outputs trains (and evaluation indexes past its logits), and one made
     for another input size fails inside PyTorch. Forward passes in eval mode under the run's
-    autocast, at batch 2 and at batch 1 (an evaluation's last batch, or one image to predict:
-    a `.squeeze()` that takes the batch dimension away fails only there, after an epoch of
-    training), and with `training` one in training mode too (a model may return a tuple only
-    there, as torchvision's Inception does with its auxiliary head). Nothing of the run moves:
-    BatchNorm's statistics and the random generators are put back, and every module's mode."""
+    autocast, and with `training` one in training mode too (a model may return a tuple only
+    there, as torchvision's Inception does with its auxiliary head). With `warn`, one more in
+    eval mode at batch 1 (an evaluation's last batch, or one image to predict), whose failure
+    is said there and not refused: a `.squeeze()` that takes the batch dimension away fails
+    only at batch 1, but so does a BatchNorm without running statistics, which a run never
+    feeds one image. Nothing of the run moves: BatchNorm's statistics and the random
+    generators are put back, and every module's mode."""
     path = Path(path)
     modes = [(m, m.training) for m in model.modules()]
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    passes = [(False, 2)] + ([(False, 1)] if warn is not None else [])
     # SyncBatchNorm's training pass is a collective; its eval pass is the same as BatchNorm's
-    passes = [(False, 2), (False, 1)]
     if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         passes.append((True, 2))  # two: BatchNorm in training mode needs more than one value per channel
     try:
         for train_mode, n in passes:
-            where = " in training mode" if train_mode else ""
-            images = "1 image" if n == 1 else f"{n} images"
-            x = torch.zeros(n, 3, img_size, img_size, device=device)
-            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             if train_mode:  # after the eval pass, which gives lazy modules' buffers their shapes
                 buffers = [(b, b.clone()) for b in model.buffers()]
-            try:
-                # the training pass with gradients, to see that the loss will have some to give
-                with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
-                      torch.set_grad_enabled(train_mode), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):
-                    out = model.train(train_mode)(x)
-            except Exception as e:
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise UserError(f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images{where} "
-                                f"(shape ({n}, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
-                                f"{e.__class__.__name__}{_where(e, path)}: {first}") from None
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, num_classes):
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise UserError(f"{path}: the model returns {got}{where} for a batch of {images}; expected logits of "
-                                f"shape ({n}, {num_classes}) for --num_classes {num_classes}")
-            if not out.is_floating_point():
-                raise UserError(f"{path}: the model returns {out.dtype} values{where}; expected floating-point logits")
-            if train_mode and not out.requires_grad:
-                if not any(p.requires_grad for p in model.parameters()):
-                    raise UserError(f"{path}: the model has no trainable parameters (none, or requires_grad=False on "
-                                    "every one): there is nothing to train")
-                raise UserError(f"{path}: the model's output in training mode does not depend on any trainable "
-                                "parameter (it has no gradient): there is nothing to train")
+            problem = _output_problem(path, model, num_classes, img_size, device, amp, channels_last, train_mode, n)
+            if problem is not None and n == 1:
+                warn(f"warning: {problem}: predicting one image, or an evaluation whose last batch holds one, "
+                     "will fail")
+            elif problem is not None:
+                raise UserError(problem)
     finally:
         for m, was in modes:
             m.training = was
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
+
+
+def _output_problem(path: Path, model: nn.Module, num_classes: int, img_size: int, device: torch.device, amp: bool,
+                    channels_last: bool, train_mode: bool, n: int) -> str | None:
+    """What is wrong with the model's output for a blank batch of `n` images, or None."""
+    where = " in training mode" if train_mode else ""
+    images = "1 image" if n == 1 else f"{n} images"
+    x = torch.zeros(n, 3, img_size, img_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    try:
+        # the training pass with gradients, to see that the loss will have some to give
+        with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
+              torch.set_grad_enabled(train_mode), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):
+            out = model.train(train_mode)(x)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        return (f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images"
+                f"{where or (' in eval mode' if n == 1 else '')} "
+                f"(shape ({n}, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
+                f"{e.__class__.__name__}{_where(e, path)}: {first}")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return (f"{path}: the model returns {got}{where} for a batch of {images}; expected logits of "
+                f"shape ({n}, {num_classes}) for --num_classes {num_classes}")
+    if not out.is_floating_point():
+        return f"{path}: the model returns {out.dtype} values{where}; expected floating-point logits"
+    if train_mode and not out.requires_grad:
+        if not any(p.requires_grad for p in model.parameters()):
+            return (f"{path}: the model has no trainable parameters (none, or requires_grad=False on "
+                    "every one): there is nothing to train")
+        return (f"{path}: the model's output in training mode does not depend on any trainable "
+                "parameter (it has no gradient): there is nothing to train")
+    return None
 
 
 def load_transforms_file(path: str | Path) -> Recipe | Callable:

@@ -64,8 +64,19 @@ def test_a_split_too_large_for_the_gpu_stays_on_the_host(monkeypatch):
     t = to_memory(x, torch.device("cuda", 1), log=logs.append, what="training split")
     assert t.device.type == "cpu" and t.data_ptr() == x.ctypes.data  # not copied
     assert asked == [torch.device("cuda", 1)]
-    assert logs == ["the training split (0.0 GB) is more than 50% of the GPU's free 0.0 GB: it stays in host memory "
-                    "and each batch is copied to the GPU"]
+    assert logs == ["the training split (0.0 GB) is more than 50% of the free memory of this GPU (0.0 GB) or of "
+                    "another process's: it stays in host memory and each batch is copied to the GPU"]
+    # Under torchrun every process makes the choice one of them needs (`agree`, an all-reduce
+    # there): one that has the room still keeps the split on the host if another lacks it.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**9, 10**9))
+    asked_agree = []
+
+    def another_lacks_room(host: bool) -> bool:
+        asked_agree.append(host)
+        return True
+
+    t = to_memory(x, torch.device("cuda", 0), agree=another_lacks_room)
+    assert t.device.type == "cpu" and asked_agree == [False]
 
 
 def test_an_array_that_is_not_a_mapping_is_left_alone(tmp_path):

@@ -803,9 +803,6 @@ def test_config_file_ints_are_accepted_as_floats(tmp_path):
     ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))",
      "the model does not take a batch of 64x64 RGB images (shape (2, 3, 64, 64) on cpu): RuntimeError"),
     ("return nn.Identity()", "the model returns (2, 3, 64, 64) for a batch of 2 images"),
-    ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes), Squeeze())\n\nclass Squeeze(nn.Module):\n"
-     "    def forward(self, x):\n        return x.squeeze()",
-     "the model returns (4,) for a batch of 1 image; expected logits of shape (1, 4) for --num_classes 4"),
     ("return nn.Sequential(nn.Flatten(), nn.AdaptiveAvgPool1d(num_classes))",
      "the model has no trainable parameters (none, or requires_grad=False on every one)"),
     ("return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes)).requires_grad_(False)",
@@ -822,6 +819,28 @@ def test_model_file_with_wrong_outputs_or_input(tiny_cache, out_with_files, caps
     m.write_text(f"from torch import nn\n\ndef build_model(num_classes):\n    {body}\n")
     err = _bad(tiny_cache, out_with_files, capsys, str(m))
     assert err.startswith(f"error: {m}: ") and match in err
+
+
+@pytest.mark.parametrize("layer,said", [
+    ("Squeeze()", "the model returns (4,) for a batch of 1 image; expected logits of shape (1, 4) for --num_classes 4"),
+    # no running statistics: batch statistics in eval mode too, which one image has not
+    ("nn.BatchNorm1d(4, track_running_stats=False)",
+     "the model does not take a batch of 64x64 RGB images in eval mode (shape (1, 3, 64, 64) on cpu): ValueError"),
+])
+def test_model_file_that_fails_on_one_image_trains_with_a_warning(tiny_cache, tmp_path, capsys, layer, said):
+    """A model that fails only on a batch of one image (a `.squeeze()` that drops the batch
+    dimension; a BatchNorm without running statistics) trains, as a run never feeds it one,
+    and is warned of: predicting one image, or an evaluation's last batch of one, would fail."""
+    m = tmp_path / "m.py"
+    m.write_text("from torch import nn\n\nclass Squeeze(nn.Module):\n    def forward(self, x):\n"
+                 "        return x.squeeze()\n\ndef build_model(num_classes):\n"
+                 f"    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes), {layer})\n")
+    assert main(["train", str(m), "--data", str(tiny_cache), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {m}: {said}" in out and "predicting one image, or an evaluation whose last batch holds one" in out
+    assert main(["evaluate", str(m), str(tmp_path / "o" / "best.pth"), "--data", str(tiny_cache), "--device", "cpu"]) == 0
+    assert f"warning: {m}: {said}" in capsys.readouterr().err
 
 
 def test_model_file_placed_and_cast_as_the_run_uses_it(tiny_cache, tmp_path):
