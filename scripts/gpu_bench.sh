@@ -21,6 +21,9 @@
 #
 #   scripts/gpu_bench.sh                       # everything (about 9 minutes on one H200 without `profile` and `fused`, estimated from its stages there)
 #   scripts/gpu_bench.sh tests bench compare   # some stages: tests bench profile compare fused data train
+#   scripts/gpu_bench.sh tests profile bench; scripts/gpu_bench.sh fused compare train
+#                                              # the whole list in two commands, where one command may run
+#                                              # 10 minutes at most (a lent machine); `train` makes the cache
 #   SCALE=0.02 DEVICE=cpu EPOCHS=1 STEPS=1 scripts/gpu_bench.sh   # a small smoke run on a CPU
 #
 # PRECISION: --no-amp (default: fp32, cuDNN's TF32 convolutions; at batch 256 on an H200 the
