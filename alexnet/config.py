@@ -216,7 +216,7 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "config", None):
         path = Path(args.config)
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark, as Notepad writes
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except json.JSONDecodeError as e:
@@ -230,8 +230,17 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
                               f"got a JSON {_JSON_KIND.get(type(loaded), type(loaded).__name__)}")
         values.update(loaded)
         TrainConfig.from_dict(values, source=str(path))
-    values.update({k: v for k, v in vars(args).items() if k != "config" and k in _names()})
+    given = {k: v for k, v in vars(args).items() if k != "config" and k in _names()}  # only what was typed
+    for pair in EXCLUSIVE:  # one of a pair on the command line replaces the file's other one
+        for k, other in (pair, pair[::-1]):
+            if k in given and other not in given:
+                values.pop(other, None)
+    values.update(given)
     return TrainConfig.from_dict(values).validate()
+
+
+# Options of which a run takes one: a model file or a variant, a recipe or a transforms file.
+EXCLUSIVE = (("model", "variant"), ("recipe", "transforms"))
 
 
 _JSON_KIND = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}

@@ -10,6 +10,7 @@ DataLoader workers, then normalises on the device. Both are deterministic functi
 from __future__ import annotations
 
 import mmap
+import random
 import signal
 import sys
 import warnings
@@ -265,7 +266,12 @@ class _PerImage(Dataset):
 
     def __getitem__(self, i: int):
         j = int(self.order[i])
-        seed_torch((self.seed + i) % 2**63)  # a DataLoader worker: CPU only
+        s = (self.seed + i) % 2**63
+        # Every generator a transform may draw from: torch's (torchvision v2), Python's
+        # (torchvision v1's RandomChoice and RandomOrder, a user's own code) and numpy's.
+        seed_torch(s)  # a DataLoader worker: CPU only
+        random.seed(s)
+        np.random.seed(s % 2**32)
         img = torch.from_numpy(np.array(self.x[j])).permute(2, 0, 1)  # (3,H,W) uint8
         try:
             return self.transform(img), int(self.y[j])
@@ -289,10 +295,23 @@ def _collate(items: list, size: int) -> tuple[torch.Tensor, torch.Tensor]:
             raise _TransformFailed(f"the transform must return a (3, H, W) tensor, got {got} for a training image")
         if img.dtype != torch.uint8 and not img.is_floating_point():
             raise _TransformFailed(_dtype_refused(img.dtype))
+        if img.is_floating_point():  # `probe` saw one image; a transform may scale only some
+            lo, hi = img.aminmax()
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise _TransformFailed(_float_range_refused(float(lo), float(hi)))
     if len({img.shape for img in images}) > 1:
         images = tuple(resize(img[None], (size, size))[0].round_().clamp_(0, 255).to(torch.uint8)
                        if img.dtype == torch.uint8 else resize(img[None], (size, size))[0] for img in images)
+    if len({img.dtype for img in images}) > 1:  # some scaled to float (v2.RandomApply): uint8 ones to 0..1 too
+        images = tuple(img.float().div_(255) if img.dtype == torch.uint8 else img.float() for img in images)
     return torch.stack(images), torch.tensor(labels)
+
+
+def _float_range_refused(lo: float, hi: float) -> str:
+    # `finish` reads float pixels as 0..1 and normalises them itself: 0..255 floats or an
+    # already normalised image would train at the wrong scale without any error.
+    return (f"the transform returned float pixels in [{lo:.4g}, {hi:.4g}]; expected uint8, or float in [0, 1] "
+            f"(v2.ToDtype(torch.float32, scale=True), no v2.Normalize: normalisation is applied after the transform)")
 
 
 def _dtype_refused(dtype: torch.dtype) -> str:
@@ -364,13 +383,9 @@ class PerImageBatches:
         if out.dtype != torch.uint8 and not out.is_floating_point():
             raise UserError(f"{self.source}: {_dtype_refused(out.dtype)}")
         if out.is_floating_point():
-            # `finish` reads float pixels as 0..1 and normalises them itself: 0..255 floats or an
-            # already normalised image would train at the wrong scale without any error.
             lo, hi = out.min().item(), out.max().item()
             if lo < -1e-3 or hi > 1 + 1e-3:
-                raise UserError(f"{self.source}: the transform returned float pixels in [{lo:.4g}, {hi:.4g}]; "
-                                f"expected uint8, or float in [0, 1] (v2.ToDtype(torch.float32, scale=True), "
-                                f"no v2.Normalize: normalisation is applied after the transform)")
+                raise UserError(f"{self.source}: {_float_range_refused(lo, hi)}")
 
     def __call__(self, order: torch.Tensor, start: int, epoch: int = 0, rank: int = 0):
         order = order[start * self.bs:]
@@ -381,15 +396,31 @@ class PerImageBatches:
                         persistent_workers=False, pin_memory=self.augment.device.type == "cuda")
         with _stop_signals_blocked():
             batches = iter(dl)  # starts the workers
-        while True:
-            try:
-                xb, yb = next(batches)
-            except StopIteration:
-                return
-            except _TransformFailed as e:
-                # From a worker it comes back with the worker's traceback around the message.
-                raise UserError(f"{self.source}: {str(e).rsplit('_TransformFailed: ', 1)[-1].strip()}") from None
-            yield self.finish(xb), yb.to(self.augment.device, non_blocking=True)
+        try:
+            while True:
+                try:
+                    xb, yb = next(batches)
+                except StopIteration:
+                    return
+                except _TransformFailed as e:
+                    # From a worker it comes back with the worker's traceback around the message.
+                    raise UserError(f"{self.source}: {str(e).rsplit('_TransformFailed: ', 1)[-1].strip()}") from None
+                except RuntimeError as e:
+                    if not str(e).startswith("DataLoader worker"):
+                        raise
+                    # "DataLoader worker (pid N) is killed by signal: Killed.": the kernel's
+                    # out-of-memory killer, most often, or a transform that crashed its process.
+                    raise UserError(f"{self.source}: a DataLoader worker running the transform died ("
+                                    f"{str(e).strip().rstrip('. ')}; out of memory?): fewer --workers or a smaller "
+                                    "--bs need less; the last checkpoint is whole, continue with --resume") from None
+                yield self.finish(xb), yb.to(self.augment.device, non_blocking=True)
+        finally:
+            # The workers stop now, not when the iterator is collected: an error's traceback
+            # holds this frame, and with it the iterator, until the process exits, whose
+            # clean-up then signals the workers and waits a minute for them (_worker_init).
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def finish(self, xb) -> torch.Tensor:
         """Check the transform's output, then resize/normalise on the device."""

@@ -311,6 +311,8 @@ def checkpoint_state(run: Run, epoch: int, batch: int, state: dict) -> dict:
         "format": ckpt_io.FORMAT,
         "model": raw.state_dict(),
         "model_cfg": run.model_cfg,
+        # the transforms file as the run found it: a resume may name it from another folder
+        "transforms_file": str(Path(run.cfg.transforms).resolve()) if run.cfg.transforms else None,
         "variant": run.variant,
         "num_classes": run.cfg.num_classes,
         "optimizer": run.opt.state_dict(),
@@ -859,7 +861,8 @@ def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:
     # A run trained in bf16 continues in fp32 where bf16 would be emulated (build_run warned):
     # not bit for bit, as another machine's kernels would not be either, but not weeks late.
     keys = [k for k in TRAJECTORY if not (k == "amp" and run.amp_fell_back and saved.get(k) is True)]
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in keys
+            if saved.get(k) != now[k] and not (k == "transforms" and _same_transforms(c, now[k]))]
     if saved.get("epochs") != now["epochs"] and now["schedule"] in CURVE_SCHEDULES:
         diff.append(f"--epochs {saved.get('epochs')} -> {now['epochs']} (the {now['schedule']} schedule's lr curve "
                     "spans the run's epochs; plateau and constant runs may continue for more)")
@@ -868,6 +871,12 @@ def _check_same_trajectory(c: dict, path: Path, run: Run) -> None:
     if diff:
         raise UserError(f"{path}: the run was made with other settings ({'; '.join(diff)}); "
                         "resume with the same settings, or start a new run in another --out")
+
+
+def _same_transforms(c: dict, now: str | None) -> bool:
+    """The checkpoint's transforms file is `now` under another name (`../utils/t.py` from
+    another folder, an absolute path): the file the run resolved it to, as it recorded it."""
+    return bool(now) and same_file(c.get("transforms_file"), Path(now))
 
 
 def _older_or_missing(best: Path, last: Path) -> bool:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from alexnet.cli import main
+from alexnet.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1012,6 +1013,89 @@ def test_a_transform_that_fails_on_a_later_image_is_one_line(tiny_cache, capsys,
                          r"cache: bad pixel$", err), (workers, err)
 
 
+def _per_image(tiny_cache, t, bs=8, workers=0):
+    from alexnet.augment import RECIPES, BatchAugment
+    from alexnet.data import open_cache
+    from alexnet.loader import PerImageBatches
+    from alexnet.userfiles import load_transforms_file
+
+    cache = open_cache(tiny_cache)
+    aug = BatchAugment(RECIPES["baseline"], 64, cache.stats["mean"], cache.stats["std"])
+    return PerImageBatches(cache.train.x, cache.train.y, load_transforms_file(t), aug, bs, workers, 0, str(t), t)
+
+
+def test_a_transform_failing_in_a_worker_leaves_no_worker_behind(tiny_cache, tmp_path):
+    """The error's traceback holds the batches' frame: the workers must be stopped there, not
+    left to the process's exit, which signals them and waits a minute (and may print a
+    traceback of its own)."""
+    import multiprocessing
+
+    t = tmp_path / "t.py"
+    t.write_text("def build_transforms():\n    return Flaky()\n\nclass Flaky:\n    calls = 0\n\n"
+                 "    def __call__(self, img):\n        Flaky.calls += 1\n"
+                 "        if Flaky.calls > 3:\n            raise ValueError('bad pixel')\n        return img\n")
+    batches = _per_image(tiny_cache, t, workers=2)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(UserError, match="the transform raised ValueError on training image") as failed:
+        for _ in batches(torch.arange(16), 0):
+            pass
+    assert failed.value.__traceback__ is not None  # still held, as a traceback on its way out holds it
+    assert set(multiprocessing.active_children()) - before == set()
+
+
+def test_a_worker_killed_outright_is_one_line(tiny_cache, tmp_path):
+    """SIGKILL, as the kernel's out-of-memory killer sends it, to a worker: one line that says
+    what died and what helps, not the DataLoader's traceback."""
+    t = tmp_path / "t.py"
+    t.write_text("import os, signal\nfrom torch.utils.data import get_worker_info\n\n"
+                 "def build_transforms():\n    return Killed()\n\nclass Killed:\n    def __call__(self, img):\n"
+                 "        if get_worker_info() is not None:\n            os.kill(os.getpid(), signal.SIGKILL)\n"
+                 "        return img\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(t))}: a DataLoader worker running the transform died "
+                                        r"\(DataLoader worker \(pid.*; out of memory\?\): fewer --workers"):
+        for _ in _per_image(tiny_cache, t, workers=2)(torch.arange(16), 0):
+            pass
+
+
+def test_a_transform_that_scales_some_images_to_float_gets_them_all_at_one_scale(tiny_cache, tmp_path):
+    """v2.RandomApply([ToDtype(float, scale=True), GaussianNoise]): some images float in
+    0..1, the others uint8. Stacked as they are, the uint8 ones would become 0..255 floats
+    read as 0..1: 255 times the input. They are brought to 0..1 first."""
+    t = tmp_path / "t.py"
+    t.write_text("import torch\n\ndef build_transforms():\n    return Half()\n\nclass Half:\n"
+                 "    def __call__(self, img):\n"
+                 "        return img.float() / 255 if torch.rand(()) < 0.5 else img\n")
+    xb, _ = next(iter(_per_image(tiny_cache, t)(torch.arange(8), 0)))
+    plain = tmp_path / "plain.py"
+    plain.write_text("def build_transforms():\n    return lambda img: img\n")
+    want, _ = next(iter(_per_image(tiny_cache, plain)(torch.arange(8), 0)))
+    torch.testing.assert_close(xb, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_transform_returning_out_of_range_floats_for_some_images_is_refused(tiny_cache, tmp_path):
+    t = tmp_path / "t.py"  # the first image (the probe's) in range, a later one at 0..255
+    t.write_text("import torch\n\ndef build_transforms():\n    return Later()\n\nclass Later:\n    n = 0\n\n"
+                 "    def __call__(self, img):\n        Later.n += 1\n"
+                 "        return img.float() / (255 if Later.n < 3 else 1)\n")
+    batches = _per_image(tiny_cache, t)
+    batches.probe()
+    with pytest.raises(UserError, match=r"the transform returned float pixels in \[\d+, \d+\]; expected uint8"):
+        next(iter(batches(torch.arange(8), 0)))
+
+
+def test_a_transforms_python_and_numpy_draws_are_seeded_per_image(tiny_cache, tmp_path):
+    """torchvision v1's RandomChoice draws from Python's `random`, a user's code may use
+    numpy's: the batches are the same for any --workers and from any start, as with torch's."""
+    t = tmp_path / "t.py"
+    t.write_text("import random\nimport numpy as np\n\ndef build_transforms():\n    return Draw()\n\n"
+                 "class Draw:\n    def __call__(self, img):\n"
+                 "        return (img // random.choice([1, 2, 3]) // int(np.random.randint(1, 4))).to(img.dtype)\n")
+    runs = [torch.cat([xb for xb, _ in _per_image(tiny_cache, t, bs=4, workers=w)(torch.arange(16), 0)]) for w in (0, 2)]
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+    later, _ = next(iter(_per_image(tiny_cache, t, bs=4)(torch.arange(16), 2)))  # resumed at batch 2
+    torch.testing.assert_close(later, runs[0][8:12], atol=0, rtol=0)
+
+
 def test_a_transform_of_integer_pixels_other_than_uint8_is_refused(tiny_cache, out_with_files, capsys, tmp_path):
     # Read as 0..1 floats, 0..255 integers would train at 255 times the input scale.
     t = tmp_path / "t.py"
@@ -1573,6 +1657,21 @@ def test_resume_refuses_each_setting_that_shapes_the_run(small_ckpt, tiny_cache,
     code = main(["train", *base, *args, "--resume", str(small_ckpt)])
     err = capsys.readouterr().err
     assert code == 2 and f"made with other settings ({change}" in err
+
+
+def test_resume_takes_the_same_transforms_file_under_another_name(tiny_cache, tmp_path, monkeypatch):
+    """The transforms file named from another folder, or by its absolute path, is the same
+    file: resumed, not refused as another setting."""
+    t = tmp_path / "tf" / "t.py"
+    t.parent.mkdir()
+    t.write_text("def build_transforms():\n    return lambda img: img\n")
+    monkeypatch.chdir(t.parent)
+    base = ["--variant", "combined_gap", "--data", str(tiny_cache), "--out", str(tmp_path / "r"), "--device", "cpu",
+            "--num_classes", "4", "--bs", "8", "--max-steps", "1", "--no-progress", "--workers", "0"]
+    assert main(["train", *base, "--epochs", "1", "--transforms", "t.py"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *base, "--epochs", "2", "--transforms", str(t), "--resume"]) == 0
+    assert torch.load(tmp_path / "r" / "last.pth", weights_only=False)["epoch"] == 2
 
 
 def test_every_setting_that_shapes_the_run_is_tested():

@@ -109,6 +109,19 @@ def test_channels_last_follows_amp_unless_given(args, amp, channels_last):
     assert (c.amp, c.channels_last) == (amp, channels_last)
 
 
+def test_the_command_line_overrides_a_config_files_other_half_of_a_pair(tmp_path):
+    """A run takes a model file or a variant, a recipe or a transforms file: the one given on
+    the command line replaces the file's other one, as any option overrides the file."""
+    file = tmp_path / "c.json"
+    file.write_bytes(b"\xef\xbb\xbf" + json.dumps({"variant": "baseline", "transforms": "t.py", "epochs": 7}).encode())
+    c = _resolve("m.py", "--config", str(file), "--recipe", "pixel")  # and a byte-order mark is no error
+    assert (c.model, c.variant, c.recipe, c.transforms, c.epochs) == ("m.py", None, "pixel", None, 7)
+    file.write_text(json.dumps({"model": "m.py", "recipe": "pixel"}))
+    c = _resolve("--variant", "dropout", "--transforms", "t.py", "--config", str(file))
+    assert (c.model, c.variant, c.recipe, c.transforms) == (None, "dropout", None, "t.py")
+    assert _resolve("--config", str(file)).model == "m.py"  # nothing given: the file's
+
+
 def test_channels_last_follows_amp_from_a_config_file(tmp_path):
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"amp": True}))
