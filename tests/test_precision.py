@@ -148,16 +148,18 @@ def test_evaluation_of_a_bf16_checkpoint_falls_back(autocasts, monkeypatch, tiny
     capsys.readouterr()
     monkeypatch.setattr("alexnet.precision.bf16_emulated", lambda device: REASON)
     assert main(["evaluate", str(out / "best.pth"), "--data", str(tiny_cache), "--device", "cpu"]) == 0
-    fallback = capsys.readouterr().out
-    assert f"warning: --amp: {REASON}" in fallback and autocasts and not any(autocasts)
+    said = capsys.readouterr()  # the warning on stderr, out of the results' way
+    fallback = said.out
+    assert f"warning: --amp: {REASON}" in said.err and autocasts and not any(autocasts)
     assert main(["evaluate", str(out / "best.pth"), "--data", str(tiny_cache), "--device", "cpu", "--no-amp"]) == 0
-    fp32 = capsys.readouterr().out
-    assert "warning" not in fp32 and fallback.split("tta=none: ")[1] == fp32.split("tta=none: ")[1]
+    said = capsys.readouterr()
+    fp32 = said.out
+    assert "warning" not in said.err and fallback.split("tta=none: ")[1] == fp32.split("tta=none: ")[1]
     autocasts.clear()
     jpg = tmp_path / "a.jpg"
     Image.new("RGB", (80, 64), (200, 30, 30)).save(jpg)
     assert main(["predict", str(out / "best.pth"), str(jpg), "--device", "cpu"]) == 0
-    assert f"warning: --amp: {REASON}" in capsys.readouterr().out and autocasts and not any(autocasts)
+    assert f"warning: --amp: {REASON}" in capsys.readouterr().err and autocasts and not any(autocasts)
 
 
 def test_bench_measures_the_precision_training_would_use(emulated, capsys, monkeypatch):
