@@ -33,6 +33,12 @@ def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bo
     (Averaging logits instead weighs a view by how confident it is, not by its vote.) Either
     way softmax, top-k and cross-entropy read them as they read logits."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # One image (an evaluation's last batch, a file to predict) is run as two copies of it: a
+    # model need not take a batch of one (a `.squeeze()` that drops the batch dimension,
+    # BatchNorm without running statistics), which training never gives it either.
+    one = len(xb) == 1
+    if one:
+        xb = torch.cat([xb, xb])
     if tta == "10crop":
         views = augment.ten_crop(xb, distinct=True)  # (10 or 2, N, 3, S, S)
     else:
@@ -41,6 +47,8 @@ def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bo
             views = torch.cat([views, views.flip(-1)])
     with autocast(augment.device, amp):
         out = torch.stack([model(v.contiguous(memory_format=fmt)) for v in views]).float()
+    if one:
+        out = out[:, :1]
     if len(out) == 1:
         return out[0]
     return out.log_softmax(-1).logsumexp(0) - math.log(len(out))  # log(mean softmax), without underflow

@@ -54,7 +54,7 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
         model = model.to(memory_format=torch.channels_last)
     if model_file is not None:
         check_model_output(model_file, model, c["num_classes"], c.get("img_size", 64), device,
-                           resolve_amp(c["config"].get("amp", False), device), channels_last, warn=warn)
+                           resolve_amp(c["config"].get("amp", False), device), channels_last)
     st = c["stats"]
     try:
         recipe = Recipe(**c["recipe"]) if c.get("recipe") else Recipe()

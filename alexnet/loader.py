@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from alexnet.augment import BatchAugment, as_nchw_uint8, resize
 from alexnet.distributed import Dist
@@ -270,6 +270,9 @@ class _PerImage(Dataset):
         # Every generator a transform may draw from: torch's (torchvision v2), Python's
         # (torchvision v1's RandomChoice and RandomOrder, a user's own code) and numpy's.
         seed_torch(s)  # a DataLoader worker: CPU only
+        # --workers 0 runs this in the training process: its own Python and numpy streams (a
+        # model's code may draw from them) go on as they would with workers.
+        kept = (random.getstate(), np.random.get_state()) if get_worker_info() is None else None
         random.seed(s)
         np.random.seed(s % 2**32)
         img = torch.from_numpy(np.array(self.x[j])).permute(2, 0, 1)  # (3,H,W) uint8
@@ -278,6 +281,10 @@ class _PerImage(Dataset):
         except Exception as e:  # `probe` tried one image; this is another that the transform fails on
             raise _TransformFailed(f"the transform raised {e.__class__.__name__} on training image {j} of the "
                                    f"cache: {e}") from None
+        finally:
+            if kept is not None:
+                random.setstate(kept[0])
+                np.random.set_state(kept[1])
 
 
 class _TransformFailed(UserError):
@@ -354,6 +361,18 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def worker_death(e: BaseException) -> str | None:
+    """What to say of a DataLoader worker that died ("DataLoader worker (pid N) is killed by
+    signal: Killed.": the kernel's out-of-memory killer, most often, or a transform that
+    crashed its process), or None for any other error. PyTorch raises it in the main thread
+    wherever that is, inside a training step as often as in the loader (cli.main)."""
+    text = str(e).strip()
+    if not (isinstance(e, RuntimeError) and text.startswith("DataLoader worker")):
+        return None
+    return (f"a DataLoader worker running the transform died ({text.rstrip('. ')}; out of memory?): fewer "
+            "--workers or a smaller --bs need less; the last checkpoint is whole, continue with --resume")
+
+
 def _end_in_a_minute(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(60)
@@ -406,13 +425,9 @@ class PerImageBatches:
                     # From a worker it comes back with the worker's traceback around the message.
                     raise UserError(f"{self.source}: {str(e).rsplit('_TransformFailed: ', 1)[-1].strip()}") from None
                 except RuntimeError as e:
-                    if not str(e).startswith("DataLoader worker"):
+                    if (died := worker_death(e)) is None:
                         raise
-                    # "DataLoader worker (pid N) is killed by signal: Killed.": the kernel's
-                    # out-of-memory killer, most often, or a transform that crashed its process.
-                    raise UserError(f"{self.source}: a DataLoader worker running the transform died ("
-                                    f"{str(e).strip().rstrip('. ')}; out of memory?): fewer --workers or a smaller "
-                                    "--bs need less; the last checkpoint is whole, continue with --resume") from None
+                    raise UserError(f"{self.source}: {died}") from None
                 yield self.finish(xb), yb.to(self.augment.device, non_blocking=True)
         finally:
             # The workers stop now, not when the iterator is collected: an error's traceback

@@ -106,7 +106,7 @@ def print_summary(target: str | None, img_size: int = 64, num_classes: int = 200
             model = load_model_file(target, num_classes)
             # train's checks: a model that fails on this input, or has nothing to train, is one line
             check_model_output(target, model, num_classes, img_size, torch.device("cpu"), amp=False,
-                               channels_last=False, training=True, warn=log)
+                               channels_last=False, training=True)
         else:
             model = create_model(target, num_classes)
         log(f"{target} at {img_size}x{img_size}, {num_classes} classes")

@@ -252,7 +252,7 @@ def build_run(cfg: TrainConfig, log=print) -> Run:
         model = model.to(memory_format=torch.channels_last)
     if cfg.model is not None:  # a user's file; the registered variants are tested
         check_model_output(cfg.model, model, cfg.num_classes, cfg.img_size, device, cfg.amp, cfg.channels_last,
-                           training=True, warn=log if d.main else None)
+                           training=True)
     raw = model
     aug_gen = torch.Generator(device=device)
     st = cache.stats

@@ -108,35 +108,27 @@ def load_model_file(path: str | Path, num_classes: int) -> nn.Module:
 
 
 def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img_size: int,
-                       device: torch.device, amp: bool, channels_last: bool, training: bool = False,
-                       warn: Callable[[str], object] | None = None) -> None:
+                       device: torch.device, amp: bool, channels_last: bool, training: bool = False) -> None:
     """A model file's model, placed as the run will use it, must take a batch of two blank
     `img_size` images and return (2, num_classes) logits. Without this check a model with
     another number of outputs trains (and evaluation indexes past its logits), and one made
     for another input size fails inside PyTorch. Forward passes in eval mode under the run's
     autocast, and with `training` one in training mode too (a model may return a tuple only
-    there, as torchvision's Inception does with its auxiliary head). With `warn`, one more in
-    eval mode at batch 1 (an evaluation's last batch, or one image to predict), whose failure
-    is said there and not refused: a `.squeeze()` that takes the batch dimension away fails
-    only at batch 1, but so does a BatchNorm without running statistics, which a run never
-    feeds one image. Nothing of the run moves: BatchNorm's statistics and the random
-    generators are put back, and every module's mode."""
+    there, as torchvision's Inception does with its auxiliary head). (No model is given a batch
+    of one image: evaluation runs one as two copies, `evaluate.logits_for`.) Nothing of the
+    run moves: BatchNorm's statistics and the random generators are put back, and every
+    module's mode."""
     path = Path(path)
     modes = [(m, m.training) for m in model.modules()]
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-    passes = [(False, 2)] + ([(False, 1)] if warn is not None else [])
     # SyncBatchNorm's training pass is a collective; its eval pass is the same as BatchNorm's
-    if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        passes.append((True, 2))  # two: BatchNorm in training mode needs more than one value per channel
+    passes = [False, True] if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else [False]
     try:
-        for train_mode, n in passes:
+        for train_mode in passes:
             if train_mode:  # after the eval pass, which gives lazy modules' buffers their shapes
                 buffers = [(b, b.clone()) for b in model.buffers()]
-            problem = _output_problem(path, model, num_classes, img_size, device, amp, channels_last, train_mode, n)
-            if problem is not None and n == 1:
-                warn(f"warning: {problem}: predicting one image, or an evaluation whose last batch holds one, "
-                     "will fail")
-            elif problem is not None:
+            problem = _output_problem(path, model, num_classes, img_size, device, amp, channels_last, train_mode)
+            if problem is not None:
                 raise UserError(problem)
     finally:
         for m, was in modes:
@@ -147,10 +139,11 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
 
 
 def _output_problem(path: Path, model: nn.Module, num_classes: int, img_size: int, device: torch.device, amp: bool,
-                    channels_last: bool, train_mode: bool, n: int) -> str | None:
-    """What is wrong with the model's output for a blank batch of `n` images, or None."""
+                    channels_last: bool, train_mode: bool) -> str | None:
+    """What is wrong with the model's output for a blank batch of two images, or None. (Two:
+    BatchNorm in training mode needs more than one value per channel.)"""
     where = " in training mode" if train_mode else ""
-    images = "1 image" if n == 1 else f"{n} images"
+    n = 2
     x = torch.zeros(n, 3, img_size, img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     try:
@@ -160,13 +153,12 @@ def _output_problem(path: Path, model: nn.Module, num_classes: int, img_size: in
             out = model.train(train_mode)(x)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
-        return (f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images"
-                f"{where or (' in eval mode' if n == 1 else '')} "
+        return (f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images{where} "
                 f"(shape ({n}, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
                 f"{e.__class__.__name__}{_where(e, path)}: {first}")
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        return (f"{path}: the model returns {got}{where} for a batch of {images}; expected logits of "
+        return (f"{path}: the model returns {got}{where} for a batch of {n} images; expected logits of "
                 f"shape ({n}, {num_classes}) for --num_classes {num_classes}")
     if not out.is_floating_point():
         return f"{path}: the model returns {out.dtype} values{where}; expected floating-point logits"

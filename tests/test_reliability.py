@@ -822,26 +822,32 @@ def test_model_file_with_wrong_outputs_or_input(tiny_cache, out_with_files, caps
     assert err.startswith(f"error: {m}: ") and match in err
 
 
-@pytest.mark.parametrize("layer,said", [
-    ("Squeeze()", "the model returns (4,) for a batch of 1 image; expected logits of shape (1, 4) for --num_classes 4"),
-    # no running statistics: batch statistics in eval mode too, which one image has not
-    ("nn.BatchNorm1d(4, track_running_stats=False)",
-     "the model does not take a batch of 64x64 RGB images in eval mode (shape (1, 3, 64, 64) on cpu): ValueError"),
-])
-def test_model_file_that_fails_on_one_image_trains_with_a_warning(tiny_cache, tmp_path, capsys, layer, said):
-    """A model that fails only on a batch of one image (a `.squeeze()` that drops the batch
-    dimension; a BatchNorm without running statistics) trains, as a run never feeds it one,
-    and is warned of: predicting one image, or an evaluation's last batch of one, would fail."""
+@pytest.mark.parametrize("layer", ["Squeeze()", "nn.BatchNorm1d(4, track_running_stats=False)"])
+def test_a_model_that_fails_on_one_image_still_evaluates_and_predicts_one(tiny_cache, tmp_path, capsys, layer):
+    """A model that cannot take a batch of one image (a `.squeeze()` that drops the batch
+    dimension; BatchNorm without running statistics, which uses the batch's in eval mode too)
+    trains, evaluates with a last batch of one and predicts a single file: one image is run as
+    two copies of it, and its scores are the copy's."""
     m = tmp_path / "m.py"
     m.write_text("from torch import nn\n\nclass Squeeze(nn.Module):\n    def forward(self, x):\n"
                  "        return x.squeeze()\n\ndef build_model(num_classes):\n"
                  f"    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes), {layer})\n")
+    ck = tmp_path / "o" / "best.pth"
     assert main(["train", str(m), "--data", str(tiny_cache), "--out", str(tmp_path / "o"), "--device", "cpu",
                  "--num_classes", "4", "--bs", "8", "--epochs", "1", "--max-steps", "1", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert f"warning: {m}: {said}" in out and "predicting one image, or an evaluation whose last batch holds one" in out
-    assert main(["evaluate", str(m), str(tmp_path / "o" / "best.pth"), "--data", str(tiny_cache), "--device", "cpu"]) == 0
-    assert f"warning: {m}: {said}" in capsys.readouterr().err
+    from alexnet.inference import run_evaluate, run_predict
+
+    whole = run_evaluate(m, ck, data=str(tiny_cache), device="cpu", bs=16, log=lambda *_: None)
+    short = run_evaluate(m, ck, data=str(tiny_cache), device="cpu", bs=5, log=lambda *_: None)  # 5, 5, 5, 1
+    assert short["n"] == whole["n"] == 16
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(image)
+    (alone,) = run_predict(ck, [image], model_file=m, device="cpu", log=lambda *_: None)
+    _, among = run_predict(ck, [image, image], model_file=m, device="cpu", log=lambda *_: None)
+    assert [q for _, _, q in alone] == pytest.approx([q for _, _, q in among], abs=1e-5)
+    if layer == "Squeeze()":  # a model whose images do not depend on each other: the same figures
+        assert short == pytest.approx(whole)
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_model_file_placed_and_cast_as_the_run_uses_it(tiny_cache, tmp_path):
@@ -1057,6 +1063,32 @@ def test_a_worker_killed_outright_is_one_line(tiny_cache, tmp_path):
             pass
 
 
+def test_a_worker_killed_during_a_training_step_is_one_line(tiny_cache, tmp_path, capsys, monkeypatch):
+    """PyTorch reports a dead worker in the main thread wherever it is: inside a training step
+    as often as in the loader. Either way one line, exit status 2."""
+    from alexnet import train
+
+    real = train.train_step
+
+    def slow(*a, **k):  # the main thread busy in the step when the worker dies, as in a real run
+        time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", slow)
+    t = tmp_path / "t.py"
+    t.write_text("import os, signal\nfrom torch.utils.data import get_worker_info\n\n"
+                 "def build_transforms():\n    return Later()\n\nclass Later:\n    n = 0\n\n"
+                 "    def __call__(self, img):\n        Later.n += 1\n"
+                 "        if get_worker_info() is not None and get_worker_info().id == 0 and Later.n > 20:\n            os.kill(os.getpid(), signal.SIGKILL)\n"
+                 "        return img\n")
+    code = main(["train", "--variant", "baseline", "--transforms", str(t), "--workers", "2", "--data", str(tiny_cache),
+                 "--out", str(tmp_path / "o"), "--device", "cpu", "--num_classes", "4", "--bs", "4", "--epochs", "1",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "a DataLoader worker running the transform died (DataLoader worker (pid" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 def test_a_transform_that_scales_some_images_to_float_gets_them_all_at_one_scale(tiny_cache, tmp_path):
     """v2.RandomApply([ToDtype(float, scale=True), GaussianNoise]): some images float in
     0..1, the others uint8. Stacked as they are, the uint8 ones would become 0..255 floats
@@ -1094,6 +1126,17 @@ def test_a_transforms_python_and_numpy_draws_are_seeded_per_image(tiny_cache, tm
     torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
     later, _ = next(iter(_per_image(tiny_cache, t, bs=4)(torch.arange(16), 2)))  # resumed at batch 2
     torch.testing.assert_close(later, runs[0][8:12], atol=0, rtol=0)
+    # With --workers 0 the images are made in the training process: its own streams go on untouched.
+    import random
+
+    random.seed(5)
+    np.random.seed(5)
+    want = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
+    for _ in _per_image(tiny_cache, t, bs=4, workers=0)(torch.arange(16), 0):
+        pass
+    assert (random.random(), np.random.rand()) == want
 
 
 def test_a_transform_of_integer_pixels_other_than_uint8_is_refused(tiny_cache, out_with_files, capsys, tmp_path):
