@@ -230,10 +230,12 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a writer its reader left
     except (OSError, RuntimeError, MemoryError) as e:  # RuntimeError: torch.save's, around the OSError
         failed = _storage_failure(e)
-        from alexnet.loader import worker_death  # torch is loaded by now
+        from alexnet.loader import WORKER_ADVICE, worker_death  # torch is loaded by now
 
         if failed is None and (died := worker_death(e)):
-            print(f"error: {died}", file=sys.stderr)
+            advice = {"train": f": {WORKER_ADVICE}; the last checkpoint is whole, continue with --resume",
+                      "ablate": f": {WORKER_ADVICE}; the same command again continues the study"}
+            print(f"error: {died}{advice.get(args.command, '')}", file=sys.stderr)
             return 2
         if failed is None and (memory := _memory_failure(e)):
             print(f"error: out of memory ({memory}): a smaller --bs or --img-size needs less (a training run's "

@@ -34,8 +34,8 @@ def logits_for(model, xb: torch.Tensor, augment: BatchAugment, tta: str, amp: bo
     way softmax, top-k and cross-entropy read them as they read logits."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # One image (an evaluation's last batch, a file to predict) is run as two copies of it: a
-    # model need not take a batch of one (a `.squeeze()` that drops the batch dimension,
-    # BatchNorm without running statistics), which training never gives it either.
+    # model need not take a batch of one (a `.squeeze()` that drops the batch dimension),
+    # which training never gives it either.
     one = len(xb) == 1
     if one:
         xb = torch.cat([xb, xb])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from alexnet import checkpoint as ckpt_io
 from alexnet.atomic import not_a_folder, same_file, write_atomic
@@ -48,6 +49,10 @@ def load_trained(ckpt_path: str | Path, model_file: str | Path | None, device: t
         raise CheckpointError(f"{ckpt_path}: holds a custom model{f' (trained from {source})' if source else ''}; "
                               "pass its model file too (`evaluate MODEL_FILE CHECKPOINT`, `predict --model MODEL_FILE`)")
     ckpt_io.load_weights(model, c["model"], ckpt_path)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules()):
+        warn(f"warning: {ckpt_path}: the model has BatchNorm without running statistics (track_running_stats="
+             "False), which normalises over the batch in eval mode too: an image's scores depend on the images "
+             "evaluated beside it, and an image alone gets the same scores whatever it shows")
     model = model.to(device).eval()
     channels_last = c["config"].get("channels_last", True)
     if channels_last:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from alexnet.augment import BatchAugment, as_nchw_uint8, resize
 from alexnet.distributed import Dist
@@ -270,9 +270,6 @@ class _PerImage(Dataset):
         # Every generator a transform may draw from: torch's (torchvision v2), Python's
         # (torchvision v1's RandomChoice and RandomOrder, a user's own code) and numpy's.
         seed_torch(s)  # a DataLoader worker: CPU only
-        # --workers 0 runs this in the training process: its own Python and numpy streams (a
-        # model's code may draw from them) go on as they would with workers.
-        kept = (random.getstate(), np.random.get_state()) if get_worker_info() is None else None
         random.seed(s)
         np.random.seed(s % 2**32)
         img = torch.from_numpy(np.array(self.x[j])).permute(2, 0, 1)  # (3,H,W) uint8
@@ -281,10 +278,6 @@ class _PerImage(Dataset):
         except Exception as e:  # `probe` tried one image; this is another that the transform fails on
             raise _TransformFailed(f"the transform raised {e.__class__.__name__} on training image {j} of the "
                                    f"cache: {e}") from None
-        finally:
-            if kept is not None:
-                random.setstate(kept[0])
-                np.random.set_state(kept[1])
 
 
 class _TransformFailed(UserError):
@@ -369,8 +362,11 @@ def worker_death(e: BaseException) -> str | None:
     text = str(e).strip()
     if not (isinstance(e, RuntimeError) and text.startswith("DataLoader worker")):
         return None
-    return (f"a DataLoader worker running the transform died ({text.rstrip('. ')}; out of memory?): fewer "
-            "--workers or a smaller --bs need less; the last checkpoint is whole, continue with --resume")
+    return f"a DataLoader worker died ({text.rstrip('. ')}; out of memory?)"
+
+
+# What helps a training run (train, ablate) whose worker died.
+WORKER_ADVICE = "fewer --workers or a smaller --bs need less"
 
 
 def _end_in_a_minute(signum: int, frame: Any) -> None:
@@ -417,6 +413,9 @@ class PerImageBatches:
             batches = iter(dl)  # starts the workers
         try:
             while True:
+                # --workers 0 makes the images in this process: its own Python and numpy
+                # streams (a model's code may draw from them) go on as they would with workers.
+                kept = (random.getstate(), np.random.get_state()) if self.workers == 0 else None
                 try:
                     xb, yb = next(batches)
                 except StopIteration:
@@ -427,7 +426,11 @@ class PerImageBatches:
                 except RuntimeError as e:
                     if (died := worker_death(e)) is None:
                         raise
-                    raise UserError(f"{self.source}: {died}") from None
+                    raise UserError(f"{self.source}: {died}: {WORKER_ADVICE}") from None
+                finally:
+                    if kept is not None:
+                        random.setstate(kept[0])
+                        np.random.set_state(kept[1])
                 yield self.finish(xb), yb.to(self.augment.device, non_blocking=True)
         finally:
             # The workers stop now, not when the iterator is collected: an error's traceback

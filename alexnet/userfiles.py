@@ -112,7 +112,7 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
     """A model file's model, placed as the run will use it, must take a batch of two blank
     `img_size` images and return (2, num_classes) logits. Without this check a model with
     another number of outputs trains (and evaluation indexes past its logits), and one made
-    for another input size fails inside PyTorch. Forward passes in eval mode under the run's
+    for another input size fails inside PyTorch. One forward pass in eval mode under the run's
     autocast, and with `training` one in training mode too (a model may return a tuple only
     there, as torchvision's Inception does with its auxiliary head). (No model is given a batch
     of one image: evaluation runs one as two copies, `evaluate.logits_for`.) Nothing of the
