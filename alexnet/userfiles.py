@@ -123,52 +123,41 @@ def check_model_output(path: str | Path, model: nn.Module, num_classes: int, img
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     # SyncBatchNorm's training pass is a collective; its eval pass is the same as BatchNorm's
     passes = [False, True] if training and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) else [False]
+    x = torch.zeros(2, 3, img_size, img_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     try:
         for train_mode in passes:
+            where = " in training mode" if train_mode else ""
             if train_mode:  # after the eval pass, which gives lazy modules' buffers their shapes
                 buffers = [(b, b.clone()) for b in model.buffers()]
-            problem = _output_problem(path, model, num_classes, img_size, device, amp, channels_last, train_mode)
-            if problem is not None:
-                raise UserError(problem)
+            try:
+                # the training pass with gradients, to see that the loss will have some to give
+                with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
+                      torch.set_grad_enabled(train_mode), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):
+                    out = model.train(train_mode)(x)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images{where} "
+                                f"(shape (2, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
+                                f"{e.__class__.__name__}{_where(e, path)}: {first}") from None
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(f"{path}: the model returns {got}{where} for a batch of 2 images; expected logits of "
+                                f"shape (2, {num_classes}) for --num_classes {num_classes}")
+            if not out.is_floating_point():
+                raise UserError(f"{path}: the model returns {out.dtype} values{where}; expected floating-point logits")
+            if train_mode and not out.requires_grad:
+                if not any(p.requires_grad for p in model.parameters()):
+                    raise UserError(f"{path}: the model has no trainable parameters (none, or requires_grad=False on "
+                                    "every one): there is nothing to train")
+                raise UserError(f"{path}: the model's output in training mode does not depend on any trainable "
+                                "parameter (it has no gradient): there is nothing to train")
     finally:
         for m, was in modes:
             m.training = was
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-
-
-def _output_problem(path: Path, model: nn.Module, num_classes: int, img_size: int, device: torch.device, amp: bool,
-                    channels_last: bool, train_mode: bool) -> str | None:
-    """What is wrong with the model's output for a blank batch of two images, or None. (Two:
-    BatchNorm in training mode needs more than one value per channel.)"""
-    where = " in training mode" if train_mode else ""
-    n = 2
-    x = torch.zeros(n, 3, img_size, img_size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    try:
-        # the training pass with gradients, to see that the loss will have some to give
-        with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
-              torch.set_grad_enabled(train_mode), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)):
-            out = model.train(train_mode)(x)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        return (f"{path}: the model does not take a batch of {img_size}x{img_size} RGB images{where} "
-                f"(shape ({n}, 3, {img_size}, {img_size}) on {device.type}{', bf16 autocast' if amp else ''}): "
-                f"{e.__class__.__name__}{_where(e, path)}: {first}")
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        return (f"{path}: the model returns {got}{where} for a batch of {n} images; expected logits of "
-                f"shape ({n}, {num_classes}) for --num_classes {num_classes}")
-    if not out.is_floating_point():
-        return f"{path}: the model returns {out.dtype} values{where}; expected floating-point logits"
-    if train_mode and not out.requires_grad:
-        if not any(p.requires_grad for p in model.parameters()):
-            return (f"{path}: the model has no trainable parameters (none, or requires_grad=False on "
-                    "every one): there is nothing to train")
-        return (f"{path}: the model's output in training mode does not depend on any trainable "
-                "parameter (it has no gradient): there is nothing to train")
-    return None
 
 
 def load_transforms_file(path: str | Path) -> Recipe | Callable:
